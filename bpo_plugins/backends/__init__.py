@@ -1,0 +1,30 @@
+"""Backends turn rendered optimizer inputs into text; see :class:`~bpo_plugins.backends.base.Backend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bpo_plugins.backends.base import Backend, BatchOutput, Generation
+
+__all__ = ["Backend", "BatchOutput", "Generation", "load_local_backend"]
+
+
+def load_local_backend(
+    name_or_path: str,
+    *,
+    backend: str = "auto",
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    adapter: str | Path | None = None,
+) -> Backend:
+    """Resolve a registry name, local folder or hub id to a loaded local backend."""
+    from bpo_plugins.backends.transformers import TransformersBackend
+    from bpo_plugins.registry import resolve
+
+    entry = resolve(name_or_path)
+    if entry is not None:
+        return TransformersBackend.load(
+            entry.path, device=device, dtype=dtype, template=entry.template, adapter=adapter or entry.adapter, model_id=entry.name
+        )
+    return TransformersBackend.load(name_or_path, revision=revision, device=device, dtype=dtype, adapter=adapter)

@@ -1,0 +1,55 @@
+"""The backend contract: turn rendered optimizer inputs into text. Nothing else.
+
+Modes, guards, cache and batching policy live in :class:`bpo_plugins.Rewriter`; a backend
+only runs one generation call for a batch of prompts and reports what came out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bpo_plugins.decoding import Decoding
+from bpo_plugins.templates import PromptTemplate
+
+
+@dataclass
+class Generation:
+    """The candidates for one prompt of a batch."""
+
+    texts: list[str]
+    output_tokens: int = 0
+
+
+@dataclass
+class BatchOutput:
+    generations: list[Generation]
+    timed_out: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    #: Short backend name reported on every result ("transformers", "openai", ...).
+    name: str = "backend"
+    #: Model identity for cache keys and reports.
+    model_id: str = ""
+    revision: str = ""
+    #: The template this model was trained with, used when the Rewriter is given none.
+    default_template: PromptTemplate
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
+    ) -> BatchOutput:
+        """Generate ``decoding.num_candidates`` texts for each prompt in one batched call."""
+
+    async def agenerate(
+        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
+    ) -> BatchOutput:
+        # Local backends compute on CPU/GPU: run them off the event loop so other coroutines go on.
+        return await asyncio.to_thread(self.generate, prompts, template, decoding, timeout_s)
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "model": self.model_id, "revision": self.revision}

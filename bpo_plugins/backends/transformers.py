@@ -1,0 +1,172 @@
+"""Local causal LMs through Hugging Face transformers: THUDM/BPO, the bundled bpo-small, any chat model."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bpo_plugins.backends.base import Backend, BatchOutput, Generation
+from bpo_plugins.decoding import Decoding
+from bpo_plugins.result import ModelLoadError
+from bpo_plugins.templates import PromptTemplate, pick_local_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def folder_revision(folder: Path) -> str:
+    """A cheap fingerprint of local weights, so a cache never serves a retrained model's rewrites."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*")):
+        if path.suffix in {".safetensors", ".bin", ".json", ".gguf", ".onnx", ".model"}:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        model_id: str,
+        revision: str = "",
+        template: PromptTemplate | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.default_template = template or pick_local_template(model_id, bool(tokenizer.chat_template))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # Decoder-only batches must be padded on the left so every row ends where generation starts.
+        tokenizer.padding_side = "left"
+        self._lock = threading.Lock()
+        self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        template: PromptTemplate | None = None,
+        adapter: str | Path | None = None,
+        gguf_file: str | None = None,
+        model_id: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> TransformersBackend:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:  # pragma: no cover - torch and transformers are core dependencies
+            raise ModelLoadError(f"the transformers backend needs torch and transformers: {exc}") from exc
+        source = str(name_or_path)
+        local = Path(source).expanduser()
+        kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            torch_dtype = _pick_dtype(dtype, device)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        except (OSError, ValueError) as exc:
+            hint = "" if local.exists() else " (not a local folder; offline machines need a local path)"
+            raise ModelLoadError(f"cannot load optimizer model {source!r}{hint}: {exc}") from exc
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        if local.is_dir():
+            rev = folder_revision(local) + ("" if adapter is None else "+" + folder_revision(Path(adapter)))
+        else:
+            rev = revision or getattr(model.config, "_commit_hash", None) or "main"
+        return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def render(self, prompt: str, template: PromptTemplate) -> str:
+        if template.raw is not None:
+            # BPO's script tokenises the raw string with the tokenizer's default BOS.
+            return template.render_raw(prompt)
+        rendered = self.tokenizer.apply_chat_template(template.messages(prompt), add_generation_prompt=True, tokenize=False)
+        return str(rendered)
+
+    def generate(
+        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
+    ) -> BatchOutput:
+        import torch
+
+        texts = [self.render(p, template) for p in prompts]
+        # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
+        batch = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=template.raw is not None
+        ).to(self.model.device)
+        n = decoding.num_candidates
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": decoding.max_new_tokens,
+            "do_sample": decoding.do_sample,
+            "num_return_sequences": n,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if decoding.do_sample:
+            kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        banned = self._banned(decoding.banned_words)
+        if banned:
+            kwargs["bad_words_ids"] = banned
+        if timeout_s is not None:
+            kwargs["max_time"] = timeout_s
+        start = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            output = self.model.generate(**batch, **kwargs)
+        elapsed = time.perf_counter() - start
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        pad_id = self.tokenizer.pad_token_id
+        counts = (new_tokens != pad_id).sum(dim=1).tolist()
+        generations = [
+            Generation(texts=decoded[i * n : (i + 1) * n], output_tokens=int(sum(counts[i * n : (i + 1) * n])))
+            for i in range(len(prompts))
+        ]
+        total = int(sum(counts))
+        return BatchOutput(
+            generations=generations,
+            timed_out=timeout_s is not None and elapsed >= timeout_s,
+            stats={"generate_s": elapsed, "output_tokens": total, "input_tokens": int(batch["input_ids"].numel())},
+        )
+
+    def _banned(self, words: tuple[str, ...]) -> list[list[int]] | None:
+        if words not in self._banned_ids:
+            ids: list[list[int]] = []
+            for word in words:
+                for variant in (word, " " + word):
+                    tokens = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
+                    if tokens and tokens not in ids:
+                        ids.append(tokens)
+            self._banned_ids[words] = ids or None
+        return self._banned_ids[words]
+
+
+def _pick_dtype(dtype: str, device: str | None) -> Any:
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    # bf16 matmuls are slow on most CPUs; fp16/bf16 pay off on GPUs only.
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,230 @@
+"""The ``bpo`` command line: rewrite prompts, batch files and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bpo_plugins.result import MODES, ModelLoadError, RewriteError
+
+app = typer.Typer(
+    name="bpo",
+    help="Black-Box Prompt Optimization: rewrite prompts so LLMs answer them better.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModeOption = Annotated[str, typer.Option("--mode", help=f"Decoding mode: {' | '.join(MODES)}.")]
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Registry name (bpo-small), local folder, hub id, or API model name.")
+]
+BackendOption = Annotated[
+    str, typer.Option("--backend", "-b", help="auto | transformers | openai | anthropic.")
+]
+BaseUrlOption = Annotated[
+    Optional[str], typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
+]
+PROMPT_FIELDS = ("prompt", "instruction", "text", "question")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def build_rewriter(model: str, backend: str, base_url: str | None, **options: Any) -> Any:
+    from bpo_plugins import Rewriter
+
+    if backend == "openai" or (backend == "auto" and base_url):
+        return Rewriter.from_openai(model, base_url=base_url, **options)
+    if backend == "anthropic":
+        return Rewriter.from_anthropic(model, base_url=base_url, **options)
+    if backend in ("auto", "transformers"):
+        return Rewriter.from_pretrained(model, backend=backend, **options)
+    raise UsageError(f"unknown backend {backend!r}: use auto, transformers, openai or anthropic")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """JSONL (or a JSON array) of rows with a prompt field and an optional context."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON: {exc}") from exc
+    if rows is None:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not any(isinstance(row.get(f), str) for f in PROMPT_FIELDS):
+            raise UsageError(f"{path}: row {number} has no string 'prompt' field")
+        if row.get("context") is not None and not isinstance(row["context"], str):
+            raise UsageError(f"{path}: row {number}: 'context' must be a string")
+    return rows
+
+
+def row_prompt(row: dict[str, Any]) -> str:
+    return next(row[f] for f in PROMPT_FIELDS if isinstance(row.get(f), str))
+
+
+def _done_rows(out: Path) -> int:
+    """Rows already written by an earlier, interrupted run (a torn last line is rewritten)."""
+    if not out.is_file():
+        return 0
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    good = 0
+    for line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith("\n"):
+            break
+        good += 1
+    if good != len(lines):
+        out.write_text("".join(lines[:good]), encoding="utf-8")
+    return good
+
+
+@app.command()
+def optimize(
+    text: Annotated[Optional[str], typer.Argument(help="The prompt to rewrite, or - to read stdin.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="JSONL with 'prompt' and optional 'context'.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where --file results go (JSONL; resumes).")] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help="A passage kept verbatim, not rewritten.")] = None,
+    mode: ModeOption = "greedy",
+    model: ModelOption = "bpo-small",
+    backend: BackendOption = "auto",
+    base_url: BaseUrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 instead of falling back to the original.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generate call.")] = 8,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds before falling back.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="SQLite file for a persistent greedy cache.")] = None,
+) -> None:
+    """Rewrite TEXT (or stdin, or a --file batch) with a BPO optimizer."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if (text is None) == (file is None):
+        raise UsageError("give exactly one of TEXT, '-' (stdin) or --file")
+    if file is not None and out is None:
+        raise UsageError("--file needs --out for the results")
+    if text == "-":
+        text = sys.stdin.read()
+    rewriter = build_rewriter(
+        model, backend, base_url, mode=mode, strict=strict, timeout_s=timeout, max_new_tokens=max_new_tokens, cache_path=cache
+    )
+    if file is not None:
+        assert out is not None
+        _optimize_file(rewriter, file, out, batch_size)
+        return
+    assert text is not None
+    result = rewriter.rewrite(text, context=context)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    typer.echo(result.prompt)
+    if result.fallback is not None:
+        typer.secho(f"[fallback: {result.fallback.value}] {result.detail}", err=True, fg=typer.colors.YELLOW)
+
+
+def _optimize_file(rewriter: Any, file: Path, out: Path, batch_size: int) -> None:
+    from tqdm import tqdm
+
+    rows = read_rows(file)
+    done = _done_rows(out)
+    reasons: Counter[str] = Counter()
+    latencies: list[float] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as sink, tqdm(total=len(rows), initial=done, desc="rewriting", unit="prompt") as bar:
+        for start in range(done, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            results = rewriter.rewrite_batch([row_prompt(r) for r in chunk], contexts=[r.get("context") for r in chunk])
+            for row, result in zip(chunk, results):
+                reasons[result.fallback.value if result.fallback else "rewritten"] += 1
+                latencies.append(result.latency_s / len(chunk))
+                sink.write(json.dumps({**row, "rewritten": result.rewritten, "fallback": result.fallback and result.fallback.value, "detail": result.detail}, ensure_ascii=False) + "\n")
+            sink.flush()
+            bar.update(len(chunk))
+    stats = {"input": str(file), "rows": len(rows), "resumed_from": done, "outcomes": dict(reasons), "mean_latency_s": sum(latencies) / max(len(latencies), 1)}
+    stats_path = out.with_suffix(".stats.json")
+    stats_path.write_text(json.dumps(stats, indent=2))
+    typer.echo(f"wrote {len(rows) - done} rows to {out} ({dict(reasons)}); figures in {stats_path}", err=True)
+
+
+@app.command()
+def bench(
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="JSONL/JSON of prompts (e.g. vicuna_eval.jsonl).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the figures go (JSON).")] = Path("bench.json"),
+    model: ModelOption = "bpo-small",
+    backend: BackendOption = "auto",
+    base_url: BaseUrlOption = None,
+    mode: ModeOption = "greedy",
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Prompts to time.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+) -> None:
+    """Time rewrites: latency p50/p95, decode tokens/s and peak memory, written to JSON."""
+    from bpo_plugins.bench import run_benchmark
+
+    rows = read_rows(prompts)[:limit]
+    rewriter = build_rewriter(model, backend, base_url, mode=mode, max_new_tokens=max_new_tokens, cache_size=0)
+    figures = run_benchmark(rewriter, [row_prompt(r) for r in rows], batch_size=batch_size)
+    figures.update(prompts_file=str(prompts), model=model, backend=rewriter.backend.name, mode=mode)
+    out.write_text(json.dumps(figures, indent=2))
+    for key in ("n", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_mb", "fallback_rate", "load_s"):
+        typer.echo(f"{key:>16}: {figures[key]}")
+    typer.echo(f"figures written to {out}")
+
+
+@app.command()
+def models() -> None:
+    """List the named optimizers this package can load offline."""
+    from bpo_plugins.registry import DEFAULT_MODEL, REGISTRY
+
+    for name in REGISTRY:
+        typer.echo(f"{name}{' (default)' if name == DEFAULT_MODEL else ''}")
+
+
+def main() -> None:
+    """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = app(standalone_mode=False)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, ModelLoadError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(2) from None
+    except RewriteError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:  # click's own usage errors carry their exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        raise
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

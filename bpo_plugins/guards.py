@@ -1,0 +1,241 @@
+"""Pure checks that decide whether an optimizer's output may replace the user's prompt.
+
+Every function here is free of model and framework code, so each guard is unit-tested on
+its own and every backend (transformers, ONNX Runtime, HTTP) gets the same protection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bpo_plugins.result import FallbackReason
+
+# BPO's aggressive mode bans these marker words and cuts outputs at their prefixes
+# (thu-coai/BPO src/infer_example.py); the chat-format tokens leak from small models.
+BANNED_MARKERS: tuple[str, ...] = ("[PROTECT]", "\n\n[PROTECT]", "[KEEP", "[INSTRUCTION]")
+_CUT_MARKERS = ("[KE", "[INS", "[PRO", "[/INST", "</s>", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "[END]")
+
+# BPO's data filter: a pair is dropped when orig/opt > 2 or opt/orig > 6 (in words).
+MIN_LENGTH_RATIO = 0.5
+MAX_LENGTH_RATIO = 6.0
+
+KEEP_TAG = re.compile(r"<keep>(.*?)</keep>", re.DOTALL)
+_PLACEHOLDER = "{{{{KEEP_{}}}}}"
+_PLACEHOLDER_RE = re.compile(r"\{\{KEEP_(\d+)\}\}")
+
+
+def check_text(value: object, name: str = "prompt") -> str:
+    """Reject what is not text with an error that says what to pass instead."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be str, not {type(value).__name__}: decode it first, e.g. data.decode('utf-8')")
+    raise TypeError(f"{name} must be str, not {type(value).__name__}")
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+# --- protected spans -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A prompt with its protected spans swapped for placeholders the optimizer must copy."""
+
+    text: str  # what the optimizer sees
+    plain: str  # the prompt with <keep> tags removed: what a fallback passes on
+    spans: tuple[str, ...]
+
+    def restore(self, output: str) -> str | None:
+        """Put the spans back byte-identical; None when the optimizer lost or invented a placeholder."""
+        if not self.spans:
+            return output
+        seen = {int(m) for m in _PLACEHOLDER_RE.findall(output)}
+        if seen != set(range(len(self.spans))):
+            return None
+        return _PLACEHOLDER_RE.sub(lambda m: self.spans[int(m.group(1))], output)
+
+
+def mask_protected(prompt: str, protect: Sequence[str] = ()) -> Masked:
+    """Replace ``<keep>…</keep>`` spans and each string in ``protect`` with placeholders."""
+    spans: list[str] = []
+
+    def placeholder(span: str) -> str:
+        spans.append(span)
+        return _PLACEHOLDER.format(len(spans) - 1)
+
+    plain = KEEP_TAG.sub(lambda m: m.group(1), prompt)
+    text = KEEP_TAG.sub(lambda m: placeholder(m.group(1)), prompt)
+    for span in protect:
+        check_text(span, "protected span")
+        if span and span in text:
+            text = text.replace(span, placeholder(span))
+    return Masked(text=text, plain=plain, spans=tuple(spans))
+
+
+# --- output clean-up -------------------------------------------------------------------------
+
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:here(?:'s| is) (?:the |an |my )?)?(?:improved|optimi[sz]ed|rewritten|revised|refined|enhanced|better|new)"
+    r"\s+(?:prompt|instruction|version|query)(?: is)?(?:\*\*)?\s*[:：]\s*(?:\*\*)?",
+    re.IGNORECASE,
+)
+_QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
+
+
+def clean_output(text: str) -> str:
+    """Strip what optimizers wrap around a rewrite: labels, quotes, chat markers, BPO markers."""
+    cut = len(text)
+    for marker in _CUT_MARKERS:
+        at = text.find(marker)
+        if at != -1:
+            cut = min(cut, at)
+    text = text[:cut].strip()
+    text = _LABEL.sub("", text, count=1).strip()
+    if len(text) >= 2 and text[0] in _QUOTES and text.endswith(_QUOTES[text[0]]):
+        inner = text[1:-1].strip()
+        if _QUOTES[text[0]] not in inner:
+            text = inner
+    return text
+
+
+# --- degenerate output -----------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def repetition_score(text: str) -> float:
+    """Share of repeated word 3-grams: 0 for varied text, near 1 for a loop."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    if len(words) < 12:
+        return 0.0
+    grams = list(zip(words, words[1:], words[2:]))
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def degenerate_reason(original: str, output: str) -> str | None:
+    """Why an output is a loop or noise rather than a prompt, or None."""
+    if re.search(r"(.)\1{29,}", output) and not re.search(r"(.)\1{29,}", original):
+        return "a character repeated 30+ times"
+    score = repetition_score(output)
+    # Small models (<2B) loop (thu-coai/BPO#16); a user's own repetitive prompt is not our doing.
+    if score > 0.5 and score > repetition_score(original) + 0.2:
+        return f"{score:.0%} of word 3-grams repeat"
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if len(lines) >= 3:
+        line, count = Counter(lines).most_common(1)[0]
+        if count >= 3 and count / len(lines) > 0.3 and original.count(line) < count:
+            return f"a line repeated {count} times"
+    if output and sum(c.isalnum() for c in output) / len(output) < 0.25 <= (
+        sum(c.isalnum() for c in original) / max(len(original), 1)
+    ):
+        return "mostly punctuation or symbols"
+    return None
+
+
+# --- answered instead of rewrote -------------------------------------------------------------
+
+_ANSWER_OPENER = re.compile(
+    r"^\W*(?:sure\b|certainly\b|of course\b|absolutely\b|definitely\b|great question|good question|"
+    r"here (?:is|are) (?:a |an |the |some |my |\d+ )?(?!(?:improved|optimi[sz]ed|rewritten|revised|refined|better|new) (?:prompt|instruction|version))|"
+    r"here's (?!(?:an? |the |my )?(?:improved|optimi[sz]ed|rewritten|revised|refined|better|new) (?:prompt|instruction|version))|"
+    r"i'm sorry|i am sorry|sorry,|i apologi[sz]e|i (?:can(?:no|')t|am unable|'m unable|won't|will not)\b|"
+    r"as an ai\b|as a language model|yes[,.!]|no[,.!]|okay[,.!]|ok[,.!]|hello\b|hi[,!]|hey\b|thank you|thanks\b|"
+    r"the answer is|in conclusion|to summari[sz]e)",
+    re.IGNORECASE,
+)
+_REQUEST_START = re.compile(
+    r"^\W*(?:please\b|kindly\b|can you|could you|would you|will you|i want|i need|i'd like|i would like|i'm looking|"
+    r"i am looking|i'm trying|i am trying|help me|you are\b|you're\b|act as|imagine\b|pretend\b|suppose\b|assume\b|"
+    r"let's\b|let us\b|your task|task:|instructions?:|how to\b|how do i\b|how can i\b|how should i\b)",
+    re.IGNORECASE,
+)
+# Imperatives an instruction opens with; an answer opens with a statement instead.
+_IMPERATIVES = frozenset(
+    """add adapt analyse analyze answer arrange ask assess brainstorm build calculate categorize categorise
+    change check choose civilize clarify classify come compare compile complete compose construct continue
+    convert correct count craft create debug decide define demonstrate derive describe design detail determine
+    develop devise discuss distinguish draft draw edit elaborate enumerate estimate evaluate examine explain
+    explore express extract fill find finish fix format formulate generate give guess help highlight identify
+    illustrate imagine implement improve include infer interpret introduce invent investigate judge justify
+    label list locate make match mention modify name note offer order organize organise outline paraphrase
+    pick plan predict prepare present produce proofread propose provide rank rate read recommend reflect
+    reformulate remove rephrase replace reply report represent research respond restate restructure review
+    revise rewrite say score select share show simplify solve sort specify state suggest summarise summarize
+    tell test think transform translate turn use verify weigh write""".split()
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _first_word(text: str) -> str:
+    match = _WORD.search(text)
+    return match.group(0).lower() if match else ""
+
+
+def _is_request(sentence: str) -> bool:
+    sentence = sentence.strip()
+    if sentence.endswith("?") or _REQUEST_START.match(sentence):
+        return True
+    if re.search(r"\bplease\b(?! note)", sentence, re.IGNORECASE):
+        return True
+    # "In one sentence, explain ..." / "Based on the data: write ...": an imperative opens a clause.
+    return any(_first_word(clause) in _IMPERATIVES for clause in re.split(r"[,;:]", sentence))
+
+
+def answered_reason(original: str, output: str) -> str | None:
+    """Why an output reads as an answer to the prompt rather than a better prompt, or None.
+
+    A rewrite is a request: it opens with an imperative, a question or a request phrase, or
+    keeps the user's own opening. An answer opens with an assistant's phrase or a statement.
+    """
+    opener = _ANSWER_OPENER.match(output)
+    if opener and _first_word(opener.group(0)) != _first_word(original):
+        return f"opens like an answer ({opener.group(0).strip()!r})"
+    head_words = original.split()[:4]
+    if head_words and output.split()[: len(head_words)] == head_words:
+        return None  # keeps the user's opening: an edit of the prompt, not a reply to it
+    sentences = [s for s in _SENTENCE_END.split(output) if s.strip()]
+    # Prompts put the request first or after the data it refers to, so read both ends.
+    if any(_is_request(s) for s in sentences[:3] + sentences[-2:]):
+        return None
+    if not _is_request(original):
+        # The user wrote a statement (a fragment, a passage to continue); statements are fair rewrites.
+        return None
+    return "reads as a statement, not a request"
+
+
+# --- the whole check -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    min_length_ratio: float = MIN_LENGTH_RATIO
+    max_length_ratio: float = MAX_LENGTH_RATIO
+    check_answered: bool = True
+    check_degenerate: bool = True
+
+
+def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig()) -> tuple[FallbackReason, str] | None:
+    """Return (reason, detail) when ``output`` must not replace ``original``; None when it may."""
+    if not output.strip():
+        return FallbackReason.EMPTY_OUTPUT, "the optimizer returned no text"
+    if config.check_degenerate:
+        why = degenerate_reason(original, output)
+        if why:
+            return FallbackReason.DEGENERATE, why
+    if config.check_answered:
+        why = answered_reason(original, output)
+        if why:
+            return FallbackReason.ANSWERED, why
+    ratio = word_count(output) / max(word_count(original), 1)
+    if not config.min_length_ratio <= ratio <= config.max_length_ratio:
+        return (
+            FallbackReason.LENGTH_RATIO,
+            f"rewrite is {ratio:.2f}x the prompt in words (allowed {config.min_length_ratio}-{config.max_length_ratio}x)",
+        )
+    return None

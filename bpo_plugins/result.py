@@ -1,0 +1,103 @@
+"""The value types every part of bpo-plugins exchanges: results, fallback reasons, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Literal
+
+Mode = Literal["greedy", "stable", "aggressive"]
+MODES: tuple[Mode, ...] = ("greedy", "stable", "aggressive")
+
+
+class FallbackReason(str, Enum):
+    """Why a rewrite was not used and the original prompt was passed on instead.
+
+    It is a ``str`` subclass, so ``result.fallback == "answered"`` works and the value
+    serialises as plain text in JSON, run metadata and SQLite.
+    """
+
+    EMPTY_INPUT = "empty_input"
+    INPUT_TOO_LONG = "input_too_long"
+    TIMEOUT = "timeout"
+    BACKEND_ERROR = "backend_error"
+    EMPTY_OUTPUT = "empty_output"
+    DEGENERATE = "degenerate"
+    LENGTH_RATIO = "length_ratio"
+    ANSWERED = "answered"
+    PROTECTED_SPAN_LOST = "protected_span_lost"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def transient(self) -> bool:
+        """True for failures that may not repeat, so their results must not be cached."""
+        return self in (FallbackReason.TIMEOUT, FallbackReason.BACKEND_ERROR)
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    """The outcome of one rewrite.
+
+    ``rewritten`` is always safe to send on: it is the optimizer's rewrite when every guard
+    passed, else the original prompt, with ``fallback`` naming the reason.
+    """
+
+    original: str
+    rewritten: str
+    mode: Mode
+    backend: str
+    latency_s: float = 0.0
+    fallback: FallbackReason | None = None
+    detail: str | None = None
+    candidates: tuple[str, ...] = ()
+    context: str | None = None
+    cached: bool = False
+    model: str = ""
+    output_tokens: int = 0
+    extras: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def changed(self) -> bool:
+        return self.fallback is None and self.rewritten != self.original
+
+    @property
+    def prompt(self) -> str:
+        """The text to send to the target LLM: the rewritten instruction, then the context verbatim."""
+        if self.context is None:
+            return self.rewritten
+        return f"{self.rewritten}\n\n{self.context}"
+
+    def with_(self, **changes: object) -> RewriteResult:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "original": self.original,
+            "rewritten": self.rewritten,
+            "context": self.context,
+            "mode": self.mode,
+            "backend": self.backend,
+            "model": self.model,
+            "fallback": None if self.fallback is None else self.fallback.value,
+            "detail": self.detail,
+            "candidates": list(self.candidates),
+            "latency_s": round(self.latency_s, 6),
+            "cached": self.cached,
+            "output_tokens": self.output_tokens,
+        }
+
+
+class RewriteError(RuntimeError):
+    """Raised instead of falling back when a :class:`~bpo_plugins.Rewriter` is ``strict``."""
+
+    def __init__(self, reason: FallbackReason, detail: str | None, result: RewriteResult) -> None:
+        super().__init__(f"rewrite failed ({reason.value}): {detail or 'no detail'}")
+        self.reason = reason
+        self.detail = detail
+        self.result = result
+
+
+class ModelLoadError(RuntimeError):
+    """A model, registry entry or export folder could not be loaded; the message says how to fix it."""

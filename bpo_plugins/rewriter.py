@@ -1,0 +1,403 @@
+"""The one rewriting abstraction: modes, guards, cache and batching over any backend."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpo_plugins.backends.base import Backend, BatchOutput
+from bpo_plugins.cache import RewriteCache, cache_key
+from bpo_plugins.decoding import Decoding, check_mode, decoding_for
+from bpo_plugins.guards import GuardConfig, Masked, check_rewrite, check_text, clean_output, mask_protected, word_count
+from bpo_plugins.result import FallbackReason, Mode, RewriteError, RewriteResult
+from bpo_plugins.selectors import SELECTORS, Selector
+from bpo_plugins.templates import PromptTemplate, resolve_template
+
+BackendFactory = Callable[[], Backend]
+
+
+@dataclass
+class _Item:
+    """One prompt on its way through a batch."""
+
+    original: str
+    context: str | None
+    masked: Masked
+    key: str | None = None
+    result: RewriteResult | None = None
+
+
+class Rewriter:
+    """Rewrites prompts with a prompt-preference optimizer, and never passes on a bad rewrite.
+
+    Every result is safe to send on: when a guard trips (timeout, backend error, empty or
+    looping output, a length ratio outside BPO's data filter, an answer instead of a
+    rewrite, a lost protected span) the original prompt goes through and ``fallback`` says
+    why. With ``strict=True`` a :class:`RewriteError` is raised instead.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | BackendFactory,
+        *,
+        template: str | PromptTemplate | None = None,
+        mode: Mode = "greedy",
+        strict: bool = False,
+        timeout_s: float | None = None,
+        max_new_tokens: int = 256,
+        max_input_words: int = 512,
+        num_candidates: int = 5,
+        selector: str | Selector = "consensus",
+        guards: GuardConfig | None = None,
+        cache_size: int = 1024,
+        cache_path: str | Path | None = None,
+    ) -> None:
+        self._backend: Backend | None = backend if isinstance(backend, Backend) else None
+        self._factory: BackendFactory | None = None if isinstance(backend, Backend) else backend
+        self._load_lock = threading.Lock()
+        self._template_arg = template
+        self.mode = check_mode(mode)
+        self.strict = strict
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        if max_new_tokens < 1 or max_input_words < 1:
+            raise ValueError("max_new_tokens and max_input_words must be >= 1")
+        self.max_new_tokens = max_new_tokens
+        self.max_input_words = max_input_words
+        self.num_candidates = num_candidates
+        if isinstance(selector, str):
+            if selector not in SELECTORS:
+                raise ValueError(f"unknown selector {selector!r}: use one of {sorted(SELECTORS)} or a callable")
+            selector = SELECTORS[selector]
+        self.selector: Selector = selector
+        self.guards = guards or GuardConfig()
+        self.cache = RewriteCache(cache_size, cache_path)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def default(cls, **options: Any) -> Rewriter:
+        """The bundled ``bpo-small`` optimizer: offline, loaded on first use."""
+        from bpo_plugins.registry import DEFAULT_MODEL
+
+        return cls.from_pretrained(DEFAULT_MODEL, **options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        backend: str = "auto",
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        adapter: str | Path | None = None,
+        **options: Any,
+    ) -> Rewriter:
+        """A registry name (``bpo-small``), a local folder, or a hub id such as ``THUDM/BPO``.
+
+        Loading is deferred to the first rewrite, so constructing a Rewriter is free.
+        """
+        from bpo_plugins.backends import load_local_backend
+
+        if backend not in ("auto", "transformers"):
+            raise ValueError(f"unknown local backend {backend!r}: use 'auto' or 'transformers'")
+
+        def load() -> Backend:
+            return load_local_backend(
+                str(name_or_path), backend=backend, revision=revision, device=device, dtype=dtype, adapter=adapter
+            )
+
+        return cls(load, **options)
+
+    @classmethod
+    def from_openai(
+        cls,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        **options: Any,
+    ) -> Rewriter:
+        """A remote optimizer on any OpenAI-compatible server (vLLM, TGI, llama.cpp), or an API LLM as prompt engineer."""
+        from bpo_plugins.backends.openai import OpenAIBackend
+
+        return cls(
+            OpenAIBackend(model, base_url=base_url, api_key=api_key, max_concurrency=max_concurrency), **options
+        )
+
+    @classmethod
+    def from_anthropic(
+        cls, model: str, *, api_key: str | None = None, base_url: str | None = None, max_concurrency: int = 8, **options: Any
+    ) -> Rewriter:
+        """Claude as the prompt engineer: the LLM-as-optimizer baseline of the BPO paper."""
+        from bpo_plugins.backends.anthropic import AnthropicBackend
+
+        return cls(
+            AnthropicBackend(model, api_key=api_key, base_url=base_url, max_concurrency=max_concurrency), **options
+        )
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, loaded on first access (thread-safe)."""
+        if self._backend is None:
+            with self._load_lock:
+                if self._backend is None:
+                    assert self._factory is not None
+                    self._backend = self._factory()
+        return self._backend
+
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    @property
+    def template(self) -> PromptTemplate:
+        return resolve_template(self._template_arg, self.backend.default_template)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def rewrite(
+        self,
+        prompt: str,
+        *,
+        context: str | None = None,
+        mode: Mode | None = None,
+        protect: Sequence[str] = (),
+        strict: bool | None = None,
+    ) -> RewriteResult:
+        """Rewrite one prompt. ``context`` (a passage, a document) is passed through verbatim."""
+        return self.rewrite_batch([prompt], contexts=None if context is None else [context], mode=mode, protect=protect, strict=strict)[0]
+
+    def rewrite_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        contexts: Sequence[str | None] | None = None,
+        mode: Mode | None = None,
+        protect: Sequence[str] = (),
+        strict: bool | None = None,
+    ) -> list[RewriteResult]:
+        """Rewrite many prompts with one padded generate call (cache hits and pass-throughs skip it)."""
+        start = time.perf_counter()
+        items, mode, decoding = self._prepare(prompts, contexts, mode, protect)
+        pending = [item for item in items if item.result is None]
+        if pending:
+            texts = [item.masked.text for item in pending]
+            output = self._run(lambda: self.backend.generate(texts, self.template, decoding, self.timeout_s))
+            self._finish(pending, output, mode)
+        return self._results(items, start, strict)
+
+    async def arewrite(
+        self,
+        prompt: str,
+        *,
+        context: str | None = None,
+        mode: Mode | None = None,
+        protect: Sequence[str] = (),
+        strict: bool | None = None,
+    ) -> RewriteResult:
+        results = await self.arewrite_batch(
+            [prompt], contexts=None if context is None else [context], mode=mode, protect=protect, strict=strict
+        )
+        return results[0]
+
+    async def arewrite_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        contexts: Sequence[str | None] | None = None,
+        mode: Mode | None = None,
+        protect: Sequence[str] = (),
+        strict: bool | None = None,
+    ) -> list[RewriteResult]:
+        start = time.perf_counter()
+        if not self.loaded:
+            await asyncio.to_thread(self.warmup)  # never load weights on the event loop
+        items, mode, decoding = self._prepare(prompts, contexts, mode, protect)
+        pending = [item for item in items if item.result is None]
+        if pending:
+            coroutine = self.backend.agenerate([i.masked.text for i in pending], self.template, decoding, self.timeout_s)
+            try:
+                if self.timeout_s is not None:
+                    # Local backends stop themselves at max_time; this bounds HTTP backends too.
+                    coroutine = asyncio.wait_for(coroutine, self.timeout_s * 1.5 + 1)
+                output: BatchOutput | BaseException = await coroutine
+            except asyncio.TimeoutError:
+                output = TimeoutError(f"no answer within {self.timeout_s}s")
+            except Exception as exc:  # noqa: BLE001 - fail open: any backend failure becomes a fallback
+                output = exc
+            self._finish(pending, output, mode)
+        return self._results(items, start, strict)
+
+    def warmup(self) -> Rewriter:
+        """Load the backend now instead of on the first rewrite."""
+        _ = self.backend
+        return self
+
+    # -- pipeline -----------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        prompts: Sequence[str],
+        contexts: Sequence[str | None] | None,
+        mode: Mode | None,
+        protect: Sequence[str],
+    ) -> tuple[list[_Item], Mode, Decoding]:
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("rewrite_batch takes a list of prompts; use rewrite() for one prompt")
+        prompts = [check_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        if contexts is not None:
+            if isinstance(contexts, (str, bytes)) or len(contexts) != len(prompts):
+                raise ValueError("contexts must be a list with one entry (or None) per prompt")
+            contexts = [None if c is None else check_text(c, "context") for c in contexts]
+        if isinstance(protect, (str, bytes)):
+            raise TypeError("protect takes a list of strings, not a single string")
+        mode = check_mode(mode or self.mode)
+        decoding = decoding_for(mode, max_new_tokens=self.max_new_tokens, num_candidates=self.num_candidates)
+        items = []
+        for i, prompt in enumerate(prompts):
+            item = _Item(prompt, None if contexts is None else contexts[i], mask_protected(prompt, protect))
+            words = word_count(item.masked.plain)
+            if not item.masked.plain.strip():
+                item.result = self._fallback(item, mode, FallbackReason.EMPTY_INPUT, "nothing to rewrite")
+            elif words > self.max_input_words:
+                # Long inputs are where BPO damages text (it rewrites passages): pass them through.
+                detail = f"{words} words > max_input_words={self.max_input_words}"
+                item.result = self._fallback(item, mode, FallbackReason.INPUT_TOO_LONG, detail)
+            elif mode == "greedy":
+                item.key = self._cache_key(item, decoding)
+                record = self.cache.get(item.key)
+                if record is not None:
+                    item.result = self._from_record(item, mode, record)
+            items.append(item)
+        # A rewrite is rarely more than max_length_ratio times the prompt: stop decoding there.
+        longest = max((word_count(i.masked.text) for i in items if i.result is None), default=0)
+        budget = int(longest * self.guards.max_length_ratio * 1.5) + 16  # ~1.3-1.5 tokens a word
+        return items, mode, decoding.capped(budget)
+
+    def _run(self, call: Callable[[], BatchOutput]) -> BatchOutput | BaseException:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - fail open: any backend failure becomes a fallback
+            return exc
+
+    def _finish(self, pending: list[_Item], output: BatchOutput | BaseException, mode: Mode) -> None:
+        if isinstance(output, BaseException):
+            reason = FallbackReason.TIMEOUT if isinstance(output, TimeoutError) else FallbackReason.BACKEND_ERROR
+            for item in pending:
+                item.result = self._fallback(item, mode, reason, f"{type(output).__name__}: {output}")
+            return
+        for item, generation in zip(pending, output.generations):
+            try:
+                item.result = self._judge(item, generation.texts, mode, output.timed_out, generation.output_tokens)
+            except Exception as exc:  # noqa: BLE001 - a guard bug must not break the caller's request
+                item.result = self._fallback(item, mode, FallbackReason.BACKEND_ERROR, f"{type(exc).__name__}: {exc}")
+            # Timeouts and backend errors may not repeat; everything else is deterministic in greedy mode.
+            if item.key is not None and (item.result.fallback is None or not item.result.fallback.transient):
+                self.cache.put(item.key, self._to_record(item.result))
+
+    def _judge(self, item: _Item, texts: list[str], mode: Mode, timed_out: bool, tokens: int) -> RewriteResult:
+        candidates = [clean_output(t) for t in texts]
+        if timed_out:
+            return self._fallback(item, mode, FallbackReason.TIMEOUT, f"generation hit timeout_s={self.timeout_s}", candidates, tokens)
+        valid: list[str] = []
+        first_failure: tuple[FallbackReason, str] | None = None
+        for candidate in candidates:
+            restored = item.masked.restore(candidate)
+            failure = (
+                (FallbackReason.PROTECTED_SPAN_LOST, "the optimizer dropped or invented a protected-span placeholder")
+                if restored is None
+                else check_rewrite(item.masked.plain, restored, self.guards)
+            )
+            if failure is None and restored is not None:
+                valid.append(restored)
+            elif first_failure is None:
+                first_failure = failure
+        if not valid:
+            assert first_failure is not None
+            return self._fallback(item, mode, first_failure[0], first_failure[1], candidates, tokens)
+        chosen = valid[self.selector(item.masked.plain, valid)] if len(valid) > 1 else valid[0]
+        return self._result(item, mode, chosen, candidates=tuple(candidates), output_tokens=tokens)
+
+    def _results(self, items: list[_Item], start: float, strict: bool | None) -> list[RewriteResult]:
+        latency = time.perf_counter() - start
+        results = [item.result.with_(latency_s=latency) for item in items if item.result is not None]
+        if self.strict if strict is None else strict:
+            for result in results:
+                if result.fallback is not None:
+                    raise RewriteError(result.fallback, result.detail, result)
+        return results
+
+    # -- results and cache records ------------------------------------------------------------
+
+    def _result(self, item: _Item, mode: Mode, rewritten: str, **fields: Any) -> RewriteResult:
+        backend = self._backend
+        return RewriteResult(
+            original=item.original,
+            rewritten=rewritten,
+            mode=mode,
+            backend=backend.name if backend is not None else "unloaded",
+            model=backend.model_id if backend is not None else "",
+            context=item.context,
+            **fields,
+        )
+
+    def _fallback(
+        self,
+        item: _Item,
+        mode: Mode,
+        reason: FallbackReason,
+        detail: str,
+        candidates: Sequence[str] = (),
+        output_tokens: int = 0,
+    ) -> RewriteResult:
+        return self._result(
+            item, mode, item.masked.plain, fallback=reason, detail=detail, candidates=tuple(candidates), output_tokens=output_tokens
+        )
+
+    def _cache_key(self, item: _Item, decoding: Decoding) -> str:
+        backend, template = self.backend, self.template
+        return cache_key(
+            backend.name,
+            backend.model_id,
+            backend.revision,
+            [template.user, template.system, template.raw],
+            decoding.as_key(),
+            [self.guards.min_length_ratio, self.guards.max_length_ratio, self.guards.check_answered, self.guards.check_degenerate],
+            item.masked.text,
+            item.masked.spans,
+        )
+
+    def _to_record(self, result: RewriteResult) -> dict[str, Any]:
+        return {
+            "rewritten": result.rewritten,
+            "fallback": None if result.fallback is None else result.fallback.value,
+            "detail": result.detail,
+            "candidates": list(result.candidates),
+            "output_tokens": result.output_tokens,
+        }
+
+    def _from_record(self, item: _Item, mode: Mode, record: dict[str, Any]) -> RewriteResult:
+        fallback = record.get("fallback")
+        return self._result(
+            item,
+            mode,
+            record["rewritten"],
+            fallback=None if fallback is None else FallbackReason(fallback),
+            detail=record.get("detail"),
+            candidates=tuple(record.get("candidates", ())),
+            output_tokens=int(record.get("output_tokens", 0)),
+            cached=True,
+        )
+
+    def __repr__(self) -> str:
+        backend = self._backend.describe() if self._backend is not None else "not loaded"
+        return f"Rewriter(mode={self.mode!r}, strict={self.strict}, backend={backend})"
