@@ -213,13 +213,14 @@ def main() -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except Exception as exc:  # click's own usage errors carry their exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:
+        # Usage errors from the command-line parser (typer vendors its own click): they know
+        # how to print themselves and their exit code (2).
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            raise SystemExit(exit_code) from None
+        if type(exc).__name__ == "Abort":
             raise SystemExit(1) from None
         raise
     if isinstance(code, int) and code:

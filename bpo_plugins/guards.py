@@ -23,8 +23,6 @@ MIN_LENGTH_RATIO = 0.5
 MAX_LENGTH_RATIO = 6.0
 
 KEEP_TAG = re.compile(r"<keep>(.*?)</keep>", re.DOTALL)
-_PLACEHOLDER = "{{{{KEEP_{}}}}}"
-_PLACEHOLDER_RE = re.compile(r"\{\{KEEP_(\d+)\}\}")
 
 
 def check_text(value: object, name: str = "prompt") -> str:
@@ -50,32 +48,43 @@ class Masked:
     text: str  # what the optimizer sees
     plain: str  # the prompt with <keep> tags removed: what a fallback passes on
     spans: tuple[str, ...]
+    tag: str = "KEEP"
 
     def restore(self, output: str) -> str | None:
         """Put the spans back byte-identical; None when the optimizer lost or invented a placeholder."""
         if not self.spans:
             return output
-        seen = {int(m) for m in _PLACEHOLDER_RE.findall(output)}
+        pattern = re.compile(r"\{\{" + self.tag + r"_(\d+)\}\}")
+        seen = {int(m) for m in pattern.findall(output)}
         if seen != set(range(len(self.spans))):
             return None
-        return _PLACEHOLDER_RE.sub(lambda m: self.spans[int(m.group(1))], output)
+        return pattern.sub(lambda m: self.spans[int(m.group(1))], output)
 
 
 def mask_protected(prompt: str, protect: Sequence[str] = ()) -> Masked:
     """Replace ``<keep>…</keep>`` spans and each string in ``protect`` with placeholders."""
     spans: list[str] = []
+    tag = "KEEP"
+    while "{{" + tag in prompt or any("{{" + tag in span for span in protect if isinstance(span, str)):
+        tag += "X"  # the user's own text holds our placeholder syntax: pick one it cannot contain
 
     def placeholder(span: str) -> str:
         spans.append(span)
-        return _PLACEHOLDER.format(len(spans) - 1)
+        return "{{%s_%d}}" % (tag, len(spans) - 1)
 
     plain = KEEP_TAG.sub(lambda m: m.group(1), prompt)
     text = KEEP_TAG.sub(lambda m: placeholder(m.group(1)), prompt)
     for span in protect:
         check_text(span, "protected span")
-        if span and span in text:
-            text = text.replace(span, placeholder(span))
-    return Masked(text=text, plain=plain, spans=tuple(spans))
+        if not span:
+            continue
+        # Replace only outside placeholders already made, so a span like "0" cannot break one.
+        pieces = re.split(r"(\{\{" + tag + r"_\d+\}\})", text)
+        if any(span in piece for piece in pieces[::2]):
+            marker = placeholder(span)
+            pieces[::2] = [piece.replace(span, marker) for piece in pieces[::2]]
+            text = "".join(pieces)
+    return Masked(text=text, plain=plain, spans=tuple(spans), tag=tag)
 
 
 # --- output clean-up -------------------------------------------------------------------------

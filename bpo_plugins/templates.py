@@ -77,7 +77,8 @@ def resolve_template(template: str | PromptTemplate | None, default: PromptTempl
     if template in TEMPLATES:
         return TEMPLATES[template]
     if PROMPT_SLOT in template:
-        return PromptTemplate(name="custom", user=template)
+        # A new instruction, same model: keep the model's raw format (e.g. BPO's [INST] wrapper).
+        return PromptTemplate(name="custom", user=template, system=default.system, raw=default.raw)
     raise ValueError(
         f"unknown template {template!r}: use one of {sorted(TEMPLATES)}, a PromptTemplate, "
         f"or a string with a {PROMPT_SLOT} slot"

@@ -43,9 +43,9 @@ class AnthropicBackend(Backend):
             "model": self.model_id,
             "max_tokens": decoding.max_new_tokens,
             "messages": [{"role": "user", "content": template.user_text(prompt)}],
-            # Claude takes temperature or top_p, not both; BPO's modes are defined by temperature.
-            "temperature": decoding.temperature if decoding.do_sample else 0.0,
         }
+        # The Messages API of anthropic>=2 takes no sampling parameters: Claude samples at its own
+        # setting, so aggressive mode's diversity comes from separate requests.
         if template.system:
             request["system"] = template.system
         if decoding.banned_words:

@@ -1,0 +1,3 @@
+from bpo_plugins.cli import main
+
+main()

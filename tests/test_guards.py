@@ -1,0 +1,143 @@
+"""Each guard on its own, on real BPO data where the data can say what is right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bpo_plugins.guards import (
+    answered_reason,
+    check_rewrite,
+    check_text,
+    clean_output,
+    degenerate_reason,
+    mask_protected,
+)
+from bpo_plugins.result import FallbackReason
+from tests.conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def bpo_pairs() -> list[dict]:
+    return json.loads(shared_data("bpo", "bpo_val.json").read_text())
+
+
+def test_optimized_prompts_are_not_taken_for_answers(bpo_pairs):
+    flagged = [r for r in bpo_pairs if answered_reason(r["prompt"], r["optimized_prompt"])]
+    # BPO's own reference rewrites must pass: at most 1% false alarms.
+    assert len(flagged) <= 0.01 * len(bpo_pairs), [r["optimized_prompt"][:80] for r in flagged]
+
+
+def test_responses_are_detected_as_answers(bpo_pairs):
+    answers = [r["good_res"] for r in bpo_pairs] + [r["bad_res"] for r in bpo_pairs]
+    prompts = [r["prompt"] for r in bpo_pairs] * 2
+    caught = sum(
+        answered_reason(p, a) is not None or check_rewrite(p, a) is not None for p, a in zip(prompts, answers)
+    )
+    assert caught / len(answers) >= 0.85
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "Sure! Here is a summary of Harry Potter: it is a fantasy series.",
+        "Harry Potter is a series of seven fantasy novels written by J. K. Rowling.",
+        "I'm sorry, but I can't help with that.",
+        "As an AI language model, I think Harry Potter is great.",
+    ],
+)
+def test_answer_shapes(output):
+    assert answered_reason("Tell me about Harry Potter", output)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "Provide a detailed overview of the Harry Potter series, including its plot and main characters.",
+        "Can you tell me about the Harry Potter books, their author and their main themes?",
+        "Tell me about Harry Potter: the books, the films and why they became so popular.",
+        "Here is the improved prompt: Describe the Harry Potter series in detail.",
+    ],
+)
+def test_rewrite_shapes(output):
+    assert answered_reason("Tell me about Harry Potter", clean_output(output)) is None
+
+
+def test_statement_prompt_may_be_rewritten_as_statement():
+    assert answered_reason("The quick brown fox", "The quick brown fox jumps over the lazy dog, continued as a story.") is None
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("", FallbackReason.EMPTY_OUTPUT),
+        ("   \n ", FallbackReason.EMPTY_OUTPUT),
+        ("Describe it.", FallbackReason.LENGTH_RATIO),  # 2 words for 10: < 0.5x
+        (" ".join(["Describe the topic in great detail with examples"] * 9), FallbackReason.DEGENERATE),
+        ("Describe " + "it " * 80, FallbackReason.DEGENERATE),
+        ("Describe " + "!" * 40, FallbackReason.DEGENERATE),
+    ],
+)
+def test_check_rewrite_reasons(output, reason):
+    original = "Explain how the water cycle works in simple terms for kids."
+    failure = check_rewrite(original, output)
+    assert failure is not None and failure[0] is reason, failure
+
+
+def test_length_ratio_upper_bound_uses_bpo_filter():
+    original = "Explain photosynthesis."
+    ok = "Explain photosynthesis to a high-school student, covering light and dark reactions."  # 12 words: 6x
+    too_long = ok + " Include a diagram description and one worked example."
+    assert check_rewrite(original, ok) is None
+    failure = check_rewrite(original, too_long)
+    assert failure is not None and failure[0] is FallbackReason.LENGTH_RATIO
+
+
+def test_repetitive_prompt_is_not_blamed_on_the_optimizer():
+    original = "Repeat after me: la la la la la la la la la la la la la la la la"
+    output = "Repeat the phrase exactly as written: la la la la la la la la la la la la la la la la"
+    assert degenerate_reason(original, output) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("Optimized prompt: Describe the sea.", "Describe the sea."),
+        ('"Describe the sea."', "Describe the sea."),
+        ("Describe the sea. [PROTECT] more", "Describe the sea."),
+        ("Describe the sea.<|im_end|>\nassistant", "Describe the sea."),
+        ("**Improved prompt:** Describe the sea.", "Describe the sea."),
+        ('"Say "hi" to me"', '"Say "hi" to me"'),
+    ],
+)
+def test_clean_output(raw, clean):
+    assert clean_output(raw) == clean
+
+
+def test_protected_spans_round_trip_byte_identical():
+    prompt = "Which is right? <keep>A) 2+2=5\nB) 2+2=4  </keep> Answer briefly. Code: `x = {1: 2}`"
+    masked = mask_protected(prompt, protect=["`x = {1: 2}`"])
+    assert "A) 2+2=5" not in masked.text and "`x = {1: 2}`" not in masked.text
+    assert masked.plain == "Which is right? A) 2+2=5\nB) 2+2=4   Answer briefly. Code: `x = {1: 2}`"
+    rewritten = masked.text.replace("Which is right?", "Pick the correct equation and justify it:")
+    assert masked.restore(rewritten) == (
+        "Pick the correct equation and justify it: A) 2+2=5\nB) 2+2=4   Answer briefly. Code: `x = {1: 2}`"
+    )
+
+
+def test_lost_or_invented_placeholders_are_refused():
+    masked = mask_protected("Choose: <keep>A or B</keep>")
+    assert masked.restore("Choose wisely.") is None
+    assert masked.restore("Choose {{KEEP_0}} or {{KEEP_1}}") is None
+
+
+def test_user_text_with_placeholder_syntax_cannot_collide():
+    masked = mask_protected("Template {{KEEP_0}} stays; <keep>this too</keep>")
+    assert masked.restore(masked.text) == "Template {{KEEP_0}} stays; this too"
+
+
+@pytest.mark.parametrize("bad", [b"bytes prompt", 42, None, ["a"], bytearray(b"x")])
+def test_check_text_rejects_non_strings(bad):
+    with pytest.raises(TypeError, match="must be str"):
+        check_text(bad)
