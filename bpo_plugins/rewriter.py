@@ -19,6 +19,8 @@ from bpo_plugins.selectors import SELECTORS, Selector
 from bpo_plugins.templates import PromptTemplate, resolve_template
 
 BackendFactory = Callable[[], Backend]
+_shared_default: Rewriter | None = None
+_default_lock = threading.Lock()
 
 
 @dataclass
@@ -83,10 +85,20 @@ class Rewriter:
 
     @classmethod
     def default(cls, **options: Any) -> Rewriter:
-        """The bundled ``bpo-small`` optimizer: offline, loaded on first use."""
+        """The bundled ``bpo-small`` optimizer: offline, loaded on first use.
+
+        Without options it is one shared instance per process, so every integration that
+        falls back to the default shares one model and one cache.
+        """
         from bpo_plugins.registry import DEFAULT_MODEL
 
-        return cls.from_pretrained(DEFAULT_MODEL, **options)
+        global _shared_default
+        if options:
+            return cls.from_pretrained(DEFAULT_MODEL, **options)
+        with _default_lock:
+            if _shared_default is None:
+                _shared_default = cls.from_pretrained(DEFAULT_MODEL)
+            return _shared_default
 
     @classmethod
     def from_pretrained(
@@ -236,6 +248,26 @@ class Rewriter:
                 output = exc
             self._finish(pending, output, mode)
         return self._results(items, start, strict)
+
+    def with_options(self, **options: Any) -> Rewriter:
+        """A Rewriter with other settings (template, mode, limits...) over the same loaded model and cache."""
+        settings: dict[str, Any] = {
+            "template": self._template_arg, "mode": self.mode, "strict": self.strict, "timeout_s": self.timeout_s,
+            "max_new_tokens": self.max_new_tokens, "max_input_words": self.max_input_words,
+            "num_candidates": self.num_candidates, "selector": self.selector, "guards": self.guards,
+        }
+        settings.update(options)
+        clone = Rewriter(lambda: self.backend, **settings)
+        clone.cache = self.cache  # keys carry the template and decoding, so sharing is safe
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Rewriter:
+        # A Rewriter is a handle on a loaded model (up to 7B weights): frameworks that deep-copy
+        # programs (DSPy optimizers, LangChain configurables) must share it, not duplicate it.
+        return self
+
+    def __copy__(self) -> Rewriter:
+        return self
 
     def warmup(self) -> Rewriter:
         """Load the backend now instead of on the first rewrite."""
