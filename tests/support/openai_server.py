@@ -2,7 +2,9 @@
 
 It serves a real local causal LM (the bundled SmolLM2, or a tiny Llama) on 127.0.0.1, so
 code under test talks real HTTP through the real openai / anthropic / litellm clients.
-Models named ``script`` answer from a JSON file instead: ``{"substring": "reply"}``, where a
+A model named ``*-dspy`` answers the last ``[[ ## field ## ]]`` input of a DSPy ChatAdapter
+prompt with the real model and wraps the answer in DSPy's output format, which a 135M model
+cannot follow by itself. Models named ``script`` answer from a JSON file instead: ``{"substring": "reply"}``, where a
 reply ``"__sleep__:S:text"`` waits S seconds first and ``"__error__:CODE"`` returns that
 HTTP status. That stands in for OpenAI's and Anthropic's own servers, which cannot exist here.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
 import uuid
@@ -108,6 +111,12 @@ class Handler(BaseHTTPRequestHandler):
                 _, seconds, reply = reply.split(":", 2)
                 time.sleep(float(seconds))
             texts, prompt_tokens, completion_tokens = [reply] * n, len(last.split()), len(reply.split()) * n
+        elif str(body.get("model", "")).endswith("-dspy"):
+            assert self.model is not None
+            fields = re.findall(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond|\Z)", messages[-1]["content"], re.S)
+            question = fields[-1][1].strip() if fields else messages[-1]["content"]
+            answers, prompt_tokens, completion_tokens = self.model.chat([{"role": "user", "content": question}], max_tokens, 0.0, 1, [])
+            texts = [f"[[ ## answer ## ]]\n{answers[0].strip() or '(no answer)'}\n\n[[ ## completed ## ]]"] * n
         else:
             assert self.model is not None
             temperature = float(body.get("temperature") if body.get("temperature") is not None else 0.0)

