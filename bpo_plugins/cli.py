@@ -192,6 +192,24 @@ def bench(
 
 
 @app.command()
+def serve(
+    model: ModelOption = "bpo-small",
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+) -> None:
+    """Serve a local model over an OpenAI-compatible /v1/chat/completions API."""
+    from bpo_plugins.backends import load_local_backend
+    from bpo_plugins.backends.transformers import TransformersBackend
+    from bpo_plugins.serve import make_server
+
+    backend = load_local_backend(model)
+    assert isinstance(backend, TransformersBackend)
+    server = make_server(backend, host, port)
+    typer.echo(f"serving {backend.model_id} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", err=True)
+    server.serve_forever()
+
+
+@app.command()
 def models() -> None:
     """List the named optimizers this package can load offline."""
     from bpo_plugins.registry import DEFAULT_MODEL, REGISTRY

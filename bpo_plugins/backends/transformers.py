@@ -107,13 +107,22 @@ class TransformersBackend(Backend):
     def generate(
         self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
     ) -> BatchOutput:
+        # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
+        return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, template.raw is not None)
+
+    def chat(self, messages: Sequence[dict[str, str]], decoding: Decoding, timeout_s: float | None = None) -> BatchOutput:
+        """Answer one chat conversation (what ``bpo serve`` exposes as /v1/chat/completions)."""
+        text = str(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
+        return self.generate_texts([text], decoding, timeout_s, add_special_tokens=False)
+
+    def generate_texts(
+        self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool
+    ) -> BatchOutput:
         import torch
 
-        texts = [self.render(p, template) for p in prompts]
-        # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
-        batch = self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=template.raw is not None
-        ).to(self.model.device)
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
+            self.model.device
+        )
         n = decoding.num_candidates
         kwargs: dict[str, Any] = {
             "max_new_tokens": decoding.max_new_tokens,
@@ -136,17 +145,15 @@ class TransformersBackend(Backend):
         elapsed = time.perf_counter() - start
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        pad_id = self.tokenizer.pad_token_id
-        counts = (new_tokens != pad_id).sum(dim=1).tolist()
+        counts = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
         generations = [
             Generation(texts=decoded[i * n : (i + 1) * n], output_tokens=int(sum(counts[i * n : (i + 1) * n])))
-            for i in range(len(prompts))
+            for i in range(len(texts))
         ]
-        total = int(sum(counts))
         return BatchOutput(
             generations=generations,
             timed_out=timeout_s is not None and elapsed >= timeout_s,
-            stats={"generate_s": elapsed, "output_tokens": total, "input_tokens": int(batch["input_ids"].numel())},
+            stats={"generate_s": elapsed, "output_tokens": int(sum(counts)), "input_tokens": int(batch["input_ids"].numel())},
         )
 
     def _banned(self, words: tuple[str, ...]) -> list[list[int]] | None:
