@@ -218,6 +218,13 @@ def models() -> None:
         typer.echo(f"{name}{' (default)' if name == DEFAULT_MODEL else ''}")
 
 
+from bpo_plugins.training.cli import data_app, evaluate, train  # noqa: E402  (typer only; heavy imports are lazy)
+
+app.add_typer(data_app, name="data")
+app.command()(train)
+app.command("eval")(evaluate)
+
+
 def main() -> None:
     """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

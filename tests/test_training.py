@@ -1,0 +1,219 @@
+"""training/: data construction over real HTTP, real SFT steps on a tiny model, eval end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpo_plugins.training.build import bleu, build, dedupe, diversity_filter, filter_reason, parse_teacher, teacher_prompt
+from bpo_plugins.training.data import Pair, Triplet, read_pairs, read_triplets
+from tests.conftest import shared_data, start_server
+
+# --- readers -----------------------------------------------------------------------------------
+
+
+def test_read_pairs_bpo_layouts(tmp_path: Path):
+    pairs = read_pairs([shared_data("bpo", "bpo_val.json")])
+    assert len(pairs) == 300 and pairs[0].optimized
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"prompt": "c", "optimized_prompt": "d"}) + "\n")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [{"prompt": "e", "optimized_prompt": "f"}]}))
+    assert [(p.prompt, p.optimized) for p in read_pairs([jsonl, split])] == [("a", "b"), ("c", "d"), ("e", "f")]
+
+
+def test_eval_sets_are_excluded(tmp_path: Path):
+    vicuna = shared_data("bpo", "vicuna_eval.jsonl")
+    first = json.loads(vicuna.read_text().splitlines()[0])["text"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": first, "optimized_prompt": "x y"}) + "\n" + json.dumps({"prompt": "keep me", "optimized_prompt": "ok"}) + "\n")
+    assert [p.prompt for p in read_pairs([data], exclude=[vicuna])] == ["keep me"]
+
+
+def test_read_triplets_all_formats(tmp_path: Path):
+    hh = read_triplets(shared_data("preference", "hh_rlhf_harmless_base_test.jsonl.gz"))
+    assert len(hh) > 500 and all(t.prompt and t.chosen != t.rejected for t in hh)
+    assert "\n\nHuman:" not in hh[0].prompt and "Assistant:" not in hh[0].chosen
+    generic = tmp_path / "g.jsonl"
+    generic.write_text(json.dumps({"prompt": "p", "context": "c", "chosen": "good", "rejected": "bad"}) + "\n")
+    assert read_triplets(generic) == [Triplet("p", "good", "bad", "c", "g.jsonl")]
+    assert len(read_triplets(shared_data("bpo", "bpo_val.json"))) == 300
+
+
+# --- parser and filters on hostile teacher output ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "parsed"),
+    [
+        ("Comparison...\nOptimized Instruction: Explain gravity simply. [END]", "Explain gravity simply."),
+        ("optimised instruction:  \"Explain gravity.\"  [END] trailing", "Explain gravity."),
+        ("Optimized Instruction: draft [END]\nOptimized Instruction: final one [END]", "final one"),
+        ("Optimized Instruction: no end marker at all", "no end marker at all"),
+        ("I refuse.", None),
+        ("Optimized Instruction: [END]", None),
+        ("", None),
+    ],
+)
+def test_parse_teacher(output, parsed):
+    assert parse_teacher(output) == parsed
+
+
+@pytest.mark.parametrize(
+    ("original", "optimized", "reason"),
+    [
+        ("Explain how vaccines train the immune system.", "Explain vaccines.", "length_ratio"),
+        ("Explain gravity.", "Explain gravity " + "in great depth with many worked examples " * 3, "length_ratio"),
+        ("Explain gravity to me.", "Explain gravity to me [PROTECTED] please.", "leftover_marker"),
+        ("What is the capital of France?", "The capital of France is Paris, a city on the Seine.", "answered"),
+        ("Explain gravity to me.", "Explain gravity to a curious teenager, with one everyday example.", None),
+    ],
+)
+def test_filter_reason(original, optimized, reason):
+    assert filter_reason(original, optimized) == reason
+
+
+def test_dedupe_and_diversity():
+    pairs = [
+        Pair("Write a poem about the sea", "a"),
+        Pair("write a poem about the  sea", "b"),  # exact after normalising
+        Pair("Write a poem about the sea today", "c"),  # near duplicate
+        Pair("Summarise this news article", "d"),
+    ]
+    kept, exact, near = dedupe(pairs, threshold=0.6)
+    assert [p.prompt for p in kept] == ["Write a poem about the sea", "Summarise this news article"] and (exact, near) == (1, 1)
+    templated = [Pair(f"q{i}", "Please answer the following question in detail with examples and sources.") for i in range(5)]
+    varied = [Pair("x", "Compose a sonnet about autumn leaves."), Pair("y", "List three causes of inflation in 2022.")]
+    kept, dropped = diversity_filter(templated + varied, max_self_bleu=0.6)
+    assert dropped == 5 and {p.prompt for p in kept} == {"x", "y"}
+    assert bleu("the cat sat on the mat", ["the cat sat on the mat"]) > 0.9 > bleu("a b c", ["x y z"])
+
+
+def test_teacher_prompt_with_and_without_context():
+    plain = teacher_prompt(Triplet("Explain {braces} please", "good", "bad"))
+    assert "Explain {braces} please" in plain and "[Context]" not in plain and "Optimized Instruction:" in plain
+    with_context = teacher_prompt(Triplet("Who owns it?", "good", "bad", context="The club is owned by four investors."))
+    assert "[Context]\nThe club is owned by four investors." in with_context and "do not change the context" in with_context
+
+
+# --- data construction end to end against a real OpenAI-compatible server process ---------------
+
+TEACHER_SCRIPT = {
+    "Explain gravity": "The better response is concrete.\nOptimized Instruction: Explain gravity to a curious teenager, with one everyday example. [END]",
+    "Name a fruit": "Optimized Instruction: The fruit is an apple, which is red. [END]",
+    "Tell a story": "I cannot do that.",
+    "Describe rain": "__error__:500",
+    "Describe snow": "Optimized Instruction: Describe snow: how it forms, and why no two flakes look alike. [END]",
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "script.json"
+    path.write_text(json.dumps(TEACHER_SCRIPT))
+    yield from start_server("--script", str(path))
+
+
+def test_data_build_end_to_end_and_resume(teacher_server, tmp_path: Path):
+    from bpo_plugins.backends.openai import OpenAIBackend
+
+    triplets = [Triplet(p, "good answer", "bad answer") for p in ("Explain gravity", "Name a fruit", "Tell a story", "Describe rain", "Describe snow", "Explain gravity")]
+    out = tmp_path / "pairs.jsonl"
+    teacher = OpenAIBackend("script-teacher", base_url=teacher_server.base_url, max_retries=0)
+    report = build(triplets[:3], teacher, out, concurrency=2, retries=1)
+    assert report.generated == 3
+    report = build(triplets, teacher, out, concurrency=2, retries=1)  # resumes: only the new prompts are asked
+    assert report.resumed == 3 and report.generated == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Explain gravity", "Describe snow"]
+    assert rows[0]["optimized_prompt"].startswith("Explain gravity to a curious teenager") and rows[0]["good_res"] == "good answer"
+    assert report.dropped == {"answered": 1, "unparsed": 1, "teacher_error": 1, "exact_duplicate": 1}
+    assert json.loads(out.with_suffix(".report.json").read_text())["kept"] == 2
+
+
+# --- SFT on a tiny model ----------------------------------------------------------------------
+
+
+def _tiny_pairs(tmp_path: Path) -> Path:
+    rows = json.loads(shared_data("bpo", "bpo_val.json").read_text())[:16]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_full_finetune_steps_change_weights_and_lower_loss(tiny_bpo_dir, tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bpo_plugins.training.sft import TrainConfig, train
+
+    figures = train(TrainConfig(
+        data=[str(_tiny_pairs(tmp_path))], base_model=str(tiny_bpo_dir), out=str(tmp_path / "run"), lora=False,
+        max_steps=12, learning_rate=3e-3, batch_size=4, val_fraction=0.25, max_length=128, epochs=1,
+    ))
+    losses = [row["loss"] for row in figures["log_history"] if "loss" in row]
+    assert losses[-1] < losses[0]
+    before = AutoModelForCausalLM.from_pretrained(tiny_bpo_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "Loss on the optimized-prompt tokens only" in card and str(figures["train_loss"]) in card
+    assert len((tmp_path / "run" / "val_pairs.jsonl").read_text().splitlines()) == 4
+
+
+def test_lora_adapter_loads_into_a_rewriter(tiny_bpo_dir, tmp_path: Path):
+    from bpo_plugins import Rewriter
+    from bpo_plugins.training.sft import TrainConfig, train
+
+    train(TrainConfig(data=[str(_tiny_pairs(tmp_path))], base_model=str(tiny_bpo_dir), out=str(tmp_path / "lora"),
+                      max_steps=2, batch_size=4, max_length=96))
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    rewriter = Rewriter.from_pretrained(tiny_bpo_dir, adapter=tmp_path / "lora", max_new_tokens=4)
+    assert rewriter.backend.revision.count("local-") == 2  # the adapter is part of the cache identity
+    assert rewriter.rewrite("Explain gravity").candidates
+
+
+def test_loss_masks_the_instruction(tiny_bpo_dir):
+    from transformers import AutoTokenizer
+
+    from bpo_plugins.templates import BPO
+    from bpo_plugins.training.sft import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bpo_dir)
+    row = encode(Pair("Tell me about cats", "Describe cats: their history and care."), tokenizer, BPO, 256)
+    learned = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert tokenizer.decode(learned, skip_special_tokens=True).strip() == "Describe cats: their history and care."
+    assert row["labels"][-1] == tokenizer.eos_token_id
+
+
+# --- eval end to end ---------------------------------------------------------------------------
+
+
+def test_eval_end_to_end_with_local_target_and_judge(tiny_bpo_dir, model_server, teacher_server, tmp_path: Path):
+    from bpo_plugins.training.evaluate import verdict
+
+    assert verdict("... so [[B]]") == "B" and verdict("no verdict") == "C"
+    sets = tmp_path / "mini_eval.jsonl"
+    sets.write_text("".join(json.dumps({"prompt": p, "optimized_prompt": p + " in detail"}) + "\n" for p in ("Explain gravity", "Describe snow")))
+    out = tmp_path / "eval"
+    args = [
+        sys.executable, "-m", "bpo_plugins", "eval", str(sets), "--out", str(out), "--model", str(tiny_bpo_dir),
+        "--max-new-tokens", "6", "--target-model", "smollm2", "--target-base-url", model_server.base_url,
+        "--judge-model", "smollm2", "--judge-base-url", model_server.base_url,
+        "--judge-prompts", str(shared_data("judge", "fastchat_judge_prompts.jsonl")),
+    ]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((out / "eval.json").read_text())
+    proxy = next(iter(report["proxy"].values()))
+    assert proxy["n"] == 2 and 0 <= proxy["fallback_rate"] <= 1 and proxy["raw_prompt_reference_cosine"] > 0.5
+    judged = report["judge"][0]
+    assert judged["n"] == 2 and judged["win"] + judged["tie"] + judged["lose"] == pytest.approx(100)
+    assert (out / "eval_plot.png").stat().st_size > 1000 and "| set |" in (out / "eval_report.md").read_text()
+    calls = len((out / "calls.jsonl").read_text().splitlines())
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)  # resumes from the call cache
+    assert rerun.returncode == 0 and len((out / "calls.jsonl").read_text().splitlines()) == calls

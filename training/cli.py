@@ -1,0 +1,162 @@
+"""``bpo data build``, ``bpo train`` and ``bpo eval``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+data_app = typer.Typer(help="Build (prompt -> optimized prompt) training pairs from preference data.", no_args_is_help=True)
+
+
+def train(
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="BPO-format JSON/JSONL pair files.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="JSON file of TrainConfig fields.")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
+    epochs: Annotated[Optional[float], typer.Option("--epochs")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--lr")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="auto | bpo | bpo-chat")] = None,
+    exclude: Annotated[Optional[list[Path]], typer.Option("--exclude", help="Eval sets kept out of training.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 weights (GPUs).")] = False,
+) -> None:
+    """Fine-tune an optimizer (LoRA by default); loss on the optimized-prompt tokens only."""
+    from bpo_plugins.training.sft import TrainConfig
+    from bpo_plugins.training.sft import train as run_training
+
+    overrides = {
+        "data": [str(d) for d in data] if data else None, "base_model": base_model, "out": out, "epochs": epochs,
+        "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size, "template": template,
+        "exclude": [str(e) for e in exclude] if exclude else None, "seed": seed,
+    }
+    if full:
+        overrides["lora"] = False
+    if bf16:
+        overrides["bf16"] = True
+    if config is not None:
+        cfg = TrainConfig.from_file(config, **overrides)
+    elif data:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    else:
+        raise typer.BadParameter("give --data or --config")
+    figures = run_training(cfg)
+    typer.echo(json.dumps({k: v for k, v in figures.items() if k != "log_history"}, indent=2))
+
+
+@data_app.command("build")
+def data_build(
+    inputs: Annotated[list[Path], typer.Argument(help="Preference files: BPO JSON/JSONL, {prompt, chosen, rejected} JSONL, HH-RLHF (.jsonl.gz).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="THUDM/BPO-schema JSONL of kept pairs.")],
+    teacher_model: Annotated[str, typer.Option("--teacher-model", help="Teacher model: API name, registry name or path.")] = "gpt-4o-mini",
+    teacher_backend: Annotated[str, typer.Option("--teacher-backend", help="openai | anthropic | transformers")] = "openai",
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible teacher URL (vLLM...).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1)] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 1024,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+) -> None:
+    """Ask a teacher LLM to improve each prompt from its good/bad responses, then filter and dedupe."""
+    import random
+
+    from tqdm import tqdm
+
+    from bpo_plugins.training.build import build
+    from bpo_plugins.training.data import read_triplets
+
+    triplets = [t for path in inputs for t in read_triplets(path)]
+    if not triplets:
+        raise typer.BadParameter(f"no preference triplets in {', '.join(map(str, inputs))}")
+    random.Random(seed).shuffle(triplets)
+    triplets = triplets[:limit] if limit else triplets
+    if teacher_backend == "openai":
+        from bpo_plugins.backends.openai import OpenAIBackend
+
+        teacher = OpenAIBackend(teacher_model, base_url=base_url)
+    elif teacher_backend == "anthropic":
+        from bpo_plugins.backends.anthropic import AnthropicBackend
+
+        teacher = AnthropicBackend(teacher_model, base_url=base_url)
+    elif teacher_backend == "transformers":
+        from bpo_plugins.backends import load_local_backend
+
+        teacher = load_local_backend(teacher_model)
+    else:
+        raise typer.BadParameter(f"unknown teacher backend {teacher_backend!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(triplets), desc="teacher", unit="pair") as bar:
+        report = build(triplets, teacher, out, concurrency=concurrency, temperature=temperature,
+                       max_new_tokens=max_new_tokens, progress=bar.update)
+    typer.echo(json.dumps(report.to_dict(), indent=2))
+    typer.echo(f"kept {report.kept} pairs in {out}; report in {out.with_suffix('.report.json')}", err=True)
+
+
+def evaluate(
+    sets: Annotated[list[Path], typer.Argument(help="Eval files: BPO pairs, dolly_eval.json, self_instruct_eval.json, vicuna_eval.jsonl...")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json, eval_report.md, eval_plot.png and the call cache.")] = Path("runs/eval"),
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = ["bpo-small"],  # noqa: B006
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Items per set.")] = None,
+    target_model: Annotated[Optional[str], typer.Option("--target-model", help="Target LLM for the judge figures.")] = None,
+    target_backend: Annotated[str, typer.Option("--target-backend")] = "openai",
+    target_base_url: Annotated[Optional[str], typer.Option("--target-base-url")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge LLM (FastChat pair-v2).")] = None,
+    judge_backend: Annotated[str, typer.Option("--judge-backend")] = "openai",
+    judge_base_url: Annotated[Optional[str], typer.Option("--judge-base-url")] = None,
+    judge_prompts: Annotated[Path, typer.Option("--judge-prompts")] = Path("../shared/data/judge/fastchat_judge_prompts.jsonl"),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+) -> None:
+    """Proxy figures for each optimizer, and (with --target-model and --judge-model) the pairwise win rate."""
+    from tqdm import tqdm
+
+    from bpo_plugins import Rewriter
+    from bpo_plugins.training import evaluate as ev
+
+    def llm(name: str, backend: str, base_url: str | None):
+        if backend == "openai":
+            from bpo_plugins.backends.openai import OpenAIBackend
+
+            return OpenAIBackend(name, base_url=base_url)
+        if backend == "anthropic":
+            from bpo_plugins.backends.anthropic import AnthropicBackend
+
+            return AnthropicBackend(name, base_url=base_url)
+        from bpo_plugins.backends import load_local_backend
+
+        return load_local_backend(name)
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = {path.stem: ev.read_eval_set(path, limit) for path in sets}
+    embedder = ev.Embedder()
+    proxy: dict[str, dict] = {}
+    rewrites: dict[tuple[str, str], list[str]] = {}
+    for name in model:
+        rewriter = Rewriter.from_pretrained(name, adapter=adapter, template=template, max_new_tokens=max_new_tokens)
+        for set_name, items in data.items():
+            with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
+                figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)
+            proxy[f"{name}:{set_name}"] = figures
+            rewrites[(name, set_name)] = [r["rewritten"] for r in rows]
+            (out / f"rows_{Path(name).name}_{set_name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    judged = []
+    if target_model and judge_model:
+        target, judge = llm(target_model, target_backend, target_base_url), llm(judge_model, judge_backend, judge_base_url)
+        cache = ev.CallCache(out / "calls.jsonl")
+        prompt = ev.load_judge_prompt(judge_prompts)
+        for (name, set_name), texts in rewrites.items():
+            with tqdm(total=len(texts), desc=f"judge {name} on {set_name}", unit="prompt") as bar:
+                row = ev.judge_set(set_name, data[set_name], texts, target, judge, prompt, cache, progress=bar.update)
+            judged.append({**row, "optimizer": name})
+    report = {"proxy": proxy, "judge": judged}
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    (out / "eval_report.md").write_text(ev.markdown_report(proxy, judged))
+    ev.plot(proxy, judged, out / "eval_plot.png")
+    typer.echo(ev.markdown_report(proxy, judged))
+    typer.echo(f"figures in {out}/eval.json, eval_report.md, eval_plot.png", err=True)

