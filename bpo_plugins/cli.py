@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from bpo_plugins.export.onnx import ParityError
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
 
 app = typer.Typer(
@@ -26,7 +27,7 @@ ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Registry name (bpo-small), local folder, hub id, or API model name.")
 ]
 BackendOption = Annotated[
-    str, typer.Option("--backend", "-b", help="auto | transformers | openai | anthropic.")
+    str, typer.Option("--backend", "-b", help="auto | transformers | onnx | openai | anthropic.")
 ]
 BaseUrlOption = Annotated[
     Optional[str], typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
@@ -45,9 +46,9 @@ def build_rewriter(model: str, backend: str, base_url: str | None, **options: An
         return Rewriter.from_openai(model, base_url=base_url, **options)
     if backend == "anthropic":
         return Rewriter.from_anthropic(model, base_url=base_url, **options)
-    if backend in ("auto", "transformers"):
+    if backend in ("auto", "transformers", "onnx"):
         return Rewriter.from_pretrained(model, backend=backend, **options)
-    raise UsageError(f"unknown backend {backend!r}: use auto, transformers, openai or anthropic")
+    raise UsageError(f"unknown backend {backend!r}: use auto, transformers, onnx, openai or anthropic")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -218,7 +219,10 @@ def models() -> None:
         typer.echo(f"{name}{' (default)' if name == DEFAULT_MODEL else ''}")
 
 
-from bpo_plugins.training.cli import data_app, evaluate, train  # noqa: E402  (typer only; heavy imports are lazy)
+from bpo_plugins.export.cli import export_app  # noqa: E402  (typer only; heavy imports are lazy)
+from bpo_plugins.training.cli import data_app, evaluate, train  # noqa: E402
+
+app.add_typer(export_app, name="export")
 
 app.add_typer(data_app, name="data")
 app.command()(train)
@@ -233,7 +237,7 @@ def main() -> None:
     except (UsageError, ValueError, TypeError, FileNotFoundError, ModelLoadError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
-    except RewriteError as exc:
+    except (RewriteError, ParityError) as exc:  # the work ran and failed: exit 1
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -118,8 +118,8 @@ class Rewriter:
         """
         from bpo_plugins.backends import load_local_backend
 
-        if backend not in ("auto", "transformers"):
-            raise ValueError(f"unknown local backend {backend!r}: use 'auto' or 'transformers'")
+        if backend not in ("auto", "transformers", "onnx"):
+            raise ValueError(f"unknown local backend {backend!r}: use 'auto', 'transformers' or 'onnx'")
 
         def load() -> Backend:
             return load_local_backend(

@@ -22,6 +22,10 @@ def load_local_backend(
     from bpo_plugins.backends.transformers import TransformersBackend
     from bpo_plugins.registry import resolve
 
+    if backend == "onnx" or (backend == "auto" and (Path(name_or_path) / "bpo_export.json").is_file()):
+        from bpo_plugins.backends.onnx import OnnxBackend
+
+        return OnnxBackend.load_export(name_or_path, device=device)
     entry = resolve(name_or_path)
     if entry is not None:
         return TransformersBackend.load(

@@ -40,7 +40,7 @@ class TransformersBackend(Backend):
         revision: str = "",
         template: PromptTemplate | None = None,
     ) -> None:
-        self.model = model.eval()
+        self.model = model.eval() if hasattr(model, "eval") else model  # ORT models have no eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.revision = revision

@@ -1,0 +1,62 @@
+"""ONNX Runtime: an exported optimizer (``bpo export onnx``) behind the same generate path as transformers.
+
+optimum's ``ORTModelForCausalLM`` is a drop-in ``generate`` model, so batching, decoding modes and
+token accounting are the transformers backend's; this file only loads sessions well.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bpo_plugins.backends.transformers import TransformersBackend, folder_revision
+from bpo_plugins.result import ModelLoadError
+
+
+def best_provider(device: str | None) -> tuple[str, bool]:
+    """(provider, use_io_binding): TensorRT or CUDA with device-resident KV cache on GPU, else CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if device != "cpu":
+        for provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+            if provider in available:
+                return provider, True
+    if device == "cuda":
+        raise ModelLoadError(f"--device cuda needs onnxruntime-gpu (pip install 'bpo-plugins[gpu]'); available: {available}")
+    return "CPUExecutionProvider", False
+
+
+class OnnxBackend(TransformersBackend):
+    name = "onnx"
+
+    @classmethod
+    def load_export(cls, folder: str | Path, *, device: str | None = None) -> OnnxBackend:
+        try:
+            import onnxruntime
+            from optimum.onnxruntime import ORTModelForCausalLM
+        except ImportError as exc:
+            raise ModelLoadError("the onnx backend needs optimum-onnx: pip install 'bpo-plugins[onnx]'") from exc
+        from transformers import AutoTokenizer
+
+        from bpo_plugins.export.onnx import read_manifest
+
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        provider, io_binding = best_provider(device)
+        options = onnxruntime.SessionOptions()
+        # Decode is one small matmul chain per token: one thread per physical core, no spinning.
+        options.intra_op_num_threads = max(1, (os.cpu_count() or 2))
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            model: Any = ORTModelForCausalLM.from_pretrained(
+                folder, provider=provider, session_options=options, use_io_binding=io_binding, file_name=manifest.onnx_file
+            )
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
+            raise ModelLoadError(f"cannot load the ONNX export in {folder}: {exc}") from exc
+        return cls(model, tokenizer, model_id=f"{manifest.source} ({manifest.precision} onnx)",
+                   revision=folder_revision(folder), template=manifest.template_object())

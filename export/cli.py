@@ -1,0 +1,26 @@
+"""``bpo export onnx``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+export_app = typer.Typer(help="Export optimizers to low-latency runtimes.", no_args_is_help=True)
+
+
+@export_app.command("onnx")
+def export_onnx_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export folder (replaced if it exists).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Registry name, folder or hub id.")] = "bpo-small",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8 | int4")] = "int8",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Greedy and logit parity against the source.")] = True,
+) -> None:
+    """Export a decoder with past key values, quantize it, check parity, write a manifest."""
+    from bpo_plugins.export.onnx import export_onnx
+
+    manifest = export_onnx(model, out, precision, device, check=check)
+    typer.echo(json.dumps({"out": str(out), "precision": manifest.precision, "size_mb": manifest.size_mb, "parity": manifest.parity}, indent=2))
