@@ -39,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import dspy
+    from langchain.agents.middleware import ModelRequest
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
     from langchain_core.messages import HumanMessage
-    from langchain.agents.middleware import ModelRequest
 
     from bpo_plugins import Rewriter
     from bpo_plugins.dspy import BPO

@@ -7,7 +7,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -30,7 +30,7 @@ BackendOption = Annotated[
     str, typer.Option("--backend", "-b", help="auto | transformers | onnx | openai | anthropic.")
 ]
 BaseUrlOption = Annotated[
-    Optional[str], typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
+    str | None, typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
 ]
 PROMPT_FIELDS = ("prompt", "instruction", "text", "question")
 
@@ -102,10 +102,10 @@ def _done_rows(out: Path) -> int:
 
 @app.command()
 def optimize(
-    text: Annotated[Optional[str], typer.Argument(help="The prompt to rewrite, or - to read stdin.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="JSONL with 'prompt' and optional 'context'.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where --file results go (JSONL; resumes).")] = None,
-    context: Annotated[Optional[str], typer.Option("--context", help="A passage kept verbatim, not rewritten.")] = None,
+    text: Annotated[str | None, typer.Argument(help="The prompt to rewrite, or - to read stdin.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="JSONL with 'prompt' and optional 'context'.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where --file results go (JSONL; resumes).")] = None,
+    context: Annotated[str | None, typer.Option("--context", help="A passage kept verbatim, not rewritten.")] = None,
     mode: ModeOption = "greedy",
     model: ModelOption = "bpo-small",
     backend: BackendOption = "auto",
@@ -113,9 +113,9 @@ def optimize(
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 instead of falling back to the original.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generate call.")] = 8,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds before falling back.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before falling back.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="SQLite file for a persistent greedy cache.")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="SQLite file for a persistent greedy cache.")] = None,
 ) -> None:
     """Rewrite TEXT (or stdin, or a --file batch) with a BPO optimizer."""
     if mode not in MODES:

@@ -70,7 +70,7 @@ def mask_protected(prompt: str, protect: Sequence[str] = ()) -> Masked:
 
     def placeholder(span: str) -> str:
         spans.append(span)
-        return "{{%s_%d}}" % (tag, len(spans) - 1)
+        return f"{{{{{tag}_{len(spans) - 1}}}}}"
 
     plain = KEEP_TAG.sub(lambda m: m.group(1), prompt)
     text = KEEP_TAG.sub(lambda m: placeholder(m.group(1)), prompt)

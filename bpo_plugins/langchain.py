@@ -13,7 +13,7 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain_core.callbacks import CallbackManagerForChainRun
 from langchain_core.callbacks.manager import AsyncCallbackManagerForChainRun, dispatch_custom_event
 from langchain_core.messages import BaseMessage, HumanMessage
-from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
+from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field

@@ -9,9 +9,9 @@ import sys
 
 from _target import provider, show
 from langchain.agents import create_agent
+from langchain_chain import target_llm
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.tools import tool
-from langchain_chain import target_llm
 
 from bpo_plugins.langchain import BPOMiddleware
 

@@ -16,7 +16,7 @@ from langchain_core.runnables import ConfigurableField
 from langchain_core.tracers.base import BaseTracer
 from langchain_openai import ChatOpenAI
 
-from bpo_plugins import FallbackReason, Rewriter, RewriteError
+from bpo_plugins import FallbackReason, RewriteError, Rewriter
 from bpo_plugins.langchain import BPOMiddleware, BPORewriter
 from tests.test_rewriter import count_generate_calls
 

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from bpo_plugins import FallbackReason, Rewriter, RewriteError
+from bpo_plugins import FallbackReason, RewriteError, Rewriter
 from bpo_plugins.templates import BPO, PROMPT_ENGINEER
-
 
 # --- the bundled optimizer --------------------------------------------------------------------
 

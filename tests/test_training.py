@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from bpo_plugins.training.build import bleu, build, dedupe, diversity_filter, filter_reason, parse_teacher, teacher_prompt
+from bpo_plugins.training.build import (
+    bleu,
+    build,
+    dedupe,
+    diversity_filter,
+    filter_reason,
+    parse_teacher,
+    teacher_prompt,
+)
 from bpo_plugins.training.data import Pair, Triplet, read_pairs, read_triplets
 from tests.conftest import shared_data, start_server
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,18 +12,18 @@ data_app = typer.Typer(help="Build (prompt -> optimized prompt) training pairs f
 
 
 def train(
-    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="BPO-format JSON/JSONL pair files.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="JSON file of TrainConfig fields.")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o")] = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", "-d", help="BPO-format JSON/JSONL pair files.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="JSON file of TrainConfig fields.")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
-    epochs: Annotated[Optional[float], typer.Option("--epochs")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--lr")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    template: Annotated[Optional[str], typer.Option("--template", help="auto | bpo | bpo-chat")] = None,
-    exclude: Annotated[Optional[list[Path]], typer.Option("--exclude", help="Eval sets kept out of training.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="auto | bpo | bpo-chat")] = None,
+    exclude: Annotated[list[Path] | None, typer.Option("--exclude", help="Eval sets kept out of training.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help="bf16 weights (GPUs).")] = False,
 ) -> None:
     """Fine-tune an optimizer (LoRA by default); loss on the optimized-prompt tokens only."""
@@ -55,8 +55,8 @@ def data_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="THUDM/BPO-schema JSONL of kept pairs.")],
     teacher_model: Annotated[str, typer.Option("--teacher-model", help="Teacher model: API name, registry name or path.")] = "gpt-4o-mini",
     teacher_backend: Annotated[str, typer.Option("--teacher-backend", help="openai | anthropic | transformers")] = "openai",
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible teacher URL (vLLM...).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1)] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible teacher URL (vLLM...).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 8,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.9,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 1024,
@@ -101,15 +101,15 @@ def evaluate(
     sets: Annotated[list[Path], typer.Argument(help="Eval files: BPO pairs, dolly_eval.json, self_instruct_eval.json, vicuna_eval.jsonl...")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json, eval_report.md, eval_plot.png and the call cache.")] = Path("runs/eval"),
     model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = ["bpo-small"],  # noqa: B006
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
-    template: Annotated[Optional[str], typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Items per set.")] = None,
-    target_model: Annotated[Optional[str], typer.Option("--target-model", help="Target LLM for the judge figures.")] = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Items per set.")] = None,
+    target_model: Annotated[str | None, typer.Option("--target-model", help="Target LLM for the judge figures.")] = None,
     target_backend: Annotated[str, typer.Option("--target-backend")] = "openai",
-    target_base_url: Annotated[Optional[str], typer.Option("--target-base-url")] = None,
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge LLM (FastChat pair-v2).")] = None,
+    target_base_url: Annotated[str | None, typer.Option("--target-base-url")] = None,
+    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge LLM (FastChat pair-v2).")] = None,
     judge_backend: Annotated[str, typer.Option("--judge-backend")] = "openai",
-    judge_base_url: Annotated[Optional[str], typer.Option("--judge-base-url")] = None,
+    judge_base_url: Annotated[str | None, typer.Option("--judge-base-url")] = None,
     judge_prompts: Annotated[Path, typer.Option("--judge-prompts")] = Path("../shared/data/judge/fastchat_judge_prompts.jsonl"),
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
 ) -> None:

@@ -180,8 +180,8 @@ def judge_set(
     """Win/tie/lose of the target answering the rewrite vs the raw prompt, judged in both orders."""
     wins = ties = losses = 0
     for item, rewrite in zip(items, rewrites):
-        def ask(prompt: str) -> str:
-            full = prompt if item.context is None else f"{prompt}\n\n{item.context}"
+        def ask(prompt: str, context: str | None = item.context) -> str:
+            full = prompt if context is None else f"{prompt}\n\n{context}"
             return cache.get_or_call(["answer", target.model_id, full], lambda: _complete(target, full, None, answer_tokens))
 
         raw_answer, bpo_answer = ask(item.prompt), ask(rewrite)
@@ -190,7 +190,9 @@ def judge_set(
         for first, second, bpo_is in ((bpo_answer, raw_answer, "A"), (raw_answer, bpo_answer, "B")):
             text = judge_prompt["prompt_template"].replace("{question}", question)
             text = text.replace("{answer_a}", first).replace("{answer_b}", second)
-            judged = cache.get_or_call(["judge", judge.model_id, text], lambda: _complete(judge, text, judge_prompt["system_prompt"], judge_tokens))
+            judged = cache.get_or_call(
+                ["judge", judge.model_id, text], lambda text=text: _complete(judge, text, judge_prompt["system_prompt"], judge_tokens)
+            )
             v = verdict(judged)
             votes.append("tie" if v == "C" else ("win" if v == bpo_is else "lose"))
         # Both orders must agree for a win or a loss; disagreement is position bias, counted a tie.
