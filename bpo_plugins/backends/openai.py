@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bpo_plugins.backends.base import Backend, BatchOutput, Generation
+from bpo_plugins.backends.base import Generation
+from bpo_plugins.backends.http import HTTPBackend, require
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, pick_local_template
 
 
-def _require(module: str, extra: str) -> Any:
-    try:
-        return __import__(module)
-    except ImportError as exc:
-        raise ModelLoadError(f"this backend needs the {module!r} package: pip install 'bpo-plugins[{extra}]'") from exc
-
-
-class OpenAIBackend(Backend):
+class OpenAIBackend(HTTPBackend):
     name = "openai"
 
     def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        max_concurrency: int = 8,
-        max_retries: int = 2,
+        self, model: str, *, base_url: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_retries: int = 2
     ) -> None:
-        openai = _require("openai", "openai")
+        openai = require("openai", "openai")
         self.model_id = model
         self.revision = base_url or "api.openai.com"
         # A self-hosted BPO checkpoint wants BPO's instruction; an API LLM acts as prompt engineer.
@@ -46,44 +32,26 @@ class OpenAIBackend(Backend):
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
         self._aclient = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
 
-    def _request(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> dict[str, Any]:
+    def requests(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> list[dict[str, Any]]:
         request: dict[str, Any] = {
             "model": self.model_id,
             "messages": template.messages(prompt),
             "max_tokens": decoding.max_new_tokens,
             "temperature": decoding.temperature if decoding.do_sample else 0.0,
-            "n": decoding.num_candidates,
+            "n": decoding.num_candidates,  # one request: vLLM shares the prompt's prefill across samples
         }
         if decoding.do_sample and decoding.top_p < 1.0:
             request["top_p"] = decoding.top_p
         if timeout_s is not None:
             request["timeout"] = timeout_s
-        return request
+        return [request]
 
-    @staticmethod
-    def _generation(response: Any) -> Generation:
-        texts = [choice.message.content or "" for choice in response.choices]
-        tokens = response.usage.completion_tokens if response.usage else 0
-        return Generation(texts=texts, output_tokens=tokens)
+    def send(self, request: dict[str, Any]) -> Any:
+        return self._client.chat.completions.create(**request)
 
-    def generate(
-        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
-    ) -> BatchOutput:
-        def one(prompt: str) -> Generation:
-            return self._generation(self._client.chat.completions.create(**self._request(prompt, template, decoding, timeout_s)))
+    async def asend(self, request: dict[str, Any]) -> Any:
+        return await self._aclient.chat.completions.create(**request)
 
-        # An HTTP server batches concurrent requests itself (vLLM's continuous batching).
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)) or 1) as pool:
-            return BatchOutput(generations=list(pool.map(one, prompts)))
-
-    async def agenerate(
-        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
-    ) -> BatchOutput:
-        limit = asyncio.Semaphore(self.max_concurrency)
-
-        async def one(prompt: str) -> Generation:
-            async with limit:
-                request = self._request(prompt, template, decoding, timeout_s)
-                return self._generation(await self._aclient.chat.completions.create(**request))
-
-        return BatchOutput(generations=list(await asyncio.gather(*(one(p) for p in prompts))))
+    def generation(self, responses: Sequence[Any]) -> Generation:
+        texts = [choice.message.content or "" for r in responses for choice in r.choices]
+        return Generation(texts=texts, output_tokens=sum(r.usage.completion_tokens for r in responses if r.usage))
