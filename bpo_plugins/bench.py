@@ -13,6 +13,15 @@ from bpo_plugins.rewriter import Rewriter
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux VmHWM, which (unlike ru_maxrss) does not
+    carry over a parent's peak through fork and exec."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)

@@ -18,7 +18,8 @@ from bpo_plugins.templates import BPO, PROMPT_ENGINEER
 
 def test_default_rewriter_runs_offline_and_is_safe(bundled_rewriter):
     result = bundled_rewriter.rewrite("Tell me about Harry Potter")
-    assert result.backend == "transformers" and result.model == "bpo-small"
+    # ONNX Runtime (int8, built on first use) is the default runtime wherever it is installed.
+    assert result.backend == "onnx" and result.model == "bpo-small"
     assert result.original == "Tell me about Harry Potter"
     assert result.candidates, "the model's raw output is kept for inspection"
     if result.fallback is None:
@@ -327,3 +328,12 @@ def test_async_does_not_block_event_loop(tiny_bpo_dir):
         return ticks if elapsed > 0.05 else 10**6
 
     assert asyncio.run(main()) > 5
+
+
+def test_prompt_lookup_decoding_matches_plain_greedy(tiny_bpo_dir):
+    with_lookup = Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=24, cache_size=0)
+    plain = Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=24, cache_size=0)
+    plain.backend.prompt_lookup_tokens = None
+    assert with_lookup.backend.prompt_lookup_tokens
+    for prompt in ["Repeat this sentence about the moon and the moon again", "Tell me about Harry Potter and Harry's friends"]:
+        assert with_lookup.rewrite(prompt).candidates == plain.rewrite(prompt).candidates

@@ -112,6 +112,7 @@ def evaluate(
     judge_base_url: Annotated[str | None, typer.Option("--judge-base-url")] = None,
     judge_prompts: Annotated[Path, typer.Option("--judge-prompts")] = Path("../shared/data/judge/fastchat_judge_prompts.jsonl"),
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    mode: Annotated[str, typer.Option("--mode", help="greedy | stable | aggressive")] = "greedy",
 ) -> None:
     """Proxy figures for each optimizer, and (with --target-model and --judge-model) the pairwise win rate."""
     from tqdm import tqdm
@@ -138,7 +139,7 @@ def evaluate(
     proxy: dict[str, dict] = {}
     rewrites: dict[tuple[str, str], list[str]] = {}
     for name in model:
-        rewriter = Rewriter.from_pretrained(name, adapter=adapter, template=template, max_new_tokens=max_new_tokens)
+        rewriter = Rewriter.from_pretrained(name, adapter=adapter, template=template, max_new_tokens=max_new_tokens, mode=mode)
         for set_name, items in data.items():
             with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
                 figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)

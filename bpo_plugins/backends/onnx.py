@@ -58,5 +58,6 @@ class OnnxBackend(TransformersBackend):
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
             raise ModelLoadError(f"cannot load the ONNX export in {folder}: {exc}") from exc
-        return cls(model, tokenizer, model_id=f"{manifest.source} ({manifest.precision} onnx)",
-                   revision=folder_revision(folder), template=manifest.template_object())
+        return cls(model, tokenizer, model_id=manifest.source,
+                   revision=folder_revision(folder), template=manifest.template_object(),
+                   prompt_lookup_tokens=None)  # ORT sessions cannot roll back their KV cache for drafts

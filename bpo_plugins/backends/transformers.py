@@ -39,6 +39,7 @@ class TransformersBackend(Backend):
         model_id: str,
         revision: str = "",
         template: PromptTemplate | None = None,
+        prompt_lookup_tokens: int | None = 10,
     ) -> None:
         self.model = model.eval() if hasattr(model, "eval") else model  # ORT models have no eval()
         self.tokenizer = tokenizer
@@ -49,6 +50,9 @@ class TransformersBackend(Backend):
             tokenizer.pad_token = tokenizer.eos_token
         # Decoder-only batches must be padded on the left so every row ends where generation starts.
         tokenizer.padding_side = "left"
+        # A rewrite copies long spans of its input: draft tokens from n-gram matches in the prompt,
+        # verified in one forward pass (prompt-lookup decoding). Exact for greedy, batch size 1 only.
+        self.prompt_lookup_tokens = prompt_lookup_tokens
         self._lock = threading.Lock()
         self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
 
@@ -139,6 +143,8 @@ class TransformersBackend(Backend):
             kwargs["bad_words_ids"] = banned
         if timeout_s is not None:
             kwargs["max_time"] = timeout_s
+        if self.prompt_lookup_tokens and len(texts) == 1 and n == 1 and not decoding.do_sample and not banned:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
             output = self.model.generate(**batch, **kwargs)
