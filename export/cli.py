@@ -18,9 +18,11 @@ def export_onnx_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8 | int4")] = "int8",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Greedy and logit parity against the source.")] = True,
+    min_token_agreement: Annotated[float | None, typer.Option("--min-token-agreement", min=0, max=1)] = None,
+    logit_atol: Annotated[float | None, typer.Option("--logit-atol", min=0)] = None,
 ) -> None:
     """Export a decoder with past key values, quantize it, check parity, write a manifest."""
     from bpo_plugins.export.onnx import export_onnx
 
-    manifest = export_onnx(model, out, precision, device, check=check)
+    manifest = export_onnx(model, out, precision, device, check=check, min_token_agreement=min_token_agreement, logit_atol=logit_atol)
     typer.echo(json.dumps({"out": str(out), "precision": manifest.precision, "size_mb": manifest.size_mb, "parity": manifest.parity}, indent=2))

@@ -126,7 +126,8 @@ def _quantize(onnx_path: Path, precision: str) -> None:
 
 
 def check_parity(source: str, folder: Path, precision: str, device: str, prompts: tuple[str, ...] = PARITY_PROMPTS,
-                 max_new_tokens: int = 16) -> dict[str, Any]:
+                 max_new_tokens: int = 16, min_token_agreement: float | None = None,
+                 logit_atol: float | None = None) -> dict[str, Any]:
     """Greedy token agreement and max logit difference of the export against its source model."""
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -151,32 +152,34 @@ def check_parity(source: str, folder: Path, precision: str, device: str, prompts
         agree += sum(a == b for a, b in zip(ref_out, ort_out))
         total += width
         exact += ref_out == ort_out
-    figures = {
+    required = TOKEN_AGREEMENT[precision] if min_token_agreement is None else min_token_agreement
+    atol = LOGIT_ATOL[precision] if logit_atol is None else logit_atol
+    figures: dict[str, Any] = {
         "prompts": len(prompts),
         "greedy_exact_match": exact / len(prompts),
         "token_agreement": round(agree / max(total, 1), 4),
         "max_abs_logit_diff": round(max_diff, 6),
-        "required_token_agreement": TOKEN_AGREEMENT[precision],
-        "logit_atol": LOGIT_ATOL[precision],
+        "required_token_agreement": required,
+        "logit_atol": atol,
     }
-    figures["passed"] = figures["token_agreement"] >= TOKEN_AGREEMENT[precision] and (
-        LOGIT_ATOL[precision] is None or max_diff <= LOGIT_ATOL[precision]  # type: ignore[operator]
-    )
+    figures["passed"] = figures["token_agreement"] >= required and (atol is None or max_diff <= atol)
     return figures
 
 
-def export_onnx(model: str, out: Path, precision: str = "fp32", device: str = "cpu", *, check: bool = True) -> Manifest:
+def export_onnx(
+    model: str, out: Path, precision: str = "fp32", device: str = "cpu", *, check: bool = True,
+    min_token_agreement: float | None = None, logit_atol: float | None = None,
+) -> Manifest:
     """Export ``model`` (registry name, folder or hub id) to ``out``; raise ParityError when parity fails."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device != "cuda":
         raise ValueError("fp16 export needs --device cuda (CPU kernels for fp16 are slower than fp32)")
     from optimum.exporters.onnx import main_export
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from bpo_plugins.templates import pick_local_template
-
-    from tqdm import tqdm
 
     path, template, adapter = _source(model)
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=f"export {model} {precision}", unit="step") as bar:
@@ -191,7 +194,10 @@ def export_onnx(model: str, out: Path, precision: str = "fp32", device: str = "c
         tokenizer = AutoTokenizer.from_pretrained(source)
         tokenizer.save_pretrained(staging)
         template = template or pick_local_template(model, bool(tokenizer.chat_template))
-        parity = check_parity(source, staging, precision, device) if check else {"passed": None, "skipped": True}
+        parity = (
+            check_parity(source, staging, precision, device, min_token_agreement=min_token_agreement, logit_atol=logit_atol)
+            if check else {"passed": None, "skipped": True}
+        )
         bar.update()
         size = sum(p.stat().st_size for p in staging.glob("*.onnx*")) / 2**20
         manifest = Manifest(source=model, precision=precision, device=device, template=asdict(template), parity=parity,
