@@ -16,7 +16,7 @@ from bpo_plugins.decoding import Decoding, check_mode, decoding_for
 from bpo_plugins.guards import GuardConfig, Masked, check_rewrite, check_text, clean_output, mask_protected, word_count
 from bpo_plugins.result import FallbackReason, Mode, RewriteError, RewriteResult
 from bpo_plugins.selectors import SELECTORS, Selector
-from bpo_plugins.templates import PromptTemplate, resolve_template
+from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, resolve_template
 
 BackendFactory = Callable[[], Backend]
 _shared_default: Rewriter | None = None
@@ -62,6 +62,8 @@ class Rewriter:
         self._backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._factory: BackendFactory | None = None if isinstance(backend, Backend) else backend
         self._load_lock = threading.Lock()
+        if isinstance(template, str):
+            resolve_template(template, PROMPT_ENGINEER)  # a bad template fails here, not at the first rewrite
         self._template_arg = template
         self.mode = check_mode(mode)
         self.strict = strict
