@@ -141,3 +141,25 @@ def script_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def model_server(bundled_folder: Path) -> Iterator[Server]:
     """The bundled SmolLM2 served over a real OpenAI-compatible HTTP API: the target LLM in tests."""
     yield from start_server("--model-path", str(bundled_folder))
+
+
+async def ticks_during(awaitable, interval: float = 0.01):
+    """Run ``awaitable`` beside a ticker coroutine: (result, ticks, seconds). Few ticks = a blocked loop."""
+    import asyncio
+    import time
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(interval)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    try:
+        result = await awaitable
+    finally:
+        task.cancel()
+    return result, ticks, time.perf_counter() - start

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 
 pytest.importorskip("llama_index.core")
@@ -19,6 +16,7 @@ from llama_index.core.schema import QueryBundle
 
 from bpo_plugins import Rewriter
 from bpo_plugins.llama_index import BPOQueryTransform, BPORewriteEvent, BPOTransformQueryEngine
+from tests.conftest import ticks_during
 
 PROMPT = "Tell me about Harry Potter"
 REWRITE = "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes."
@@ -102,20 +100,8 @@ def test_rag_llm_gets_rewrite_retrieval_gets_original(scripted, index, llm, mode
 async def test_async_engine_does_not_block_the_loop(script_server, index, llm):
     slow = Rewriter.from_openai("script", base_url=script_server.base_url)  # "slow please" waits 3 s
     engine = BPOTransformQueryEngine(index.as_query_engine(llm=llm, similarity_top_k=1), BPOQueryTransform(slow))
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.05)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    start = time.perf_counter()
-    response = await engine.aquery("slow please, describe it")
-    task.cancel()
+    response, ticks, elapsed = await ticks_during(engine.aquery("slow please, describe it"), interval=0.05)
     assert str(response) is not None
-    elapsed = time.perf_counter() - start
     assert elapsed >= 3 and ticks >= 0.5 * elapsed / 0.05  # the loop kept running during the rewrite
 
 
