@@ -7,10 +7,14 @@ that manifest and picks the ONNX Runtime backend by itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +96,22 @@ def _merged_source(path: str, adapter: Path | None, workdir: Path) -> str:
     return str(target)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The torch tracer warns about every data-dependent branch of the model: noise to a user."""
+    loggers = [logging.getLogger(name) for name in ("optimum", "transformers")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def _lm_head_nodes(onnx_path: Path) -> list[str]:
     import onnx
 
@@ -106,8 +126,6 @@ def _quantize(onnx_path: Path, precision: str) -> None:
     activation outliers: on bpo-small it kept 2.5% of greedy tokens. The LM head stays fp32: it is
     tied to the embedding, and coarse logits over a 49k vocabulary flip greedy tokens.
     """
-    import logging
-
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -185,8 +203,9 @@ def export_onnx(
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=f"export {model} {precision}", unit="step") as bar:
         source = _merged_source(path, adapter, Path(tmp))
         staging = Path(tmp) / "export"
-        main_export(source, output=staging, task="text-generation-with-past", device=device,
-                    dtype="fp16" if precision == "fp16" else "fp32", do_validation=False)
+        with _quiet():
+            main_export(source, output=staging, task="text-generation-with-past", device=device,
+                        dtype="fp16" if precision == "fp16" else "fp32", do_validation=False)
         bar.update()
         if precision in ("int8", "int4"):
             _quantize(staging / "model.onnx", precision)
