@@ -24,7 +24,7 @@ from bpo_plugins.rewriter import Rewriter
 __all__ = ["BPOMiddleware", "BPORewriter"]
 
 # One slot to rewrite: (input index, message index or None, content-part index or None).
-_Slot = tuple[int, "int | None", "int | None"]
+_Slot = tuple[int, int | None, int | None]
 
 
 def _last_human(messages: Sequence[BaseMessage]) -> int | None:
