@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,39 @@ def bench(model: str, backend: str, prompts: Path, limit: int, batch: int, max_n
         return json.loads(Path(out.name).read_text())
 
 
+def llama_cpp_worker(prompts_file: Path, limit: int, max_new_tokens: int) -> None:
+    """Batch-1 llama.cpp on the bundled base GGUF (Q4_1), BPO's instruction through its chat template."""
+    import statistics
+    import time
+
+    from llama_cpp import Llama
+
+    from bpo_plugins.bench import peak_rss_mb
+    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.registry import find_smollm2_gguf
+    from bpo_plugins.templates import BPO_CHAT
+
+    llm = Llama(model_path=str(find_smollm2_gguf()), n_threads=os.cpu_count() or 2, n_ctx=2048, verbose=False)
+    prompts = [row_prompt(r) for r in read_rows(prompts_file)[:limit]]
+    llm.create_chat_completion(BPO_CHAT.messages(prompts[0]), max_tokens=8, temperature=0)
+    latencies, tokens = [], 0
+    for prompt in prompts:
+        start = time.perf_counter()
+        out = llm.create_chat_completion(BPO_CHAT.messages(prompt), max_tokens=max_new_tokens, temperature=0)
+        latencies.append(time.perf_counter() - start)
+        tokens += out["usage"]["completion_tokens"]
+    print(json.dumps({
+        "n": len(prompts), "batch_size": 1, "tokens_per_s": round(tokens / sum(latencies), 2),
+        "latency_p50_s": round(statistics.median(latencies), 4), "latency_p95_s": round(sorted(latencies)[int(0.95 * (len(latencies) - 1))], 4),
+        "prompts_per_s": round(len(prompts) / sum(latencies), 3), "peak_rss_mb": peak_rss_mb(),
+        "note": "base SmolLM2 Q4_1 GGUF (same architecture and size; the LoRA is not merged into it)",
+    }))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--llama-cpp-worker":
+        llama_cpp_worker(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bpo-small")
     parser.add_argument("--prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
@@ -61,19 +94,29 @@ def main() -> None:
         import llama_cpp  # noqa: F401
     except ImportError:
         rows.append({"runtime": "llama.cpp", "error": "llama-cpp-python not installed (pip install llama-cpp-python to compare)"})
+    else:
+        run = subprocess.run([sys.executable, __file__, "--llama-cpp-worker", str(args.prompts), str(args.limit), str(args.max_new_tokens)],
+                             capture_output=True, text=True)
+        figures = json.loads(run.stdout) if run.returncode == 0 else {"error": run.stderr.strip()[-300:]}
+        rows.append({"runtime": "llama.cpp Q4_1", **figures})
+        print("llama.cpp", figures, flush=True)
+    llama = next((r for r in rows if r["runtime"].startswith("llama.cpp") and "error" not in r), None)
     eager = {r["batch_size"]: r for r in rows if r["runtime"].startswith("transformers") and "error" not in r}
     for row in rows:
         base = eager.get(row.get("batch_size"))
         if base and "error" not in row and base["tokens_per_s"]:
             row["tok_s_vs_eager"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
+        if llama and "error" not in row:
+            row["tok_s_vs_llama_cpp"] = round(row["tokens_per_s"] / llama["tokens_per_s"], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"model": args.model, "prompts": str(args.prompts), "rows": rows}, indent=2))
-    lines = ["| runtime | batch | tok/s | x eager | latency p50 s | p95 s | prompts/s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| runtime | batch | tok/s | x eager | x llama.cpp | latency p50 s | p95 s | prompts/s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['runtime']} | {r.get('batch_size', '')} | {r['error']} | | | | | |")
+            lines.append(f"| {r['runtime']} | {r.get('batch_size', '')} | {r['error']} | | | | | | |")
         else:
-            lines.append(f"| {r['runtime']} | {r['batch_size']} | {r['tokens_per_s']} | {r.get('tok_s_vs_eager', '')} | "
+            lines.append(f"| {r['runtime']} | {r['batch_size']} | {r['tokens_per_s']} | {r.get('tok_s_vs_eager', '')} | {r.get('tok_s_vs_llama_cpp', '')} | "
                          f"{r['latency_p50_s']} | {r['latency_p95_s']} | {r['prompts_per_s']} | {r['peak_rss_mb']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
