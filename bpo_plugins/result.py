@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Literal
 
@@ -56,7 +56,6 @@ class RewriteResult:
     cached: bool = False
     model: str = ""
     output_tokens: int = 0
-    extras: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def changed(self) -> bool:
