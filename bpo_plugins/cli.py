@@ -53,24 +53,11 @@ def build_rewriter(model: str, backend: str, base_url: str | None, **options: An
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """JSONL (or a JSON array) of rows with a prompt field and an optional context."""
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON: {exc}") from exc
-    if rows is None:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+    from bpo_plugins.training.data import read_rows as parse_rows
+
+    rows = list(parse_rows(path))  # FileNotFoundError / ValueError name the file and line
     for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not any(isinstance(row.get(f), str) for f in PROMPT_FIELDS):
+        if not any(isinstance(row.get(f), str) for f in PROMPT_FIELDS):
             raise UsageError(f"{path}: row {number} has no string 'prompt' field")
         if row.get("context") is not None and not isinstance(row["context"], str):
             raise UsageError(f"{path}: row {number}: 'context' must be a string")

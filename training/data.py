@@ -52,13 +52,15 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
     """JSON arrays, ``{"train": [...]}`` splits, JSONL, and gzipped JSONL."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+        raise FileNotFoundError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
         text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("[") or (stripped.startswith("{") and "\n{" not in stripped.strip()):
-        data = json.loads(text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return
+    if text.lstrip().startswith("[") or len(lines) <= 1 or not _is_json(lines[0]):
+        data = json.loads(text)  # one JSON document: an array, a split dict, or a pretty-printed object
         if isinstance(data, dict):
             data = next((v for k, v in data.items() if k in ("train", "data", "rows") and isinstance(v, list)), [data])
         yield from (row for row in data if isinstance(row, dict))
@@ -66,9 +68,20 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _pair(row: dict[str, Any], source: str) -> Pair | None:
