@@ -17,6 +17,7 @@ def export_onnx_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Registry name, folder or hub id.")] = "bpo-small",
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8 | int4")] = "int8",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    engine: Annotated[str, typer.Option("--engine", help="auto | genai (onnxruntime-genai builder) | optimum")] = "auto",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Greedy and logit parity against the source.")] = True,
     min_token_agreement: Annotated[float | None, typer.Option("--min-token-agreement", min=0, max=1)] = None,
     logit_atol: Annotated[float | None, typer.Option("--logit-atol", min=0)] = None,
@@ -24,5 +25,6 @@ def export_onnx_command(
     """Export a decoder with past key values, quantize it, check parity, write a manifest."""
     from bpo_plugins.export.onnx import export_onnx
 
-    manifest = export_onnx(model, out, precision, device, check=check, min_token_agreement=min_token_agreement, logit_atol=logit_atol)
-    typer.echo(json.dumps({"out": str(out), "precision": manifest.precision, "size_mb": manifest.size_mb, "parity": manifest.parity}, indent=2))
+    manifest = export_onnx(model, out, precision, device, check=check, min_token_agreement=min_token_agreement,
+                           logit_atol=logit_atol, engine=engine)
+    typer.echo(json.dumps({"out": str(out), "engine": manifest.engine, "precision": manifest.precision, "size_mb": manifest.size_mb, "parity": manifest.parity}, indent=2))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from bpo_plugins.templates import PromptTemplate
 
 MANIFEST = "bpo_export.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: ``optimum``: optimum-onnx's graph, run by ``transformers.generate``. ``genai``: onnxruntime-genai's model
+#: builder (fused contrib ops), run by GenAI's C++ decode loop: 3-5x the decode speed on CPU
+#: (benchmarks/RESULTS.md). ``auto`` picks genai when it is installed and the model is one it builds.
+ENGINES = ("auto", "optimum", "genai")
 PARITY_PROMPTS = (
     "Tell me about Harry Potter",
     "How can I improve my time management skills?",
@@ -52,6 +57,7 @@ class Manifest:
     onnx_file: str = "model.onnx"
     created: str = ""
     format_version: int = 1
+    engine: str = "optimum"
 
     def template_object(self) -> PromptTemplate:
         return PromptTemplate(**self.template)
@@ -66,8 +72,9 @@ def read_manifest(folder: Path) -> Manifest:
         raise ModelLoadError(f"{folder} is not a bpo export: {MANIFEST} is missing (create one with `bpo export onnx`)") from exc
     except (json.JSONDecodeError, TypeError) as exc:
         raise ModelLoadError(f"{path} is corrupted: {exc}; export again with `bpo export onnx`") from exc
-    if manifest.format_version != 1 or manifest.precision not in PRECISIONS:
-        raise ModelLoadError(f"{path}: unsupported export (format {manifest.format_version}, precision {manifest.precision})")
+    if manifest.format_version != 1 or manifest.precision not in PRECISIONS or manifest.engine not in ENGINES[1:]:
+        raise ModelLoadError(f"{path}: unsupported export (format {manifest.format_version}, precision {manifest.precision}, "
+                             f"engine {manifest.engine})")
     if not (folder / manifest.onnx_file).is_file():
         raise ModelLoadError(f"{folder}: the manifest names {manifest.onnx_file}, which is missing; export again")
     return manifest
@@ -119,12 +126,14 @@ def _lm_head_nodes(onnx_path: Path) -> list[str]:
     return [node.name for node in graph.node if "logits" in node.output]
 
 
-def _quantize(onnx_path: Path, precision: str) -> None:
-    """Weight-only block quantization (MatMulNBits, block 32) of every MatMul but the LM head.
+def _quantize(onnx_path: Path, precision: str, *, keep_lm_head: bool = True) -> None:
+    """Weight-only block quantization (MatMulNBits, block 32) of every MatMul, the LM head optionally kept fp32.
 
     Weight-only, because dynamic int8 (per-tensor activation quantization) wrecks small LLMs with
-    activation outliers: on bpo-small it kept 2.5% of greedy tokens. The LM head stays fp32: it is
-    tied to the embedding, and coarse logits over a 49k vocabulary flip greedy tokens.
+    activation outliers: on bpo-small it kept 2.5% of greedy tokens. On the optimum graph the LM head
+    stays fp32: there it costs little next to the graph's per-op overhead, and coarse logits over a
+    49k vocabulary flip near-tied greedy tokens. On the fused GenAI graph the fp32 head is half the
+    bytes read per token, so int8 there buys 1.3x decode speed for 6 points of token agreement.
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -133,43 +142,88 @@ def _quantize(onnx_path: Path, precision: str) -> None:
     bits = 8 if precision == "int8" else 4
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(onnx_path)), bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
-        nodes_to_exclude=_lm_head_nodes(onnx_path),
+        nodes_to_exclude=_lm_head_nodes(onnx_path) if keep_lm_head else [],
     )
     quantizer.process()
-    quantized = onnx_path.with_name(f"model_{precision}.onnx")
+    quantized = onnx_path.with_name(f"quantized_{onnx_path.name}")
+    # One file: a 135M-7B quantized decoder stays under protobuf's 2 GB limit.
     quantizer.model.save_model_to_file(str(quantized), use_external_data_format=False)
-    for path in onnx_path.parent.glob("model.onnx*"):
+    for path in onnx_path.parent.glob(onnx_path.name + "*"):
         path.unlink()
     quantized.rename(onnx_path)
 
 
-def check_parity(source: str, folder: Path, precision: str, device: str, prompts: tuple[str, ...] = PARITY_PROMPTS,
-                 max_new_tokens: int = 16, min_token_agreement: float | None = None,
-                 logit_atol: float | None = None) -> dict[str, Any]:
-    """Greedy token agreement and max logit difference of the export against its source model."""
+ExportRunner = Callable[[list[int], int], tuple[Any, list[int]]]
+
+
+def _optimum_runner(folder: Path, device: str) -> ExportRunner:
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
+
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    exported = ORTModelForCausalLM.from_pretrained(folder, provider=provider)
+
+    def run(ids: list[int], max_new_tokens: int) -> tuple[Any, list[int]]:
+        tensor = torch.tensor([ids])
+        with torch.inference_mode():
+            logits = exported(input_ids=tensor, attention_mask=torch.ones_like(tensor)).logits[0, -1].float().cpu().numpy()
+            out = exported.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=exported.config.eos_token_id)
+        return logits, out[0, len(ids) :].tolist()
+
+    return run
+
+
+def _genai_runner(folder: Path, device: str) -> ExportRunner:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    if device == "cuda":
+        config.append_provider("cuda")
+    model = og.Model(config)
+
+    def run(ids: list[int], max_new_tokens: int) -> tuple[Any, list[int]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        logits = np.array(generator.get_logits())[0, -1].astype(np.float32)
+        out: list[int] = []
+        while not generator.is_done() and len(out) < max_new_tokens:
+            generator.generate_next_token()
+            out.append(int(generator.get_next_tokens()[0]))
+        return logits, out
+
+    return run
+
+
+def check_parity(source: str, folder: Path, precision: str, device: str, prompts: tuple[str, ...] = PARITY_PROMPTS,
+                 max_new_tokens: int = 16, min_token_agreement: float | None = None,
+                 logit_atol: float | None = None, engine: str = "optimum") -> dict[str, Any]:
+    """Greedy token agreement and max next-token logit difference of the export against its source model."""
+    import numpy as np
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     reference = AutoModelForCausalLM.from_pretrained(source).eval()
-    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
-    exported = ORTModelForCausalLM.from_pretrained(folder, provider=provider)
+    run = (_genai_runner if engine == "genai" else _optimum_runner)(folder, device)
     agree = total = exact = 0
     max_diff = 0.0
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
+        ids = tokenizer(prompt)["input_ids"]
+        tensor = torch.tensor([ids])
         with torch.inference_mode():
-            ref_logits = reference(**ids).logits
-            ort_logits = exported(**ids).logits.to(ref_logits.device).float()
-            max_diff = max(max_diff, float((ref_logits - ort_logits).abs().max()))
-            kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
-            ref_out = reference.generate(**ids, **kwargs)[0, ids["input_ids"].shape[1] :].tolist()
-            ort_out = exported.generate(**ids, **kwargs)[0, ids["input_ids"].shape[1] :].tolist()
-        width = max(len(ref_out), len(ort_out))
-        agree += sum(a == b for a, b in zip(ref_out, ort_out))
-        total += width
-        exact += ref_out == ort_out
+            ref_logits = reference(input_ids=tensor).logits[0, -1].float().numpy()
+            ref_out = reference.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
+                                         do_sample=False, pad_token_id=tokenizer.eos_token_id)[0, len(ids) :].tolist()
+        export_logits, export_out = run(ids, max_new_tokens)
+        max_diff = max(max_diff, float(np.abs(ref_logits - export_logits).max()))
+        agree += sum(a == b for a, b in zip(ref_out, export_out))
+        total += max(len(ref_out), len(export_out))
+        exact += ref_out == export_out
     required = TOKEN_AGREEMENT[precision] if min_token_agreement is None else min_token_agreement
     atol = LOGIT_ATOL[precision] if logit_atol is None else logit_atol
     figures: dict[str, Any] = {
@@ -184,16 +238,94 @@ def check_parity(source: str, folder: Path, precision: str, device: str, prompts
     return figures
 
 
+#: Architectures onnxruntime-genai's model builder knows (``model_type`` in config.json).
+GENAI_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo"})
+
+
+def pick_engine(engine: str, source: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    from bpo_plugins.backends.genai import INSTALL_HINT, genai_available
+
+    if engine == "genai" and not genai_available():
+        raise ModelLoadError(INSTALL_HINT)
+    if engine == "genai" and not genai_can_build(source):
+        raise ValueError(f"onnxruntime-genai cannot build {source}: it needs a supported architecture "
+                         f"({', '.join(sorted(GENAI_MODEL_TYPES))}) with a head size that is a multiple of 16; use --engine optimum")
+    if engine != "auto":
+        return engine
+    return "genai" if genai_available() and genai_can_build(source) else "optimum"
+
+
+def genai_can_build(source: str) -> bool:
+    """The builder knows the architecture, and GroupQueryAttention's CPU kernel takes the head size."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    return config.get("model_type") in GENAI_MODEL_TYPES and head_dim % 16 == 0
+
+
+def genai_pad_token_id(tokenizer: Any) -> int:
+    """A pad id that rendered prompts never contain: GenAI masks every occurrence of its pad id.
+
+    SmolLM2's builder config pads with ``<|im_end|>``, which every chat-template prompt contains.
+    """
+    sample = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    used = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    if tokenizer.chat_template:
+        used |= set(tokenizer.apply_chat_template(sample, add_generation_prompt=True, tokenize=True))
+    for candidate in [tokenizer.pad_token_id, tokenizer.unk_token_id, *tokenizer.all_special_ids]:
+        if candidate is not None and candidate not in used:
+            return int(candidate)
+    return int(tokenizer.eos_token_id)  # the backend then runs batches row by row
+
+
+def _build_optimum(source: str, staging: Path, precision: str, device: str) -> None:
+    from optimum.exporters.onnx import main_export
+
+    with _quiet():
+        main_export(source, output=staging, task="text-generation-with-past", device=device,
+                    dtype="fp16" if precision == "fp16" else "fp32", do_validation=False)
+    if precision in ("int8", "int4"):
+        _quantize(staging / "model.onnx", precision)
+
+
+def _build_genai(source: str, staging: Path, precision: str, device: str, workdir: Path) -> None:
+    """onnxruntime-genai's builder for fp32/fp16/int4; int8 is its fp32 graph through MatMulNBits 8-bit."""
+    from onnxruntime_genai.models.builder import create_model
+
+    builder_precision = "fp32" if precision == "int8" else precision
+    # The builder prints every tensor it saves; the export's own progress bar says enough.
+    with _quiet(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        create_model(None, source, str(staging), builder_precision, device, str(workdir / "genai-cache"),
+                     **({"int4_accuracy_level": "4"} if precision == "int4" and device == "cpu" else {}))
+        if precision == "int8":
+            _quantize(staging / "model.onnx", "int8", keep_lm_head=False)
+            for leftover in staging.glob("model.onnx.data"):
+                leftover.unlink()
+    for name in ("config.json", "generation_config.json"):  # the source config travels with every export
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, staging / name)
+    config_path = staging / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    from transformers import AutoTokenizer
+
+    config["model"]["pad_token_id"] = genai_pad_token_id(AutoTokenizer.from_pretrained(source))
+    config_path.write_text(json.dumps(config, indent=4))
+
+
 def export_onnx(
     model: str, out: Path, precision: str = "fp32", device: str = "cpu", *, check: bool = True,
-    min_token_agreement: float | None = None, logit_atol: float | None = None,
+    min_token_agreement: float | None = None, logit_atol: float | None = None, engine: str = "auto",
 ) -> Manifest:
     """Export ``model`` (registry name, folder or hub id) to ``out``; raise ParityError when parity fails."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device != "cuda":
         raise ValueError("fp16 export needs --device cuda (CPU kernels for fp16 are slower than fp32)")
-    from optimum.exporters.onnx import main_export
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -202,25 +334,26 @@ def export_onnx(
     path, template, adapter = _source(model)
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=f"export {model} {precision}", unit="step") as bar:
         source = _merged_source(path, adapter, Path(tmp))
+        engine = pick_engine(engine, source)
+        bar.set_description(f"export {model} {precision} ({engine})")
         staging = Path(tmp) / "export"
-        with _quiet():
-            main_export(source, output=staging, task="text-generation-with-past", device=device,
-                        dtype="fp16" if precision == "fp16" else "fp32", do_validation=False)
-        bar.update()
-        if precision in ("int8", "int4"):
-            _quantize(staging / "model.onnx", precision)
-        bar.update()
+        if engine == "genai":
+            _build_genai(source, staging, precision, device, Path(tmp))
+        else:
+            _build_optimum(source, staging, precision, device)
+        bar.update(2)
         tokenizer = AutoTokenizer.from_pretrained(source)
         tokenizer.save_pretrained(staging)
         template = template or pick_local_template(model, bool(tokenizer.chat_template))
         parity = (
-            check_parity(source, staging, precision, device, min_token_agreement=min_token_agreement, logit_atol=logit_atol)
+            check_parity(source, staging, precision, device, min_token_agreement=min_token_agreement, logit_atol=logit_atol,
+                         engine=engine)
             if check else {"passed": None, "skipped": True}
         )
         bar.update()
         size = sum(p.stat().st_size for p in staging.glob("*.onnx*")) / 2**20
         manifest = Manifest(source=model, precision=precision, device=device, template=asdict(template), parity=parity,
-                            size_mb=round(size, 2), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                            size_mb=round(size, 2), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), engine=engine)
         (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
         if parity.get("passed") is False:
             raise ParityError(f"{precision} export of {model} failed parity: {json.dumps(parity)}")

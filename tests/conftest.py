@@ -56,8 +56,8 @@ def tiny_bpo_dir(tmp_path_factory: pytest.TempPathFactory, bundled_folder: Path)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # head size 16: the smallest GroupQueryAttention (onnxruntime-genai) runs on CPU
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

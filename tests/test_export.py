@@ -1,4 +1,5 @@
-"""export/: a tiny Llama through optimum-onnx and onnxruntime, parity, the ONNX backend, bad folders."""
+"""export/: a tiny Llama through both engines (optimum-onnx, onnxruntime-genai's builder), parity, the
+ONNX backends, bad folders. Every backend test runs once per engine."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ pytest.importorskip("optimum.onnxruntime")
 from bpo_plugins import FallbackReason, ModelLoadError, Rewriter
 from bpo_plugins.export.onnx import MANIFEST, ParityError, export_onnx
 
+ENGINES = ["optimum", pytest.param("genai", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed"))]
+BACKEND_NAME = {"optimum": "onnx", "genai": "onnx-genai"}
 
-@pytest.fixture(scope="module")
-def onnx_fp32(tiny_bpo_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "fp32"
-    manifest = export_onnx(str(tiny_bpo_dir), out, "fp32")
+
+@pytest.fixture(scope="module", params=ENGINES)
+def onnx_fp32(request, tiny_bpo_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / f"fp32-{request.param}"
+    manifest = export_onnx(str(tiny_bpo_dir), out, "fp32", engine=request.param)
+    assert manifest.engine == request.param
     assert manifest.parity["passed"] and manifest.parity["greedy_exact_match"] == 1.0
     assert manifest.parity["max_abs_logit_diff"] <= 1e-3
     return out
@@ -37,8 +43,11 @@ def test_onnx_backend_is_picked_and_matches_transformers(onnx_fp32, tiny_bpo_dir
     onnx = Rewriter.from_pretrained(onnx_fp32, max_new_tokens=6)
     reference = Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=6)
     results = onnx.rewrite_batch(prompts)
-    assert onnx.backend.name == "onnx" and onnx.template.name == "bpo"
+    engine = json.loads((onnx_fp32 / MANIFEST).read_text())["engine"]
+    assert onnx.backend.name == BACKEND_NAME[engine] and onnx.template.name == "bpo"
     assert [r.candidates for r in results] == [r.candidates for r in reference.rewrite_batch(prompts)]
+    # A padded batch decodes exactly what each prompt decodes alone.
+    assert [r.candidates for r in results] == [onnx.rewrite(p).candidates for p in prompts]
 
 
 def test_onnx_backend_passes_core_guards(onnx_fp32):
@@ -54,13 +63,51 @@ def test_onnx_backend_passes_core_guards(onnx_fp32):
         plain.rewrite(b"bytes")
 
 
-def test_int8_export_and_failed_parity_is_loud(tiny_bpo_dir, tmp_path):
-    manifest = export_onnx(str(tiny_bpo_dir), tmp_path / "int8", "int8")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_int8_export_and_failed_parity_is_loud(tiny_bpo_dir, tmp_path, engine):
+    manifest = export_onnx(str(tiny_bpo_dir), tmp_path / "int8", "int8", engine=engine)
     assert manifest.precision == "int8" and manifest.parity["token_agreement"] >= 0.5
     # 4-bit weights cannot hold logits to 1e-6: held to that bar, the export must refuse and leave nothing.
     with pytest.raises(ParityError, match="failed parity"):
-        export_onnx(str(tiny_bpo_dir), tmp_path / "int4", "int4", logit_atol=1e-6)
+        export_onnx(str(tiny_bpo_dir), tmp_path / "int4", "int4", logit_atol=1e-6, engine=engine)
     assert not (tmp_path / "int4").exists()
+
+
+def test_genai_batches_prompts_that_contain_its_pad_token(tiny_bpo_dir, tmp_path):
+    """GenAI masks every occurrence of its pad id: prompts holding it must still decode as they do alone."""
+    pytest.importorskip("onnxruntime_genai")
+    folder = tmp_path / "genai"
+    export_onnx(str(tiny_bpo_dir), folder, "fp32", engine="genai", check=False)
+    rewriter = Rewriter.from_pretrained(folder, max_new_tokens=5)
+    pad = rewriter.backend.tokenizer.convert_ids_to_tokens(rewriter.backend.pad_token_id)
+    prompts = [f"Explain {pad} gravity", "Write a haiku"]
+    assert [r.candidates for r in rewriter.rewrite_batch(prompts)] == [rewriter.rewrite(p).candidates for p in prompts]
+
+
+def test_genai_honours_banned_words(tiny_bpo_dir, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from bpo_plugins.decoding import Decoding
+
+    folder = tmp_path / "genai"
+    export_onnx(str(tiny_bpo_dir), folder, "fp32", engine="genai", check=False)
+    backend = Rewriter.from_pretrained(folder).backend
+    template = backend.default_template
+    free = backend.generate(["Explain gravity"], template, Decoding(max_new_tokens=8), None).generations[0].texts[0]
+    # A word that is one token after a space, so the free run produced exactly the token the ban forbids.
+    word = next(w for w in free.split() if w.isalpha() and len(backend.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1)
+    banned = backend.generate(["Explain gravity"], template, Decoding(max_new_tokens=8, banned_words=(word,)), None)
+    text = banned.generations[0].texts[0]
+    assert text != free and word not in text.split()
+
+
+def test_genai_engine_refuses_models_it_cannot_build(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4}))
+    from bpo_plugins.export.onnx import pick_engine
+
+    assert pick_engine("auto", str(tmp_path)) == "optimum"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pick_engine("genai", str(tmp_path))
 
 
 def test_corrupted_or_mismatched_folders_give_clear_errors(onnx_fp32, tmp_path):
@@ -77,7 +124,7 @@ def test_corrupted_or_mismatched_folders_give_clear_errors(onnx_fp32, tmp_path):
     garbage = tmp_path / "garbage"
     shutil.copytree(onnx_fp32, garbage)
     (garbage / "model.onnx").write_bytes(b"not an onnx graph")
-    with pytest.raises(ModelLoadError, match="cannot load the ONNX export"):
+    with pytest.raises(ModelLoadError, match="cannot load the (ONNX|GenAI) export"):
         Rewriter.from_pretrained(garbage).warmup()
     with pytest.raises(ModelLoadError, match="not a bpo export"):
         Rewriter.from_pretrained(tmp_path, backend="onnx").warmup()
@@ -88,9 +135,11 @@ def test_gpu_paths_skip_cleanly_without_a_gpu(onnx_fp32):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("a GPU is present: the CUDA path is exercised by benchmarks/gpu instead")
-    with pytest.raises(ModelLoadError, match="onnxruntime-gpu"):
+    with pytest.raises(ModelLoadError, match="onnxruntime-(gpu|genai-cuda)"):
         Rewriter.from_pretrained(onnx_fp32, backend="onnx", device="cuda").warmup()
-    assert Rewriter.from_pretrained(onnx_fp32).backend.model.providers[0] == "CPUExecutionProvider"
+    backend = Rewriter.from_pretrained(onnx_fp32).backend
+    if backend.name == "onnx":
+        assert backend.model.providers[0] == "CPUExecutionProvider"
     with pytest.raises(ValueError, match="fp16 export needs --device cuda"):
         export_onnx("unused", Path("unused"), "fp16", "cpu")
 

@@ -23,18 +23,18 @@ def load_local_backend(
     from bpo_plugins.registry import resolve
 
     if backend == "onnx" or (backend == "auto" and (Path(name_or_path) / "bpo_export.json").is_file()):
-        from bpo_plugins.backends.onnx import OnnxBackend
+        from bpo_plugins.backends.onnx import load_export
 
-        return OnnxBackend.load_export(name_or_path, device=device)
+        return load_export(name_or_path, device=device)
     entry = resolve(name_or_path)
     if entry is not None and backend == "auto" and adapter is None and device != "cuda":
         from bpo_plugins.registry import default_export
 
         export = default_export(entry)
         if export is not None:
-            from bpo_plugins.backends.onnx import OnnxBackend
+            from bpo_plugins.backends.onnx import load_export
 
-            return OnnxBackend.load_export(export, device=device)
+            return load_export(export, device=device)
     if entry is not None:
         return TransformersBackend.load(
             entry.path, device=device, dtype=dtype, template=entry.template, adapter=adapter or entry.adapter, model_id=entry.name

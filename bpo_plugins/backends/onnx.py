@@ -1,6 +1,7 @@
 """ONNX Runtime: an exported optimizer (``bpo export onnx``) behind the same generate path as transformers.
 
-optimum's ``ORTModelForCausalLM`` is a drop-in ``generate`` model, so batching, decoding modes and
+:func:`load_export` dispatches on the export's engine; GenAI exports run in ``backends/genai.py``. For
+the optimum engine, optimum's ``ORTModelForCausalLM`` is a drop-in ``generate`` model, so batching, decoding modes and
 token accounting are the transformers backend's; this file only loads sessions well.
 """
 
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bpo_plugins.backends.genai import GenAIBackend
 from bpo_plugins.backends.transformers import TransformersBackend, folder_revision
 from bpo_plugins.result import ModelLoadError
 
@@ -26,6 +28,17 @@ def best_provider(device: str | None) -> tuple[str, bool]:
     if device == "cuda":
         raise ModelLoadError(f"--device cuda needs onnxruntime-gpu (pip install 'bpo-plugins[gpu]'); available: {available}")
     return "CPUExecutionProvider", False
+
+
+def load_export(folder: str | Path, *, device: str | None = None) -> TransformersBackend | GenAIBackend:
+    """Load a ``bpo export onnx`` folder with the runtime its manifest names."""
+    from bpo_plugins.export.onnx import read_manifest
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest.engine == "genai":
+        return GenAIBackend.load_export(folder, model_id=manifest.source, template=manifest.template_object(), device=device)
+    return OnnxBackend.load_export(folder, device=device)
 
 
 class OnnxBackend(TransformersBackend):

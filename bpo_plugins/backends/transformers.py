@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,75 @@ def folder_revision(folder: Path) -> str:
     return "local-" + digest.hexdigest()[:16]
 
 
-class TransformersBackend(Backend):
+def batch_output(
+    decoded: Sequence[str], counts: Sequence[int], n: int, *, elapsed: float, timed_out: bool, input_tokens: int
+) -> BatchOutput:
+    """Group a flat list of ``len(prompts) * n`` decoded rows back into one Generation per prompt."""
+    generations = [
+        Generation(texts=list(decoded[i : i + n]), output_tokens=int(sum(counts[i : i + n])))
+        for i in range(0, len(decoded), n)
+    ]
+    return BatchOutput(
+        generations=generations,
+        timed_out=timed_out,
+        stats={"generate_s": elapsed, "output_tokens": int(sum(counts)), "input_tokens": input_tokens},
+    )
+
+
+class LocalBackend(Backend):
+    """A local model with a Hugging Face tokenizer: rendering, chat and banned-word ids are shared here,
+    so each local runtime (transformers, ONNX Runtime GenAI) only implements :meth:`generate_texts`."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, model_id: str, revision: str, template: PromptTemplate | None) -> None:
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.default_template = template or pick_local_template(model_id, bool(tokenizer.chat_template))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._lock = threading.Lock()
+        self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
+
+    def render(self, prompt: str, template: PromptTemplate) -> str:
+        if template.raw is not None:
+            # BPO's script tokenises the raw string with the tokenizer's default BOS.
+            return template.render_raw(prompt)
+        rendered = self.tokenizer.apply_chat_template(template.messages(prompt), add_generation_prompt=True, tokenize=False)
+        return str(rendered)
+
+    def generate(
+        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
+    ) -> BatchOutput:
+        # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
+        return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, template.raw is not None)
+
+    def chat(self, messages: Sequence[dict[str, str]], decoding: Decoding, timeout_s: float | None = None) -> BatchOutput:
+        """Answer one chat conversation (what ``bpo serve`` exposes as /v1/chat/completions)."""
+        text = str(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
+        return self.generate_texts([text], decoding, timeout_s, add_special_tokens=False)
+
+    @abstractmethod
+    def generate_texts(
+        self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool
+    ) -> BatchOutput:
+        """Continue each fully rendered text with ``decoding.num_candidates`` generations."""
+
+    def _banned(self, words: tuple[str, ...]) -> list[list[int]] | None:
+        """Token-id sequences of each banned word, bare and after a space (how BPE splits it mid-text)."""
+        if words not in self._banned_ids:
+            ids: list[list[int]] = []
+            for word in words:
+                for variant in (word, " " + word):
+                    tokens = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
+                    if tokens and tokens not in ids:
+                        ids.append(tokens)
+            self._banned_ids[words] = ids or None
+        return self._banned_ids[words]
+
+
+class TransformersBackend(LocalBackend):
     name = "transformers"
 
     def __init__(
@@ -41,20 +110,13 @@ class TransformersBackend(Backend):
         template: PromptTemplate | None = None,
         prompt_lookup_tokens: int | None = 10,
     ) -> None:
+        super().__init__(tokenizer, model_id=model_id, revision=revision, template=template)
         self.model = model.eval() if hasattr(model, "eval") else model  # ORT models have no eval()
-        self.tokenizer = tokenizer
-        self.model_id = model_id
-        self.revision = revision
-        self.default_template = template or pick_local_template(model_id, bool(tokenizer.chat_template))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         # Decoder-only batches must be padded on the left so every row ends where generation starts.
         tokenizer.padding_side = "left"
         # A rewrite copies long spans of its input: draft tokens from n-gram matches in the prompt,
         # verified in one forward pass (prompt-lookup decoding). Exact for greedy, batch size 1 only.
         self.prompt_lookup_tokens = prompt_lookup_tokens
-        self._lock = threading.Lock()
-        self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
 
     @classmethod
     def load(
@@ -99,26 +161,6 @@ class TransformersBackend(Backend):
             rev = revision or getattr(model.config, "_commit_hash", None) or "main"
         return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template)
 
-    # -- generation -------------------------------------------------------------------------
-
-    def render(self, prompt: str, template: PromptTemplate) -> str:
-        if template.raw is not None:
-            # BPO's script tokenises the raw string with the tokenizer's default BOS.
-            return template.render_raw(prompt)
-        rendered = self.tokenizer.apply_chat_template(template.messages(prompt), add_generation_prompt=True, tokenize=False)
-        return str(rendered)
-
-    def generate(
-        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
-    ) -> BatchOutput:
-        # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
-        return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, template.raw is not None)
-
-    def chat(self, messages: Sequence[dict[str, str]], decoding: Decoding, timeout_s: float | None = None) -> BatchOutput:
-        """Answer one chat conversation (what ``bpo serve`` exposes as /v1/chat/completions)."""
-        text = str(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
-        return self.generate_texts([text], decoding, timeout_s, add_special_tokens=False)
-
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool
     ) -> BatchOutput:
@@ -152,26 +194,8 @@ class TransformersBackend(Backend):
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         counts = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
-        generations = [
-            Generation(texts=decoded[i * n : (i + 1) * n], output_tokens=int(sum(counts[i * n : (i + 1) * n])))
-            for i in range(len(texts))
-        ]
-        return BatchOutput(
-            generations=generations,
-            timed_out=timeout_s is not None and elapsed >= timeout_s,
-            stats={"generate_s": elapsed, "output_tokens": int(sum(counts)), "input_tokens": int(batch["input_ids"].numel())},
-        )
-
-    def _banned(self, words: tuple[str, ...]) -> list[list[int]] | None:
-        if words not in self._banned_ids:
-            ids: list[list[int]] = []
-            for word in words:
-                for variant in (word, " " + word):
-                    tokens = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-                    if tokens and tokens not in ids:
-                        ids.append(tokens)
-            self._banned_ids[words] = ids or None
-        return self._banned_ids[words]
+        return batch_output(decoded, counts, n, elapsed=elapsed, timed_out=timeout_s is not None and elapsed >= timeout_s,
+                            input_tokens=int(batch["input_ids"].numel()))
 
 
 def _pick_dtype(dtype: str, device: str | None) -> Any:
