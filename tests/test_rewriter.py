@@ -17,8 +17,11 @@ from tests.conftest import ticks_during
 
 def test_default_rewriter_runs_offline_and_is_safe(bundled_rewriter):
     result = bundled_rewriter.rewrite("Tell me about Harry Potter")
-    # ONNX Runtime (int8, built on first use) is the default runtime wherever it is installed.
-    assert result.backend == "onnx" and result.model == "bpo-small"
+    # The fastest installed runtime (built on first use) is the default: GenAI int4, else optimum int8.
+    from bpo_plugins.registry import default_runtime
+
+    assert result.backend == ("onnx-genai" if default_runtime() == ("genai", "int4") else "onnx")
+    assert result.model == "bpo-small"
     assert result.original == "Tell me about Harry Potter"
     assert result.candidates, "the model's raw output is kept for inspection"
     if result.fallback is None:
