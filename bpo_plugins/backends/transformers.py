@@ -191,7 +191,9 @@ class TransformersBackend(LocalBackend):
         with self._lock, torch.inference_mode():
             output = self.model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        # Prompt-lookup drafts can be accepted past max_new_tokens (transformers 4.57): clip to the budget.
+        start_at = batch["input_ids"].shape[1]
+        new_tokens = output[:, start_at : start_at + decoding.max_new_tokens]
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         counts = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
         return batch_output(decoded, counts, n, elapsed=elapsed, timed_out=timeout_s is not None and elapsed >= timeout_s,
