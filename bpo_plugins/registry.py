@@ -105,7 +105,9 @@ def default_runtime() -> tuple[str, str] | None:
     """
     if importlib.util.find_spec("onnxruntime") is None:
         return None
-    if importlib.util.find_spec("onnxruntime_genai") is not None:
+    from bpo_plugins.backends.genai import genai_available
+
+    if genai_available():
         return "genai", "int4"
     if importlib.util.find_spec("optimum.onnxruntime") is not None:
         return "optimum", "int8"

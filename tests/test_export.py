@@ -82,6 +82,8 @@ def test_genai_batches_prompts_that_contain_its_pad_token(tiny_bpo_dir, tmp_path
     pad = rewriter.backend.tokenizer.convert_ids_to_tokens(rewriter.backend.pad_token_id)
     prompts = [f"Explain {pad} gravity", "Write a haiku"]
     assert [r.candidates for r in rewriter.rewrite_batch(prompts)] == [rewriter.rewrite(p).candidates for p in prompts]
+    # Aggressive mode samples several rows of one such prompt: each runs alone too.
+    assert len(rewriter.rewrite(prompts[0], mode="aggressive").candidates) == rewriter.num_candidates
 
 
 def test_genai_honours_banned_words(tiny_bpo_dir, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,13 @@ class GenAIBackend(LocalBackend):
         rows = [ids for ids in self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] for _ in range(n)]
         pad = self.pad_token_id
         if len(rows) > 1 and any(pad in ids for ids in rows):
-            # Padding would mask real tokens of these prompts: run them one by one instead.
-            parts = [self.generate_texts([text], decoding, timeout_s, add_special_tokens) for text in texts]
-            return BatchOutput(generations=[g for part in parts for g in part.generations],
-                               timed_out=any(part.timed_out for part in parts),
-                               stats={key: sum(part.stats[key] for part in parts) for key in parts[0].stats})
+            # Padding would mask real tokens of these prompts: run every row (candidates too) alone.
+            single = replace(decoding, num_candidates=1)
+            parts = [self.generate_texts([text], single, timeout_s, add_special_tokens) for text in texts for _ in range(n)]
+            return batch_output([part.generations[0].texts[0] for part in parts],
+                                [part.generations[0].output_tokens for part in parts], n,
+                                elapsed=sum(part.stats["generate_s"] for part in parts),
+                                timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows))
         width = max(len(ids) for ids in rows)
         # GenAI masks pad tokens itself and expects batches padded on the right.
         batch = np.full((len(rows), width), pad, dtype=np.int32)
