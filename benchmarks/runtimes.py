@@ -22,13 +22,15 @@ from pathlib import Path
 BANDWIDTH_BOUND_TOK_S = {"fp32": 37.0, "int8": 150.0, "int4": 270.0}
 
 
-def export_folder(model: str, engine: str, precision: str) -> Path:
-    from bpo_plugins.export.onnx import MANIFEST, export_onnx
+def export_folder(model: str, engine: str, precision: str, block_size: int | None = None) -> Path:
+    """The cached export a benchmark runs, rebuilt when the export recipe changes."""
+    from bpo_plugins.export.onnx import MANIFEST, RECIPE_VERSION, export_onnx
     from bpo_plugins.registry import cache_dir
 
-    folder = cache_dir() / "exports" / f"{Path(model).name}-{engine}-{precision}"
+    block = f"-b{block_size}" if block_size else ""
+    folder = cache_dir() / "exports" / f"{Path(model).name}-{engine}-{precision}{block}-r{RECIPE_VERSION}"
     if not (folder / MANIFEST).is_file():
-        export_onnx(model, folder, precision, engine=engine)
+        export_onnx(model, folder, precision, engine=engine, block_size=block_size)
     return folder
 
 

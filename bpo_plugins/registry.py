@@ -121,10 +121,10 @@ def default_export(entry: LocalModel) -> Path | None:
         return None
     engine, precision = runtime
     from bpo_plugins.backends.transformers import folder_revision
-    from bpo_plugins.export.onnx import MANIFEST, export_onnx
+    from bpo_plugins.export.onnx import MANIFEST, RECIPE_VERSION, export_onnx
 
     identity = folder_revision(entry.path) + ("" if entry.adapter is None else folder_revision(entry.adapter))
-    folder = cache_dir() / "exports" / f"{entry.name}-{engine}-{precision}-{identity.replace('local-', '')}"
+    folder = cache_dir() / "exports" / f"{entry.name}-{engine}-{precision}-r{RECIPE_VERSION}-{identity.replace('local-', '')}"
     if not (folder / MANIFEST).is_file():
         import logging
 

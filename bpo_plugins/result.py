@@ -25,6 +25,7 @@ class FallbackReason(str, Enum):
     DEGENERATE = "degenerate"
     LENGTH_RATIO = "length_ratio"
     ANSWERED = "answered"
+    LOST_TERMS = "lost_terms"
     PROTECTED_SPAN_LOST = "protected_span_lost"
 
     def __str__(self) -> str:

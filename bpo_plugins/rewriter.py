@@ -405,7 +405,8 @@ class Rewriter:
             backend.revision,
             [template.user, template.system, template.raw],
             decoding.as_key(),
-            [self.guards.min_length_ratio, self.guards.max_length_ratio, self.guards.check_answered, self.guards.check_degenerate],
+            [self.guards.min_length_ratio, self.guards.max_length_ratio, self.guards.check_answered, self.guards.check_degenerate,
+             self.guards.min_term_recall],
             item.masked.text,
             item.masked.spans,
         )

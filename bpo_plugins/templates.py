@@ -9,6 +9,7 @@ backends, byte for byte as the released checkpoint was trained.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 PROMPT_SLOT = "{prompt}"
 
@@ -40,6 +41,15 @@ class PromptTemplate:
         if self.raw is None:
             raise ValueError(f"template {self.name!r} has no raw format")
         return self.raw.replace("{user}", self.user_text(prompt))
+
+    def render(self, prompt: str, tokenizer: Any) -> str:
+        """The whole model input for a local model: the raw format, else the tokenizer's chat template.
+
+        A raw render still needs the tokenizer's BOS when tokenised; a chat render carries its own.
+        """
+        if self.raw is not None:
+            return self.render_raw(prompt)
+        return str(tokenizer.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=False))
 
 
 BPO_INSTRUCTION = (

@@ -21,10 +21,11 @@ def export_onnx_command(
     check: Annotated[bool, typer.Option("--check/--no-check", help="Greedy and logit parity against the source.")] = True,
     min_token_agreement: Annotated[float | None, typer.Option("--min-token-agreement", min=0, max=1)] = None,
     logit_atol: Annotated[float | None, typer.Option("--logit-atol", min=0)] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="Quantization block for int8/int4 (default 32 / 64).")] = None,
 ) -> None:
     """Export a decoder with past key values, quantize it, check parity, write a manifest."""
     from bpo_plugins.export.onnx import export_onnx
 
     manifest = export_onnx(model, out, precision, device, check=check, min_token_agreement=min_token_agreement,
-                           logit_atol=logit_atol, engine=engine)
+                           logit_atol=logit_atol, engine=engine, block_size=block_size)
     typer.echo(json.dumps({"out": str(out), "engine": manifest.engine, "precision": manifest.precision, "size_mb": manifest.size_mb, "parity": manifest.parity}, indent=2))

@@ -66,11 +66,23 @@ def test_onnx_backend_passes_core_guards(onnx_fp32):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_int8_export_and_failed_parity_is_loud(tiny_bpo_dir, tmp_path, engine):
     manifest = export_onnx(str(tiny_bpo_dir), tmp_path / "int8", "int8", engine=engine)
-    assert manifest.precision == "int8" and manifest.parity["token_agreement"] >= 0.5
+    assert manifest.precision == "int8" and manifest.parity["token_agreement"] >= 0.5 and manifest.block_size == 32
     # 4-bit weights cannot hold logits to 1e-6: held to that bar, the export must refuse and leave nothing.
     with pytest.raises(ParityError, match="failed parity"):
         export_onnx(str(tiny_bpo_dir), tmp_path / "int4", "int4", logit_atol=1e-6, engine=engine)
     assert not (tmp_path / "int4").exists()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_int4_block_size_reaches_every_quantized_matmul(tiny_bpo_dir, tmp_path, engine):
+    import onnx
+
+    manifest = export_onnx(str(tiny_bpo_dir), tmp_path / "int4", "int4", engine=engine, block_size=16)
+    graph = onnx.load(str(tmp_path / "int4" / manifest.onnx_file), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert manifest.block_size == 16 and blocks == {16}
+    with pytest.raises(ValueError, match="power of two"):
+        export_onnx(str(tiny_bpo_dir), tmp_path / "bad", "int4", engine=engine, block_size=48)
 
 
 def test_genai_batches_prompts_that_contain_its_pad_token(tiny_bpo_dir, tmp_path):

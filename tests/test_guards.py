@@ -7,11 +7,13 @@ import json
 import pytest
 
 from bpo_plugins.guards import (
+    GuardConfig,
     answered_reason,
     check_rewrite,
     check_text,
     clean_output,
     degenerate_reason,
+    lost_terms_reason,
     mask_protected,
 )
 from bpo_plugins.result import FallbackReason
@@ -83,6 +85,39 @@ def test_check_rewrite_reasons(output, reason):
     original = "Explain how the water cycle works in simple terms for kids."
     failure = check_rewrite(original, output)
     assert failure is not None and failure[0] is reason, failure
+
+
+def test_bpo_reference_rewrites_keep_the_prompts_subject(bpo_pairs):
+    flagged = [r for r in bpo_pairs if lost_terms_reason(r["prompt"], r["optimized_prompt"])]
+    assert len(flagged) <= 0.01 * len(bpo_pairs), [r["optimized_prompt"][:80] for r in flagged]
+
+
+@pytest.mark.parametrize(
+    ("original", "output"),
+    [
+        # bpo-small's own slips on held-out pairs: a passage swapped for a generic request, a changed subject
+        ("Regarding to that, these should be considered whenever those become relevant to the user's daily decisions.",
+         "Please provide a more detailed explanation of the importance of considering these when making decisions."),
+        ("Write mumps code to compute the ISO week number from a $H date value.",
+         "Write a short Python snippet that prints the current weekday."),
+    ],
+)
+def test_rewrites_that_lose_the_subject_fall_back(original, output):
+    failure = check_rewrite(original, output)
+    assert failure is not None and failure[0] is FallbackReason.LOST_TERMS, failure
+    assert check_rewrite(original, output, GuardConfig(min_term_recall=0)) is None
+
+
+@pytest.mark.parametrize(
+    ("original", "output"),
+    [
+        ("Tell me a joke", "Tell me a short, clean joke suitable for all ages."),  # too few words to judge
+        ("写一首关于秋天的诗", "请写一首描写秋天景色的现代诗，注意意象和韵律。"),  # no spaces: not judged by words
+        ("Give two good examples of customer service.", "Give two specific examples of outstanding customer service."),
+    ],
+)
+def test_faithful_or_unjudgeable_rewrites_pass_the_subject_check(original, output):
+    assert lost_terms_reason(original, output) is None
 
 
 def test_length_ratio_upper_bound_uses_bpo_filter():

@@ -61,11 +61,7 @@ class LocalBackend(Backend):
         self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
 
     def render(self, prompt: str, template: PromptTemplate) -> str:
-        if template.raw is not None:
-            # BPO's script tokenises the raw string with the tokenizer's default BOS.
-            return template.render_raw(prompt)
-        rendered = self.tokenizer.apply_chat_template(template.messages(prompt), add_generation_prompt=True, tokenize=False)
-        return str(rendered)
+        return template.render(prompt, self.tokenizer)
 
     def generate(
         self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None

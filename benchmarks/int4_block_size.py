@@ -1,0 +1,111 @@
+"""How the 4-bit quantization block size trades decode speed for fidelity, on bpo-small's GenAI export.
+
+Smaller blocks keep more scales (more bytes to read per token, more dequantization work). Larger
+blocks round more weights to one scale. For each block size this prints:
+
+- the decode speed next to llama.cpp on the same prompts, with the runtimes taking turns;
+- fidelity to the fp32 export, teacher-forced: along fp32's own greedy continuation of each
+  held-out prompt, the share of steps where the int4 model picks the same next token, and the mean
+  KL divergence of its next-token distribution from fp32's.
+
+`export.onnx.BLOCK_SIZE` holds the block size picked from these figures.
+
+    python benchmarks/int4_block_size.py --blocks 32 64 128 256 --out benchmarks/results/int4_block_size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from decode_speed import TOKENS, genai_runner, interleave, llama_cpp_runner
+from runtimes import export_folder
+
+
+def next_token_logits(folder: Path, prompts: list[list[int]], steps: int, forced: list[list[int]] | None = None):
+    """Per prompt, the next-token logits at each of ``steps`` steps; greedy unless ``forced`` gives the tokens."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    traces = []
+    for row, ids in enumerate(prompts):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        trace = []
+        for step in range(steps):
+            logits = np.array(generator.get_logits())[0, -1].astype(np.float64)
+            token = int(logits.argmax()) if forced is None else forced[row][step]
+            trace.append(logits)
+            generator.append_tokens(np.array([[token]], dtype=np.int32))
+        traces.append(trace)
+    return traces
+
+
+def fidelity(reference, candidate) -> dict[str, float]:
+    import numpy as np
+
+    agree, kl = [], []
+    for ref_trace, cand_trace in zip(reference, candidate):
+        for ref, cand in zip(ref_trace, cand_trace):
+            agree.append(ref.argmax() == cand.argmax())
+            p = np.exp(ref - ref.max())
+            p /= p.sum()
+            log_q = cand - cand.max() - np.log(np.exp(cand - cand.max()).sum())
+            kl.append(float((p * (np.log(p + 1e-12) - log_q)).sum()))
+    return {"top1_agreement": round(float(np.mean(agree)), 4), "mean_kl": round(float(np.mean(kl)), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--speed-prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
+    parser.add_argument("--fidelity-prompts", type=Path, default=Path("training/results/bpo-small-val_pairs.jsonl"))
+    parser.add_argument("--limit", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_block_size"))
+    args = parser.parse_args()
+
+    from bpo_plugins.backends.onnx import load_export
+    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.registry import find_smollm2_gguf
+
+    fp32 = export_folder("bpo-small", "genai", "fp32")
+    exports = {block: export_folder("bpo-small", "genai", "int4", block) for block in args.blocks}
+    backend = load_export(fp32)
+
+    def encode(path: Path, limit: int | None) -> list[list[int]]:
+        rows = read_rows(path)[:limit]
+        return [backend.tokenizer(backend.render(row_prompt(r), backend.default_template), add_special_tokens=False)["input_ids"]
+                for r in rows]
+
+    runners = {f"genai int4 block {block}": genai_runner(folder) for block, folder in exports.items()}
+    runners["llama.cpp"] = llama_cpp_runner(find_smollm2_gguf(), backend.tokenizer.eos_token_id)
+    times = interleave(runners, encode(args.speed_prompts, args.limit), args.rounds)
+    tok_s = {name: (TOKENS - 1) * len(decode) / sum(decode) for name, (_, decode) in times.items()}
+
+    fidelity_prompts = encode(args.fidelity_prompts, None)
+    reference = next_token_logits(fp32, fidelity_prompts, 48)
+    forced = [[int(logits.argmax()) for logits in trace] for trace in reference]
+    rows = []
+    for block, folder in exports.items():
+        name = f"genai int4 block {block}"
+        rows.append({"block_size": block, "decode_tok_s": round(tok_s[name], 1),
+                     "x_llama_cpp": round(tok_s[name] / tok_s["llama.cpp"], 2),
+                     **fidelity(reference, next_token_logits(folder, fidelity_prompts, 48, forced))})
+        print(json.dumps(rows[-1]), flush=True)
+    lines = [f"llama.cpp (base Q4_1 GGUF): {tok_s['llama.cpp']:.1f} tok/s in the same interleaved run. "
+             f"Fidelity: {len(fidelity_prompts)} held-out prompts x 48 teacher-forced steps against the GenAI fp32 export.", "",
+             "| block size | decode tok/s | x llama.cpp | top-1 agreement with fp32 | mean KL to fp32 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['block_size']} | {r['decode_tok_s']} | {r['x_llama_cpp']} | {r['top1_agreement']:.1%} | {r['mean_kl']} |" for r in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"llama_cpp_tok_s": round(tok_s["llama.cpp"], 1), "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
