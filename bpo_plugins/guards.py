@@ -295,7 +295,7 @@ def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig(
             FallbackReason.LENGTH_RATIO,
             f"rewrite is {ratio:.2f}x the prompt in words (allowed {config.min_length_ratio}-{config.max_length_ratio}x)",
         )
-    why = lost_terms_reason(original, output, config.min_term_recall) if config.min_term_recall > 0 else None
+    why = lost_terms_reason(original, output, config.min_term_recall)  # a bar of 0 never fires
     if why:
         return FallbackReason.LOST_TERMS, why
     return None
