@@ -22,27 +22,15 @@ from pathlib import Path
 from decode_speed import TOKENS, genai_runner, interleave, llama_cpp_runner
 from runtimes import export_folder
 
+from bpo_plugins.export.onnx import _genai_runner
 
-def next_token_logits(folder: Path, prompts: list[list[int]], steps: int, forced: list[list[int]] | None = None):
-    """Per prompt, the next-token logits at each of ``steps`` steps; greedy unless ``forced`` gives the tokens."""
-    import numpy as np
-    import onnxruntime_genai as og
+FIDELITY_STEPS = 48
 
-    model = og.Model(str(folder))
-    traces = []
-    for row, ids in enumerate(prompts):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.array([ids], dtype=np.int32))
-        trace = []
-        for step in range(steps):
-            logits = np.array(generator.get_logits())[0, -1].astype(np.float64)
-            token = int(logits.argmax()) if forced is None else forced[row][step]
-            trace.append(logits)
-            generator.append_tokens(np.array([[token]], dtype=np.int32))
-        traces.append(trace)
-    return traces
+
+def forced_logits(folder: Path, prompts: list[list[int]], forced: list[list[int]]) -> list:
+    """Per prompt, the export's next-token logits at each step along ``forced`` (export parity's teacher forcing)."""
+    run = _genai_runner(folder, "cpu")
+    return [run(ids, tokens)[0] for ids, tokens in zip(prompts, forced)]
 
 
 def fidelity(reference, candidate) -> dict[str, float]:
@@ -88,17 +76,19 @@ def main() -> None:
     tok_s = {name: (TOKENS - 1) * len(decode) / sum(decode) for name, (_, decode) in times.items()}
 
     fidelity_prompts = encode(args.fidelity_prompts, None)
-    reference = next_token_logits(fp32, fidelity_prompts, 48)
-    forced = [[int(logits.argmax()) for logits in trace] for trace in reference]
+    fp32_run = _genai_runner(fp32, "cpu")
+    # fp32's own greedy continuation of each prompt (the runner's free-running output), then every export along it.
+    forced = [fp32_run(ids, [0] * FIDELITY_STEPS)[1] for ids in fidelity_prompts]
+    reference = forced_logits(fp32, fidelity_prompts, forced)
     rows = []
     for block, folder in exports.items():
         name = f"genai int4 block {block}"
         rows.append({"block_size": block, "decode_tok_s": round(tok_s[name], 1),
                      "x_llama_cpp": round(tok_s[name] / tok_s["llama.cpp"], 2),
-                     **fidelity(reference, next_token_logits(folder, fidelity_prompts, 48, forced))})
+                     **fidelity(reference, forced_logits(folder, fidelity_prompts, forced))})
         print(json.dumps(rows[-1]), flush=True)
     lines = [f"llama.cpp (base Q4_1 GGUF): {tok_s['llama.cpp']:.1f} tok/s in the same interleaved run. "
-             f"Fidelity: {len(fidelity_prompts)} held-out prompts x 48 teacher-forced steps against the GenAI fp32 export.", "",
+             f"Fidelity: {len(fidelity_prompts)} held-out prompts x up to {FIDELITY_STEPS} teacher-forced steps against the GenAI fp32 export.", "",
              "| block size | decode tok/s | x llama.cpp | top-1 agreement with fp32 | mean KL to fp32 |", "|---|---|---|---|---|"]
     lines += [f"| {r['block_size']} | {r['decode_tok_s']} | {r['x_llama_cpp']} | {r['top1_agreement']:.1%} | {r['mean_kl']} |" for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 from bpo_plugins.guards import BANNED_MARKERS
@@ -16,6 +17,8 @@ class Decoding:
     num_candidates: int = 1
     max_new_tokens: int = 256
     banned_words: tuple[str, ...] = ()
+    #: Stop a row whose tail starts repeating and cut the repeats (see :func:`loop_cut`).
+    stop_loops: bool = True
 
     def as_key(self) -> dict[str, object]:
         return asdict(self)
@@ -24,19 +27,57 @@ class Decoding:
         return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, max_new_tokens)))
 
 
+#: A tail repeating with period p is a loop once it covers max(LOOP_MIN_TOKENS, 2p) tokens: short
+#: enough to stop a "Mondegreen:\nMondegreen:\n..." loop within ~0.2 s, long enough that a
+#: markdown rule or a short list of repeated words does not trip it.
+LOOP_MIN_TOKENS = 24
+LOOP_MAX_PERIOD = 64
+
+
+def loop_cut(tokens: Sequence[int], prompt: Sequence[int] = ()) -> int | None:
+    """Where to cut a generation whose tail has fallen into a loop, keeping one copy; None if it has not.
+
+    Optimizers under 2B parameters loop (thu-coai/BPO#16): left alone they repeat a line until
+    ``max_new_tokens``, which costs the whole token budget and ends in a fallback. Backends check
+    each row as it grows and stop it here. A repeating span that the prompt itself contains is
+    a faithful copy (a table, a data sample), not a loop.
+    """
+    n = len(tokens)
+    for period in range(1, min(LOOP_MAX_PERIOD, n // 2) + 1):
+        span = max(LOOP_MIN_TOKENS, 2 * period)
+        if span > n or tokens[-1] != tokens[-1 - period]:
+            continue
+        if any(tokens[i] != tokens[i - period] for i in range(n - span + period, n - 1)):
+            continue
+        if _contains(prompt, tokens[n - span :]):
+            return None  # every longer period is a multiple of this one, and copies the prompt too
+        start = n - span
+        while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
+            start -= 1
+        return start + period
+    return None
+
+
+def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:
+    if len(needle) > len(haystack):
+        return False
+    # Token ids as comma-separated text: a C-speed substring search instead of a Python scan.
+    return "," + ",".join(map(str, needle)) + "," in "," + ",".join(map(str, haystack)) + ","
+
+
 def check_mode(mode: str) -> Mode:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     return mode  # type: ignore[return-value]
 
 
-def decoding_for(mode: str, *, max_new_tokens: int, num_candidates: int = 5) -> Decoding:
+def decoding_for(mode: str, *, max_new_tokens: int, num_candidates: int = 5, stop_loops: bool = True) -> Decoding:
     """BPO's settings (thu-coai/BPO src/infer_example.py) for ``stable`` and ``aggressive``."""
     mode = check_mode(mode)
     if mode == "greedy":
-        return Decoding(max_new_tokens=max_new_tokens)
+        return Decoding(max_new_tokens=max_new_tokens, stop_loops=stop_loops)
     if mode == "stable":
-        return Decoding(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=max_new_tokens)
+        return Decoding(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=max_new_tokens, stop_loops=stop_loops)
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
     return Decoding(
@@ -46,4 +87,5 @@ def decoding_for(mode: str, *, max_new_tokens: int, num_candidates: int = 5) -> 
         num_candidates=num_candidates,
         max_new_tokens=max_new_tokens,
         banned_words=BANNED_MARKERS,
+        stop_loops=stop_loops,
     )

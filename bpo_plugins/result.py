@@ -57,6 +57,8 @@ class RewriteResult:
     cached: bool = False
     model: str = ""
     output_tokens: int = 0
+    #: Candidates the backend stopped and cut where they started repeating themselves.
+    loops_cut: int = 0
 
     @property
     def changed(self) -> bool:
@@ -86,6 +88,7 @@ class RewriteResult:
             "latency_s": round(self.latency_s, 6),
             "cached": self.cached,
             "output_tokens": self.output_tokens,
+            "loops_cut": self.loops_cut,
         }
 
 

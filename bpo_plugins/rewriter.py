@@ -40,7 +40,8 @@ class Rewriter:
     Every result is safe to send on: when a guard trips (timeout, backend error, empty or
     looping output, a length ratio outside BPO's data filter, an answer instead of a
     rewrite, a lost protected span) the original prompt goes through and ``fallback`` says
-    why. With ``strict=True`` a :class:`RewriteError` is raised instead.
+    why. With ``strict=True`` a :class:`RewriteError` is raised instead. With ``stop_loops`` (the
+    default) local backends stop a candidate as soon as it starts repeating itself and keep one copy.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class Rewriter:
         guards: GuardConfig | None = None,
         cache_size: int = 1024,
         cache_path: str | Path | None = None,
+        stop_loops: bool = True,
     ) -> None:
         self._backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._factory: BackendFactory | None = None if isinstance(backend, Backend) else backend
@@ -82,6 +84,7 @@ class Rewriter:
         self.selector: Selector = selector
         self.guards = guards or GuardConfig()
         self.cache = RewriteCache(cache_size, cache_path)
+        self.stop_loops = stop_loops
 
     # -- construction -------------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class Rewriter:
             "template": self._template_arg, "mode": self.mode, "strict": self.strict, "timeout_s": self.timeout_s,
             "max_new_tokens": self.max_new_tokens, "max_input_words": self.max_input_words,
             "num_candidates": self.num_candidates, "selector": self.selector, "guards": self.guards,
+            "stop_loops": self.stop_loops,
         }
         settings.update(options)
         clone = Rewriter(lambda: self.backend, **settings)
@@ -295,7 +299,8 @@ class Rewriter:
         if isinstance(protect, (str, bytes)):
             raise TypeError("protect takes a list of strings, not a single string")
         mode = check_mode(mode or self.mode)
-        decoding = decoding_for(mode, max_new_tokens=self.max_new_tokens, num_candidates=self.num_candidates)
+        decoding = decoding_for(mode, max_new_tokens=self.max_new_tokens, num_candidates=self.num_candidates,
+                                stop_loops=self.stop_loops)
         items = []
         for i, prompt in enumerate(prompts):
             item = _Item(prompt, None if contexts is None else contexts[i], mask_protected(prompt, protect))
@@ -332,6 +337,8 @@ class Rewriter:
         for item, generation in zip(pending, output.generations):
             try:
                 item.result = self._judge(item, generation.texts, mode, output.timed_out, generation.output_tokens)
+                if generation.loops_cut:
+                    item.result = item.result.with_(loops_cut=generation.loops_cut)
             except Exception as exc:  # noqa: BLE001 - a guard bug must not break the caller's request
                 item.result = self._fallback(item, mode, FallbackReason.BACKEND_ERROR, f"{type(exc).__name__}: {exc}")
             # Timeouts and backend errors may not repeat; everything else is deterministic in greedy mode.
@@ -418,6 +425,7 @@ class Rewriter:
             "detail": result.detail,
             "candidates": list(result.candidates),
             "output_tokens": result.output_tokens,
+            "loops_cut": result.loops_cut,
         }
 
     def _from_record(self, item: _Item, mode: Mode, record: dict[str, Any]) -> RewriteResult:
@@ -430,6 +438,7 @@ class Rewriter:
             detail=record.get("detail"),
             candidates=tuple(record.get("candidates", ())),
             output_tokens=int(record.get("output_tokens", 0)),
+            loops_cut=int(record.get("loops_cut", 0)),
             cached=True,
         )
 

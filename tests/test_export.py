@@ -166,3 +166,12 @@ def test_export_cli(tiny_bpo_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bpo_plugins", "export", "onnx", "--model", str(tiny_bpo_dir), "--out",
                           str(tmp_path / "x"), "--precision", "int3"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown precision" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_runtime_stops_the_same_loop_at_the_same_token(onnx_fp32, tiny_bpo_dir):
+    from tests.test_rewriter import LOOPING_PROMPT
+
+    exported = Rewriter.from_pretrained(onnx_fp32, max_new_tokens=96, cache_size=0).rewrite(LOOPING_PROMPT)
+    source = Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=96, cache_size=0).rewrite(LOOPING_PROMPT)
+    assert exported.loops_cut == source.loops_cut == 1
+    assert exported.candidates == source.candidates and exported.output_tokens == source.output_tokens

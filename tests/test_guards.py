@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bpo_plugins.decoding import loop_cut
 from bpo_plugins.guards import (
     GuardConfig,
     answered_reason,
@@ -176,3 +177,23 @@ def test_user_text_with_placeholder_syntax_cannot_collide():
 def test_check_text_rejects_non_strings(bad):
     with pytest.raises(TypeError, match="must be str"):
         check_text(bad)
+
+
+# --- loops, stopped while decoding ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("period", [1, 4, 20])
+def test_loop_cut_keeps_one_copy_of_a_repeating_tail(period):
+    head = list(range(1000, 1010))
+    unit = list(range(1, period + 1))
+    tokens = head + unit * (48 // period + 2)
+    assert tokens[: loop_cut(tokens)] == head + unit
+
+
+def test_loop_cut_leaves_varied_text_short_repeats_and_copies_of_the_prompt():
+    assert loop_cut(list(range(300))) is None
+    rule = [7, 8] * 6  # a 12-token markdown rule: too short to be a loop
+    assert loop_cut(list(range(50)) + rule) is None
+    table = [5, 6, 7] * 12  # the prompt's own repetitive data, copied faithfully
+    assert loop_cut([1, 2] + table, prompt=[9] + table + [3]) is None
+    assert loop_cut([1, 2] + table, prompt=[9, 3]) == 5

@@ -324,3 +324,21 @@ def test_prompt_lookup_decoding_matches_plain_greedy(tiny_bpo_dir):
     assert with_lookup.backend.prompt_lookup_tokens
     for prompt in ["Repeat this sentence about the moon and the moon again", "Tell me about Harry Potter and Harry's friends"]:
         assert with_lookup.rewrite(prompt).candidates == plain.rewrite(prompt).candidates
+
+
+LOOPING_PROMPT = "write a poem about the sea and the wind"  # the seeded tiny model falls into a loop here
+
+
+def test_a_loop_is_stopped_while_decoding_and_cut_to_one_copy(tiny_bpo_dir):
+    from bpo_plugins.decoding import Decoding
+
+    rewriter = Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=96, cache_size=0)
+    result = rewriter.rewrite(LOOPING_PROMPT)
+    free = rewriter.backend.generate([LOOPING_PROMPT], rewriter.template, Decoding(max_new_tokens=96, stop_loops=False), None)
+    free_text, free_tokens = free.generations[0].texts[0], free.generations[0].output_tokens
+    stopped = result.candidates[0]
+    assert result.loops_cut == 1 and free.generations[0].loops_cut == 0
+    assert result.output_tokens < free_tokens == 96  # stopped early, not at the token budget
+    tail = stopped[-40:]
+    assert free_text.startswith(stopped.rstrip()) and free_text.count(tail) >= 3 and stopped.count(tail) == 1
+    assert result.to_dict()["loops_cut"] == 1

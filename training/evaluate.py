@@ -88,6 +88,7 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
             rows.append({
                 "prompt": item.prompt, "reference": item.reference, "raw_output": raw, "rewritten": result.rewritten,
                 "fallback": result.fallback and result.fallback.value,
+                "loop_cut": result.loops_cut > 0,
                 "answered": bool(raw) and answered_reason(item.prompt, raw) is not None,
                 "degenerate": bool(raw) and degenerate_reason(item.prompt, raw) is not None,
                 "expansion": word_count(raw) / max(word_count(item.prompt), 1) if raw else None,
@@ -100,6 +101,8 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
         "fallback_rate": _mean([r["fallback"] is not None for r in rows]),
         "answered_rate": _mean([r["answered"] for r in generated]),
         "degenerate_rate": _mean([r["degenerate"] for r in generated]),
+        # Rewrites that fell into a loop and were stopped there; degenerate_rate counts what is left after the cut.
+        "loop_cut_rate": _mean([r["loop_cut"] for r in rows]),
         "expansion_ratio_median": round(statistics.median([r["expansion"] for r in generated]), 3) if generated else None,
         "expanded_share": _mean([r["expansion"] > 1.1 for r in generated]),
         "unchanged_share": _mean([r["rewritten"].strip() == r["prompt"].strip() for r in rows]),

@@ -20,7 +20,7 @@ from typing import Any
 
 from bpo_plugins.backends.base import BatchOutput
 from bpo_plugins.backends.transformers import LocalBackend, batch_output, folder_revision
-from bpo_plugins.decoding import Decoding
+from bpo_plugins.decoding import Decoding, loop_cut
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate
 
@@ -86,7 +86,8 @@ class GenAIBackend(LocalBackend):
             return batch_output([part.generations[0].texts[0] for part in parts],
                                 [part.generations[0].output_tokens for part in parts], n,
                                 elapsed=sum(part.stats["generate_s"] for part in parts),
-                                timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows))
+                                timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
+                                cut=[part.generations[0].loops_cut > 0 for part in parts])
         width = max(len(ids) for ids in rows)
         # GenAI masks pad tokens itself and expects batches padded on the right.
         batch = np.full((len(rows), width), pad, dtype=np.int32)
@@ -105,6 +106,7 @@ class GenAIBackend(LocalBackend):
         eos = {self.tokenizer.eos_token_id, pad}
         out: list[list[int]] = [[] for _ in rows]
         finished = [False] * len(rows)
+        cut = [False] * len(rows)
         start = time.perf_counter()
         deadline = None if timeout_s is None else start + timeout_s
         timed_out = False
@@ -116,17 +118,23 @@ class GenAIBackend(LocalBackend):
                     self._mask_banned(generator, out, banned)
                 generator.generate_next_token()
                 for i, token in enumerate(generator.get_next_tokens().tolist()):
-                    if not finished[i]:
-                        finished[i] = token in eos or len(out[i]) + 1 >= decoding.max_new_tokens
-                        if token not in eos:
-                            out[i].append(int(token))
+                    if finished[i]:
+                        continue
+                    if token in eos:
+                        finished[i] = True
+                        continue
+                    out[i].append(int(token))
+                    if decoding.stop_loops and (at := loop_cut(out[i], rows[i])) is not None:
+                        del out[i][at:]
+                        cut[i] = True
+                    finished[i] = cut[i] or len(out[i]) >= decoding.max_new_tokens
                 if deadline is not None and time.perf_counter() >= deadline:
                     timed_out = True
                     break
         elapsed = time.perf_counter() - start
         decoded = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return batch_output(decoded, [len(ids) for ids in out], n, elapsed=elapsed, timed_out=timed_out,
-                            input_tokens=sum(len(ids) for ids in rows))
+                            input_tokens=sum(len(ids) for ids in rows), cut=cut)
 
     @staticmethod
     def _mask_banned(generator: Any, out: list[list[int]], banned: list[list[int]]) -> None:

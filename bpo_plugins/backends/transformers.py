@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
-from bpo_plugins.decoding import Decoding
+from bpo_plugins.decoding import Decoding, loop_cut
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate, pick_local_template
 
@@ -30,11 +30,13 @@ def folder_revision(folder: Path) -> str:
 
 
 def batch_output(
-    decoded: Sequence[str], counts: Sequence[int], n: int, *, elapsed: float, timed_out: bool, input_tokens: int
+    decoded: Sequence[str], counts: Sequence[int], n: int, *, elapsed: float, timed_out: bool, input_tokens: int,
+    cut: Sequence[bool] = (),
 ) -> BatchOutput:
     """Group a flat list of ``len(prompts) * n`` decoded rows back into one Generation per prompt."""
+    cut = list(cut) or [False] * len(decoded)
     generations = [
-        Generation(texts=list(decoded[i : i + n]), output_tokens=int(sum(counts[i : i + n])))
+        Generation(texts=list(decoded[i : i + n]), output_tokens=int(sum(counts[i : i + n])), loops_cut=sum(cut[i : i + n]))
         for i in range(0, len(decoded), n)
     ]
     return BatchOutput(
@@ -181,6 +183,11 @@ class TransformersBackend(LocalBackend):
             kwargs["bad_words_ids"] = banned
         if timeout_s is not None:
             kwargs["max_time"] = timeout_s
+        pad = self.tokenizer.pad_token_id
+        prompts = [[t for t in row if t != pad] for row in batch["input_ids"].tolist() for _ in range(n)]
+        start_at = batch["input_ids"].shape[1]
+        if decoding.stop_loops:
+            kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, pad)
         if self.prompt_lookup_tokens and len(texts) == 1 and n == 1 and not decoding.do_sample and not banned:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
         start = time.perf_counter()
@@ -188,12 +195,27 @@ class TransformersBackend(LocalBackend):
             output = self.model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start
         # Prompt-lookup drafts can be accepted past max_new_tokens (transformers 4.57): clip to the budget.
-        start_at = batch["input_ids"].shape[1]
-        new_tokens = output[:, start_at : start_at + decoding.max_new_tokens]
-        decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        counts = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
-        return batch_output(decoded, counts, n, elapsed=elapsed, timed_out=timeout_s is not None and elapsed >= timeout_s,
-                            input_tokens=int(batch["input_ids"].numel()))
+        rows = [[t for t in row if t != pad] for row in output[:, start_at : start_at + decoding.max_new_tokens].tolist()]
+        cuts = [loop_cut(row, prompt) if decoding.stop_loops else None for row, prompt in zip(rows, prompts)]
+        rows = [row if at is None else row[:at] for row, at in zip(rows, cuts)]
+        decoded = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return batch_output(decoded, [len(row) for row in rows], n, elapsed=elapsed,
+                            timed_out=timeout_s is not None and elapsed >= timeout_s,
+                            input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])
+
+
+def _loop_stop(start_at: int, prompts: list[list[int]], pad: int | None) -> Any:
+    """A stopping criterion that ends each row once :func:`loop_cut` finds a loop in what it generated."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class LoopStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+            rows = input_ids[:, start_at:].tolist()
+            done = [loop_cut([t for t in row if t != pad], prompt) is not None for row, prompt in zip(rows, prompts)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+    return StoppingCriteriaList([LoopStop()])
 
 
 def _pick_dtype(dtype: str, device: str | None) -> Any:
