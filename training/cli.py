@@ -17,6 +17,7 @@ def train(
     base_model: Annotated[str | None, typer.Option("--base-model")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", min=1, help="LoRA rank; alpha is set to twice the rank.")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr")] = None,
@@ -34,6 +35,7 @@ def train(
         "data": [str(d) for d in data] if data else None, "base_model": base_model, "out": out, "epochs": epochs,
         "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size, "template": template,
         "exclude": [str(e) for e in exclude] if exclude else None, "seed": seed,
+        "lora_r": lora_r, "lora_alpha": None if lora_r is None else 2 * lora_r,
     }
     if full:
         overrides["lora"] = False

@@ -24,8 +24,8 @@ class TrainConfig:
     out: str = "runs/bpo-small"
     template: str = "auto"  # auto | bpo (raw [INST]) | bpo-chat (the base model's chat template)
     lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = 16
+    lora_alpha: int = 32
     lora_dropout: float = 0.05
     epochs: float = 4.0
     learning_rate: float = 3e-4
