@@ -185,6 +185,17 @@ def test_lora_adapter_loads_into_a_rewriter(tiny_bpo_dir, tmp_path: Path):
     assert rewriter.rewrite("Explain gravity").candidates
 
 
+def test_train_cli_sets_the_lora_rank(tiny_bpo_dir, tmp_path: Path):
+    out = tmp_path / "cli-lora"
+    run = subprocess.run([sys.executable, "-m", "bpo_plugins", "train", "--data", str(_tiny_pairs(tmp_path)), "--base-model",
+                          str(tiny_bpo_dir), "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--lora-r", "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
+    assert json.loads(run.stdout)["steps"] == 1
+
+
 def test_loss_masks_the_instruction(tiny_bpo_dir):
     from transformers import AutoTokenizer
 
