@@ -17,8 +17,9 @@ class Decoding:
     num_candidates: int = 1
     max_new_tokens: int = 256
     banned_words: tuple[str, ...] = ()
-    #: Stop a row whose tail starts repeating and cut the repeats (see :func:`loop_cut`).
-    stop_loops: bool = True
+    #: Stop a row whose tail starts repeating and cut the repeats (see :func:`loop_cut`). On for
+    #: rewrites (the Rewriter's ``stop_loops``), off for answers, which may repeat on purpose.
+    stop_loops: bool = False
 
     def as_key(self) -> dict[str, object]:
         return asdict(self)
