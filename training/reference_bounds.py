@@ -6,7 +6,7 @@ prompt with generic guidance appended (what a rewriter adds when it knows nothin
 oracle that takes the better of rewrite and raw prompt for each pair (the ceiling of any guard or
 selector that picks between them).
 
-    python training/reference_bounds.py runs/eval-tuned/rows_*.jsonl --out training/results/reference_bounds.json
+    python training/reference_bounds.py runs/eval-r16/rows_*.jsonl --out training/results/reference_bounds.json
 """
 
 from __future__ import annotations
