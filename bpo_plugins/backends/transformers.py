@@ -184,9 +184,10 @@ class TransformersBackend(LocalBackend):
         if timeout_s is not None:
             kwargs["max_time"] = timeout_s
         pad = self.tokenizer.pad_token_id
-        prompts = [[t for t in row if t != pad] for row in batch["input_ids"].tolist() for _ in range(n)]
         start_at = batch["input_ids"].shape[1]
+        prompts: list[list[int]] = []  # per output row, for the loop stop's prompt-copy check
         if decoding.stop_loops:
+            prompts = [[t for t in row if t != pad] for row in batch["input_ids"].tolist() for _ in range(n)]
             kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, pad)
         if self.prompt_lookup_tokens and len(texts) == 1 and n == 1 and not decoding.do_sample and not banned:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
@@ -196,7 +197,7 @@ class TransformersBackend(LocalBackend):
         elapsed = time.perf_counter() - start
         # Prompt-lookup drafts can be accepted past max_new_tokens (transformers 4.57): clip to the budget.
         rows = [[t for t in row if t != pad] for row in output[:, start_at : start_at + decoding.max_new_tokens].tolist()]
-        cuts = [loop_cut(row, prompt) if decoding.stop_loops else None for row, prompt in zip(rows, prompts)]
+        cuts = [loop_cut(row, prompt) for row, prompt in zip(rows, prompts)] if decoding.stop_loops else [None] * len(rows)
         rows = [row if at is None else row[:at] for row, at in zip(rows, cuts)]
         decoded = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return batch_output(decoded, [len(row) for row in rows], n, elapsed=elapsed,
