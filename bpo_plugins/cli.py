@@ -42,13 +42,7 @@ class UsageError(Exception):
 def build_rewriter(model: str, backend: str, base_url: str | None, **options: Any) -> Any:
     from bpo_plugins import Rewriter
 
-    if backend == "openai" or (backend == "auto" and base_url):
-        return Rewriter.from_openai(model, base_url=base_url, **options)
-    if backend == "anthropic":
-        return Rewriter.from_anthropic(model, base_url=base_url, **options)
-    if backend in ("auto", "transformers", "onnx"):
-        return Rewriter.from_pretrained(model, backend=backend, **options)
-    raise UsageError(f"unknown backend {backend!r}: use auto, transformers, onnx, openai or anthropic")
+    return Rewriter.from_spec(model, backend=backend, base_url=base_url, **options)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -182,19 +176,69 @@ def bench(
 @app.command()
 def serve(
     model: ModelOption = "bpo-small",
+    backend: BackendOption = "auto",
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
 ) -> None:
-    """Serve a local model over an OpenAI-compatible /v1/chat/completions API."""
+    """Serve a local model (any local runtime) over an OpenAI-compatible API, streaming included."""
     from bpo_plugins.backends import load_local_backend
-    from bpo_plugins.backends.transformers import TransformersBackend
-    from bpo_plugins.serve import make_server
+    from bpo_plugins.backends.transformers import LocalBackend
+    from bpo_plugins.server.local import build_app
 
-    backend = load_local_backend(model)
-    assert isinstance(backend, TransformersBackend)
-    server = make_server(backend, host, port)
-    typer.echo(f"serving {backend.model_id} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", err=True)
-    server.serve_forever()
+    if backend not in ("auto", "transformers", "onnx"):
+        raise UsageError(f"bpo serve runs local models: --backend auto, transformers or onnx, not {backend!r}")
+    loaded = load_local_backend(model, backend=backend)
+    if not isinstance(loaded, LocalBackend):  # pragma: no cover - every local runtime is a LocalBackend
+        raise UsageError(f"{model!r} did not load as a local model")
+    _run_server(build_app(loaded), host, port, f"serving {loaded.model_id} ({loaded.name})")
+
+
+@app.command()
+def proxy(
+    upstream: Annotated[str | None, typer.Option("--upstream", help="The OpenAI-compatible base URL to forward to.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML or JSON settings (see bpo_plugins/server/config.py).")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="The BPO optimizer (default bpo-small).")] = None,
+    optimizer_base_url: Annotated[str | None, typer.Option("--optimizer-base-url", help="Serve the optimizer from this OpenAI-compatible URL.")] = None,
+    rewrite_timeout: Annotated[float | None, typer.Option("--rewrite-timeout", help="Seconds before the original prompt goes on.")] = None,
+    no_rewrite: Annotated[bool, typer.Option("--no-rewrite", help="Relay only (measure the gateway's own overhead).")] = False,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+) -> None:
+    """An OpenAI-compatible gateway: BPO rewrites each prompt, then the request goes to --upstream."""
+    from dataclasses import replace
+
+    from bpo_plugins.server.config import load_config
+    from bpo_plugins.server.gateway import build_gateway_app
+
+    settings = load_config(config, upstream=upstream, optimizer=optimizer, optimizer_base_url=optimizer_base_url,
+                           rewrite_timeout_s=rewrite_timeout)
+    if no_rewrite:
+        settings = replace(settings, default=replace(settings.default, rewrite=False),
+                           models=tuple((p, replace(t, rewrite=False)) for p, t in settings.models))
+    what = "relaying" if not settings.rewrites_anything else f"rewriting with {settings.optimizer}"
+    _run_server(build_gateway_app(settings), host, port, f"proxy to {settings.upstream}, {what}")
+
+
+def _run_server(asgi_app: Any, host: str, port: int, what: str) -> None:
+    import asyncio
+
+    from bpo_plugins.server import bound_port, uvicorn_server
+
+    server = uvicorn_server(asgi_app, host, port)
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            # One line a supervisor or test can read: where to point OpenAI clients.
+            typer.echo(f"{what} at http://{host}:{bound_port(server)}/v1 (Ctrl-C to stop)", err=True)
+        await task
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:  # the port is taken, or the host cannot be bound
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @app.command()

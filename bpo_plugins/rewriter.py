@@ -134,6 +134,21 @@ class Rewriter:
         return cls(load, **options)
 
     @classmethod
+    def from_spec(cls, model: str, *, backend: str = "auto", base_url: str | None = None, **options: Any) -> Rewriter:
+        """The optimizer a command line or config file names: a backend kind, a model, maybe a server URL.
+
+        ``backend`` is ``auto`` (an OpenAI-compatible server when ``base_url`` is given, else a local
+        model), ``transformers``, ``onnx``, ``openai`` or ``anthropic``.
+        """
+        if backend == "openai" or (backend == "auto" and base_url):
+            return cls.from_openai(model, base_url=base_url, **options)
+        if backend == "anthropic":
+            return cls.from_anthropic(model, base_url=base_url, **options)
+        if backend in ("auto", "transformers", "onnx"):
+            return cls.from_pretrained(model, backend=backend, **options)
+        raise ValueError(f"unknown backend {backend!r}: use auto, transformers, onnx, openai or anthropic")
+
+    @classmethod
     def from_openai(
         cls,
         model: str,

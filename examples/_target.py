@@ -22,9 +22,10 @@ def provider() -> str:
 def local_base_url() -> str:
     """Serve the bundled model on 127.0.0.1 in a background thread; return its /v1 URL."""
     from bpo_plugins.backends import load_local_backend
-    from bpo_plugins.serve import serve_in_thread
+    from bpo_plugins.server import serve_in_thread
+    from bpo_plugins.server.local import build_app
 
-    _, url = serve_in_thread(load_local_backend(LOCAL_MODEL))  # type: ignore[arg-type]
+    _, url = serve_in_thread(build_app(load_local_backend(LOCAL_MODEL)))  # type: ignore[arg-type]
     return url
 
 

@@ -112,6 +112,49 @@ def start_server(*args: str) -> Iterator[Server]:
         process.wait(timeout=30)
 
 
+@dataclass
+class CLIServer:
+    """A ``bpo serve`` / ``bpo proxy`` process; ``log`` holds everything it wrote to stderr."""
+
+    base_url: str
+    process: subprocess.Popen[str]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.base_url[: -len("/v1")]
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+
+def start_cli_server(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 180) -> Iterator[CLIServer]:
+    """Run ``bpo <args> --port 0`` until it says where it listens; stop it afterwards."""
+    import re
+    import time
+
+    sink = log.open("w")
+    process = subprocess.Popen([sys.executable, "-m", "bpo_plugins.cli", *args, "--port", "0"], stdout=sink, stderr=sink,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(r"at (http://127\.0\.0\.1:\d+/v1)", log.read_text())):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bpo {args[0]} did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield CLIServer(match.group(1), process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        sink.close()
+
+
 SCRIPT = {
     "Harry Potter": "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes.",
     "capital of France": "Sure! The capital of France is Paris.",

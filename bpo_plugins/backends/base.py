@@ -40,6 +40,10 @@ class Backend(ABC):
     revision: str = ""
     #: The template this model was trained with, used when the Rewriter is given none.
     default_template: PromptTemplate
+    #: Prompts/s of one batch-8 call over one batch-1 call, as measured on a 2-core CPU
+    #: (``benchmarks/runtimes.py``). Callers that could gather prompts (the gateway's micro-batcher,
+    #: ``bpo optimize --file``) batch only where this is well above 1.
+    batch_speedup: float = 1.0
 
     @abstractmethod
     def generate(

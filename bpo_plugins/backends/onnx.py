@@ -43,6 +43,7 @@ def load_export(folder: str | Path, *, device: str | None = None) -> Transformer
 
 class OnnxBackend(TransformersBackend):
     name = "onnx"
+    batch_speedup = 2.27  # optimum int8, batch 8 (fp32 2.37x, int4 1.92x)
 
     @classmethod
     def load_export(cls, folder: str | Path, *, device: str | None = None) -> OnnxBackend:

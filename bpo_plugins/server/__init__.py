@@ -1,0 +1,39 @@
+"""bpo-plugins' servers, on one ASGI stack (Starlette, uvicorn, httpx).
+
+- :mod:`bpo_plugins.server.local`: ``bpo serve``, a local model behind an OpenAI-compatible API;
+- :mod:`bpo_plugins.server.gateway`: ``bpo proxy``, BPO (and DRPO) in front of any OpenAI-compatible upstream.
+
+Nothing here is imported by ``import bpo_plugins``; the servers need the ``[server]`` extra.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+def uvicorn_server(app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> Any:
+    import uvicorn
+
+    # No access log: request lines are noise for a local helper, and the gateway counts requests in metrics.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def bound_port(server: Any) -> int:
+    return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, str]:
+    """Run ``app`` under uvicorn on a daemon thread; return the server and its ``/v1`` base URL once it listens."""
+    import time
+
+    server = uvicorn_server(app, host, port)
+    threading.Thread(target=server.run, name="bpo-serve", daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not start within 60 s")
+        time.sleep(0.01)
+    return server, f"http://{host}:{bound_port(server)}/v1"
