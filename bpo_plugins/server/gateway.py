@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from bpo_plugins.batching import MicroBatcher
+from bpo_plugins.chat import last_user_prompt
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.server import openai_api as api
 from bpo_plugins.server.asgi import BodyLimit, Endpoint, GatewayKeys
@@ -86,7 +87,10 @@ class Gateway:
         cfg = self.config
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(cfg.upstream_timeout_s, connect=cfg.connect_timeout_s, pool=cfg.connect_timeout_s),
-            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=min(cfg.max_connections, 200)),
+            # Idle upstream connections expire after 2 s: servers close idle ones after 5 s (uvicorn) or
+            # more, and a connection reused just as the server closes it fails the request.
+            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=min(cfg.max_connections, 200),
+                                keepalive_expiry=2.0),
             follow_redirects=False,
         )
         if self.rewriter is not None and not self.rewriter.loaded:
@@ -169,22 +173,14 @@ class Gateway:
             return self._count(Outcome("off"))
         if not treatment.rewrite or self.batcher is None:
             return self._count(Outcome("skipped", "model_not_rewritten"))
-        user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-        if user is None:
-            return self._count(Outcome("skipped", "no_user_message"))
-        content = user.get("content")
-        parts = [p for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)] if isinstance(content, list) else []
-        if isinstance(content, str):
-            text = content
-        elif len(parts) == 1:
-            text = parts[0]["text"]
-        else:
-            return self._count(Outcome("skipped", "unsupported_content"))
+        prompt = last_user_prompt(messages)
+        if isinstance(prompt, str):
+            return self._count(Outcome("skipped", prompt))
         if self._warmup is not None and not self._warmup.done():
             return self._count(Outcome("fallback", "optimizer_loading"))
         start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self.batcher.rewrite(text, mode=treatment.mode),  # type: ignore[arg-type]
+            result = await asyncio.wait_for(self.batcher.rewrite(prompt.text, mode=treatment.mode),  # type: ignore[arg-type]
                                             self.config.rewrite_timeout_s)
         except asyncio.TimeoutError:
             return self._count(Outcome("fallback", "timeout"))
@@ -197,10 +193,7 @@ class Gateway:
             return self._count(Outcome("fallback", result.fallback.value))
         if not result.changed:
             return self._count(Outcome("unchanged"))
-        if isinstance(content, str):
-            user["content"] = result.rewritten
-        else:
-            parts[0]["text"] = result.rewritten
+        prompt.replace(result.rewritten)
         return self._count(Outcome("applied"))
 
     def _count(self, outcome: Outcome) -> Outcome:

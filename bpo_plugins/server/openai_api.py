@@ -14,6 +14,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from bpo_plugins.chat import content_text  # noqa: F401 - the servers read message text through this module
+
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -53,15 +55,6 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     return body
-
-
-def content_text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a content list (chat and Responses shapes)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def check_messages(messages: Any, param: str = "messages") -> list[dict[str, Any]]:

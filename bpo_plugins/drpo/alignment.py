@@ -1,0 +1,242 @@
+"""A DRPO alignment: an optimized system prompt plus a bank of in-context examples, as one JSON file.
+
+At inference (DRPO's ``auto_model.py``) the system message is the optimized prompt followed by the k
+examples whose queries are nearest the user's query; the user turn is wrapped as ``# Query:`` /
+``# Answer:\\n<START>`` and generation stops at ``<END>``. The search (``world_model.py``) used a raw
+format instead: both are kept as :class:`PromptFormat` values, and an artifact records the one it was
+searched in, so it is served the same way.
+
+An artifact is JSON, never a pickle: prompt, examples, retrieval settings, format and provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bpo_plugins.chat import content_text
+from bpo_plugins.embeddings import MINILM, Embedder, TextEmbedder
+
+ARTIFACT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How the prompt, the examples and the user's query are laid out for the base model."""
+
+    name: str
+    #: The system message: ``{prompt}`` then ``{examples}`` (each example rendered with ``example``).
+    system: str
+    example: str
+    user: str
+    start: str = "<START>"
+    end: str = "<END>"
+    stop: tuple[str, ...] = ("<END>", "<END", "<|eot_id|>")
+    #: True: the whole input is one raw string (no chat template), as DRPO's search ran local models.
+    raw: bool = False
+
+    def render_example(self, example: Example) -> str:
+        return self.example.replace("{query}", example.query).replace("{answer}", f"{self.start}\n{example.answer}\n{self.end}")
+
+    def render_system(self, prompt: str, examples: Sequence[Example]) -> str:
+        rendered = "".join(self.render_example(e) for e in examples)
+        return self.system.replace("{prompt}", prompt).replace("{examples}", rendered)
+
+    def render_user(self, query: str) -> str:
+        return self.user.replace("{query}", query).replace("{start}", self.start)
+
+
+#: DRPO's inference format (``auto_model.py``): what its published prompts are served with.
+CHAT_FORMAT = PromptFormat(
+    name="chat", system="{prompt}{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
+    user="# Query:\n{query}\n\n# Answer:\n{start}",
+)
+#: DRPO's search format (``world_model.py``), also the raw, no-chat-template layout for local models.
+RAW_FORMAT = PromptFormat(
+    name="raw", system="# instructions\n\n{prompt}\n\n{examples}\n\n", example="#Query:\n{query}\n\n#Answer:\n{answer}\n\n",
+    user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True,
+)
+FORMATS = {f.name: f for f in (CHAT_FORMAT, RAW_FORMAT)}
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    #: The answer without DRPO's ``<START>`` / ``<END>`` markers (the format adds them).
+    answer: str
+
+    @classmethod
+    def from_marked(cls, query: str, answer: str, fmt: PromptFormat = CHAT_FORMAT) -> Example:
+        return cls(query, strip_markers(answer, fmt))
+
+
+def strip_markers(text: str, fmt: PromptFormat = CHAT_FORMAT) -> str:
+    """The answer between DRPO's markers (either may be missing: generation stops at ``<END>``)."""
+    text = text.strip()
+    if text.startswith(fmt.start):
+        text = text[len(fmt.start):]
+    for stop in fmt.stop:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()
+
+
+class ExampleRetriever:
+    """The k examples whose queries are nearest a query (cosine of sentence embeddings).
+
+    Example embeddings are computed once, on first use. DRPO used all-mpnet-base-v2; the bundled
+    default is all-MiniLM-L6-v2, and any :class:`~bpo_plugins.embeddings.TextEmbedder` can stand in.
+    """
+
+    def __init__(self, examples: Sequence[Example], embedder: TextEmbedder | None = None) -> None:
+        self.examples = list(examples)
+        self.embedder = embedder
+        self._matrix: Any = None
+        self._lock = threading.Lock()
+
+    def top(self, query: str, k: int) -> list[Example]:
+        if k <= 0 or not self.examples:
+            return []
+        with self._lock:
+            if self.embedder is None:
+                self.embedder = shared_embedder()
+            if self._matrix is None:
+                self._matrix = self.embedder.encode([e.query for e in self.examples])
+        scores = self._matrix @ self.embedder.encode([query])[0]
+        order = sorted(range(len(self.examples)), key=lambda i: (-float(scores[i]), i))  # ties: bank order
+        return [self.examples[i] for i in order[:k]]
+
+
+_embedder: Embedder | None = None
+
+
+def shared_embedder() -> Embedder:
+    """One MiniLM per process, shared by every alignment (22M parameters, loaded on first use)."""
+    global _embedder
+    if _embedder is None:
+        _embedder = Embedder()
+    return _embedder
+
+
+@dataclass
+class Alignment:
+    """What DRPO produces and what every integration applies: prompt, examples, retrieval, format."""
+
+    system_prompt: str
+    examples: tuple[Example, ...] = ()
+    k: int = 3
+    embedder: str = MINILM
+    format: PromptFormat = CHAT_FORMAT
+    #: Where it came from: base model, judge, per-level scores, calls, tokens, cost, package version.
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.system_prompt, str) or not self.system_prompt.strip():
+            raise ValueError("an alignment needs a non-empty system prompt")
+        if not 0 <= self.k <= 5:
+            raise ValueError(f"k must be between 0 and 5 (DRPO retrieves 1-5 examples), got {self.k}")
+        self._retriever: ExampleRetriever | None = None
+
+    # -- applying -----------------------------------------------------------------------------
+
+    def use_embedder(self, embedder: TextEmbedder) -> Alignment:
+        """The same alignment retrieving with another embedder (its name is recorded)."""
+        aligned = replace(self, embedder=getattr(embedder, "name", type(embedder).__name__))
+        aligned._retriever = ExampleRetriever(self.examples, embedder)
+        return aligned
+
+    def retrieve(self, query: str, k: int | None = None) -> list[Example]:
+        if self._retriever is None:
+            self._retriever = ExampleRetriever(self.examples)
+        return self._retriever.top(query, self.k if k is None else k)
+
+    def system_message(self, query: str, k: int | None = None) -> str:
+        return self.format.render_system(self.system_prompt, self.retrieve(query, k))
+
+    def apply(self, messages: Sequence[dict[str, Any]], k: int | None = None) -> list[dict[str, Any]]:
+        """A chat conversation aligned: DRPO's system message first (an existing system message is
+        kept after it), and the last user turn in DRPO's query format. Other turns are untouched."""
+        messages = [dict(m) for m in messages]
+        last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+        query = content_text(messages[last_user].get("content")) if last_user is not None else ""
+        system = self.system_message(query, k)
+        if last_user is not None and isinstance(messages[last_user].get("content"), str):
+            messages[last_user]["content"] = self.format.render_user(query)
+        if messages and messages[0].get("role") == "system":
+            messages[0]["content"] = f"{system}\n\n{content_text(messages[0].get('content'))}".rstrip()
+            return messages
+        return [{"role": "system", "content": system}, *messages]
+
+    def render(self, query: str, k: int | None = None) -> str:
+        """The raw format's whole input for one query (no chat template)."""
+        return self.system_message(query, k) + self.format.render_user(query)
+
+    def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI chat request aligned: messages as :meth:`apply`, DRPO's stop strings added."""
+        body = dict(body)
+        body["messages"] = self.apply(body.get("messages") or [])
+        stops = body.get("stop")
+        stops = [stops] if isinstance(stops, str) else list(stops or [])
+        body["stop"] = list(dict.fromkeys(stops + list(self.format.stop)))[:4]  # OpenAI takes at most 4
+        return body
+
+    def answer(self, text: str) -> str:
+        """A base model's reply without DRPO's markers."""
+        return strip_markers(text, self.format)
+
+    # -- the JSON artifact ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        from bpo_plugins import __version__
+
+        provenance = {"package_version": __version__, **self.provenance}
+        return {
+            "bpo_plugins_artifact": "drpo-alignment", "version": ARTIFACT_VERSION,
+            "system_prompt": self.system_prompt,
+            "examples": [asdict(e) for e in self.examples],
+            "retrieval": {"embedder": self.embedder, "k": self.k},
+            "format": {**asdict(self.format), "stop": list(self.format.stop)},
+            "provenance": provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Alignment:
+        if data.get("bpo_plugins_artifact") != "drpo-alignment":
+            raise ValueError("not a DRPO alignment artifact (no 'bpo_plugins_artifact': 'drpo-alignment')")
+        if data.get("version") != ARTIFACT_VERSION:
+            raise ValueError(f"alignment artifact version {data.get('version')!r}; this package reads version {ARTIFACT_VERSION}")
+        try:
+            fmt = dict(data["format"])
+            fmt["stop"] = tuple(fmt.get("stop", ()))
+            return cls(
+                system_prompt=data["system_prompt"],
+                examples=tuple(Example(str(e["query"]), str(e["answer"])) for e in data.get("examples", [])),
+                k=int(data["retrieval"]["k"]), embedder=str(data["retrieval"]["embedder"]),
+                format=PromptFormat(**fmt), provenance=dict(data.get("provenance", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed alignment artifact: {type(exc).__name__}: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)  # a crash mid-write never leaves a torn artifact
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Alignment:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: an alignment artifact is a JSON object")
+        return cls.from_dict(data)
+
