@@ -95,7 +95,7 @@ async def measure(targets: dict[str, str], optimizer_url: str, requests: int, co
     rows = []
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        for name, url in targets.items():  # warm every connection pool and code path once
+        for url in targets.values():  # warm every connection pool and code path once
             await round_of(client, url, 20, 4, True, "warmup")
         for concurrency in concurrencies:
             samples: dict[str, dict[str, list[float]]] = {k: {"latency": [], "ttft": [], "rps": []} for k in targets}

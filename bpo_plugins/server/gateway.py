@@ -130,29 +130,17 @@ class Gateway:
 
     async def responses(self, request: Request) -> Response:
         body = api.parse_json_object(await request.body())
-        treatment = self._treatment(body)
-        value = body.get("input")
-        if isinstance(value, str):
-            message = {"role": "user", "content": value}
-            outcome = await self._rewrite_message(request, treatment, [message])
-            body["input"] = message["content"]
-        elif isinstance(value, list):
-            outcome = await self._rewrite_message(request, treatment, [i for i in value if isinstance(i, dict)])
+        if isinstance(body.get("input"), list):
+            items = [item for item in body["input"] if isinstance(item, dict)]
+            outcome = await self._rewrite_message(request, self._treatment(body), items)
         else:
-            outcome = Outcome("skipped", "no_input") if value is None else Outcome("skipped", "unsupported_input")
+            outcome = await self._rewrite_field(request, body, "input")
         # previous_response_id and every other field go upstream untouched.
         return await self.forward(request, "responses", outcome, json.dumps(body).encode() if outcome.status == "applied" else None)
 
     async def completions(self, request: Request) -> Response:
         body = api.parse_json_object(await request.body())
-        treatment = self._treatment(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            message = {"role": "user", "content": prompt}
-            outcome = await self._rewrite_message(request, treatment, [message])
-            body["prompt"] = message["content"]
-        else:
-            outcome = Outcome("skipped", "prompt_not_text")
+        outcome = await self._rewrite_field(request, body, "prompt")
         return await self.forward(request, "completions", outcome, json.dumps(body).encode() if outcome.status == "applied" else None)
 
     async def passthrough(self, request: Request) -> Response:
@@ -160,6 +148,16 @@ class Gateway:
         return await self.forward(request, endpoint, None, None)
 
     # -- rewriting ----------------------------------------------------------------------------
+
+    async def _rewrite_field(self, request: Request, body: dict[str, Any], field: str) -> Outcome:
+        """Rewrite a top-level text field (a Responses ``input``, a completion ``prompt``) in place."""
+        treatment = self._treatment(body)
+        if not isinstance(body.get(field), str):
+            return self._count(Outcome("skipped", f"{field}_not_text"))
+        message = {"role": "user", "content": body[field]}
+        outcome = await self._rewrite_message(request, treatment, [message])
+        body[field] = message["content"]
+        return outcome
 
     def _treatment(self, body: dict[str, Any]) -> Treatment:
         model = body.get("model")
