@@ -183,7 +183,8 @@ def serve(
     """Serve a local model (any local runtime) over an OpenAI-compatible API, streaming included."""
     from bpo_plugins.backends import load_local_backend
     from bpo_plugins.backends.transformers import LocalBackend
-    from bpo_plugins.server.local import build_app
+
+    build_app = _server_module("local").build_app
 
     if backend not in ("auto", "transformers", "onnx"):
         raise UsageError(f"bpo serve runs local models: --backend auto, transformers or onnx, not {backend!r}")
@@ -208,7 +209,8 @@ def proxy(
     from dataclasses import replace
 
     from bpo_plugins.server.config import load_config
-    from bpo_plugins.server.gateway import build_gateway_app
+
+    build_gateway_app = _server_module("gateway").build_gateway_app
 
     settings = load_config(config, upstream=upstream, optimizer=optimizer, optimizer_base_url=optimizer_base_url,
                            rewrite_timeout_s=rewrite_timeout)
@@ -217,6 +219,15 @@ def proxy(
                            models=tuple((p, replace(t, rewrite=False)) for p, t in settings.models))
     what = "relaying" if not settings.rewrites_anything else f"rewriting with {settings.optimizer}"
     _run_server(build_gateway_app(settings), host, port, f"proxy to {settings.upstream}, {what}")
+
+
+def _server_module(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"bpo_plugins.server.{name}")
+    except ImportError as exc:
+        raise UsageError(f"the servers need the server extra ({exc.name} is missing): pip install 'bpo-plugins[server]'") from None
 
 
 def _run_server(asgi_app: Any, host: str, port: int, what: str) -> None:
