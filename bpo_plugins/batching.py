@@ -94,12 +94,14 @@ class MicroBatcher:
             results = await self.rewriter.arewrite_batch(
                 [pending.prompts[i] for i in live], contexts=[pending.contexts[i] for i in live], mode=mode
             )
-        except BaseException as exc:  # strict rewriters raise; hand each caller the error
+        except asyncio.CancelledError:
+            for i in live:
+                pending.futures[i].cancel()
+            raise
+        except Exception as exc:  # strict rewriters raise; hand each caller the error
             for i in live:
                 if not pending.futures[i].done():
                     pending.futures[i].set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
             return
         for i, result in zip(live, results):
             if not pending.futures[i].done():

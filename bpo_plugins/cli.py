@@ -39,12 +39,6 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
-def build_rewriter(model: str, backend: str, base_url: str | None, **options: Any) -> Any:
-    from bpo_plugins import Rewriter
-
-    return Rewriter.from_spec(model, backend=backend, base_url=base_url, **options)
-
-
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """JSONL (or a JSON array) of rows with a prompt field and an optional context."""
     from bpo_plugins.training.data import read_rows as parse_rows
@@ -107,8 +101,10 @@ def optimize(
         raise UsageError("--file needs --out for the results")
     if text == "-":
         text = sys.stdin.read()
-    rewriter = build_rewriter(
-        model, backend, base_url, mode=mode, strict=strict, timeout_s=timeout, max_new_tokens=max_new_tokens, cache_path=cache
+    from bpo_plugins import Rewriter
+
+    rewriter = Rewriter.from_spec(
+        model, backend=backend, base_url=base_url, mode=mode, strict=strict, timeout_s=timeout, max_new_tokens=max_new_tokens, cache_path=cache
     )
     if file is not None:
         assert out is not None
@@ -164,7 +160,9 @@ def bench(
     from bpo_plugins.bench import run_benchmark
 
     rows = read_rows(prompts)[:limit]
-    rewriter = build_rewriter(model, backend, base_url, mode=mode, max_new_tokens=max_new_tokens, cache_size=0)
+    from bpo_plugins import Rewriter
+
+    rewriter = Rewriter.from_spec(model, backend=backend, base_url=base_url, mode=mode, max_new_tokens=max_new_tokens, cache_size=0)
     figures = run_benchmark(rewriter, [row_prompt(r) for r in rows], batch_size=batch_size)
     figures.update(prompts_file=str(prompts), model=model, backend=rewriter.backend.name, mode=mode)
     out.write_text(json.dumps(figures, indent=2))
@@ -185,7 +183,6 @@ def serve(
     from bpo_plugins.backends.transformers import LocalBackend
 
     build_app = _server_module("local").build_app
-
     if backend not in ("auto", "transformers", "onnx"):
         raise UsageError(f"bpo serve runs local models: --backend auto, transformers or onnx, not {backend!r}")
     loaded = load_local_backend(model, backend=backend)
@@ -211,7 +208,6 @@ def proxy(
     from bpo_plugins.server.config import load_config
 
     build_gateway_app = _server_module("gateway").build_gateway_app
-
     settings = load_config(config, upstream=upstream, optimizer=optimizer, optimizer_base_url=optimizer_base_url,
                            rewrite_timeout_s=rewrite_timeout)
     if no_rewrite:

@@ -177,6 +177,20 @@ def test_dead_or_slow_optimizer_means_pass_through(script_server, tmp_path):
         assert response.json()["choices"][0]["message"]["content"] == echo_reply("slow please")
 
 
+def test_optimizer_that_fails_to_load_is_tried_once_and_every_prompt_goes_on(script_server, tmp_path):
+    for server in start_cli_server(proxy_args(script_server, None, "--optimizer", str(tmp_path / "no-such-model")), tmp_path / "log"):
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/ready").json()["rewriter"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = httpx.get(server.url + "/ready")
+        assert ready.status_code == 200 and ready.json()["rewriter"] == "failed"
+        for _ in range(3):
+            response = chat(server, HARRY)
+            assert response.status_code == 200 and response.headers["x-bpo-rewrite"] == "fallback; reason=optimizer_failed"
+            assert response.json()["choices"][0]["message"]["content"] == echo_reply(HARRY)
+        assert server.log.read_text().count("the optimizer failed to load") == 1  # never reloaded per request
+
+
 def _wait_event(server: Server, test_id: str, want: str, seconds: float = 10) -> str:
     deadline = time.monotonic() + seconds
     state = ""
@@ -329,7 +343,7 @@ def served_default(tmp_path_factory: pytest.TempPathFactory, bundled_rewriter) -
 
 
 def test_bpo_serve_runs_the_default_runtime_with_streaming(served_default):
-    assert "onnxruntime-genai" in served_default.log.read_text() or "genai" in served_default.log.read_text()
+    assert "(onnx-genai) at http://127.0.0.1:" in served_default.log.read_text()  # the default runtime, which crashed before
     client = openai.OpenAI(base_url=served_default.base_url, api_key="local", max_retries=0)
     messages = [{"role": "user", "content": "Name a fruit."}]
     whole = client.chat.completions.create(model="bpo-small", messages=messages, max_tokens=12, temperature=0)
@@ -392,7 +406,9 @@ def test_bad_proxy_settings_exit_2(tmp_path):
     import subprocess
     import sys
 
-    for args in (["proxy", "--upstream", "ftp://x"], ["proxy", "--config", str(tmp_path / "missing.toml")]):
+    (tmp_path / "bad-treatment.toml").write_text('[default]\nrewrite = "yes"\n')
+    for args in (["proxy", "--upstream", "ftp://x"], ["proxy", "--config", str(tmp_path / "missing.toml")],
+                 ["proxy", "--config", str(tmp_path / "bad-treatment.toml")]):
         result = subprocess.run([sys.executable, "-m", "bpo_plugins.cli", *args], capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
 

@@ -14,6 +14,7 @@ Apache-2.0; see ``data/NOTICE``).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -78,5 +79,4 @@ def load_alignment(name_or_path: str | Path, *, k: int | None = None) -> Alignme
     if not path.is_file():
         raise ValueError(f"no DRPO preset or artifact {str(name_or_path)!r}: presets are {', '.join(PRESETS)}")
     alignment = Alignment.load(path)
-    return alignment if k is None else Alignment(alignment.system_prompt, alignment.examples, k, alignment.embedder,
-                                                  alignment.format, alignment.provenance)
+    return alignment if k is None else replace(alignment, k=k)

@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from bpo_plugins.result import MODES
 
@@ -46,8 +46,12 @@ class Treatment:
     drpo: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rewrite, bool):
+            raise ValueError(f"treatment rewrite must be true or false, got {self.rewrite!r}")
         if self.mode not in MODES:
             raise ValueError(f"treatment mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.drpo is not None and not isinstance(self.drpo, str):
+            raise ValueError(f"treatment drpo must be a preset name or a path, got {self.drpo!r}")
 
 
 @dataclass(frozen=True)
@@ -107,16 +111,14 @@ def _treatment(value: Any, where: str) -> Treatment:
 
 def _coerce(name: str, raw: Any) -> Any:
     """A file or environment value as the field's type (environment values are strings)."""
-    kind = {f.name: f.type for f in fields(GatewayConfig)}[name]
+    kind = get_type_hints(GatewayConfig)[name]
     if raw is None:
         return None
-    try:
-        if "float" in str(kind):
-            return float(raw)
-        if "int" in str(kind):
-            return int(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {raw!r}") from None
     if name == "gateway_keys":
         keys = raw.split(",") if isinstance(raw, str) else raw
         return tuple(k.strip() for k in keys if k.strip())

@@ -96,6 +96,7 @@ class Gateway:
         if self.rewriter is not None and not self.rewriter.loaded:
             # Load the optimizer in the background: the gateway relays (failing open) while it loads.
             self._warmup = asyncio.create_task(asyncio.to_thread(self.rewriter.warmup))
+            self._warmup.add_done_callback(self._log_warmup)
         try:
             yield
         finally:
@@ -103,16 +104,28 @@ class Gateway:
                 self._warmup.cancel()
             await self.client.aclose()
 
+    @staticmethod
+    def _log_warmup(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the optimizer failed to load (%s); every prompt goes on unrewritten", task.exception())
+
+    @property
+    def optimizer_state(self) -> str:
+        """``ready``, ``loading`` or ``failed`` (a load is tried once, never again per request)."""
+        if self._warmup is None or (self._warmup.done() and not self._warmup.cancelled() and self._warmup.exception() is None):
+            return "ready"
+        return "loading" if not self._warmup.done() else "failed"
+
     # -- endpoints ----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        loading = self._warmup is not None and not self._warmup.done()
-        failed = self._warmup is not None and self._warmup.done() and not self._warmup.cancelled() and self._warmup.exception()
-        body = {"status": "loading" if loading else "ok", "rewriter": "failed" if failed else ("loading" if loading else "ready")}
-        return JSONResponse(body, status_code=503 if loading or self.client is None else 200)
+        # A failed optimizer still serves (every prompt falls back), so only loading is "not ready".
+        state = self.optimizer_state
+        ready = state != "loading" and self.client is not None
+        return JSONResponse({"status": "ok" if ready else "loading", "rewriter": state}, status_code=200 if ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -174,8 +187,8 @@ class Gateway:
         prompt = last_user_prompt(messages)
         if isinstance(prompt, str):
             return self._count(Outcome("skipped", prompt))
-        if self._warmup is not None and not self._warmup.done():
-            return self._count(Outcome("fallback", "optimizer_loading"))
+        if self.optimizer_state != "ready":
+            return self._count(Outcome("fallback", f"optimizer_{self.optimizer_state}"))
         start = time.perf_counter()
         try:
             result = await asyncio.wait_for(self.batcher.rewrite(prompt.text, mode=treatment.mode),  # type: ignore[arg-type]

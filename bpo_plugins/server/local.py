@@ -31,8 +31,7 @@ from bpo_plugins.server.openai_api import RequestError
 def request_decoding(body: dict[str, Any]) -> Decoding:
     temperature = api.number(body, "temperature", 1.0, low=0, high=2)
     n = api.number(body, "n", 1, low=1, high=16)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = api.number({"max_tokens": max_tokens}, "max_tokens", 256, low=1, high=8192)
+    max_tokens = api.number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", 256, low=1, high=8192)
     return Decoding(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,

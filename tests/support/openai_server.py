@@ -13,13 +13,11 @@ On top of the product's OpenAI-compatible API over a real local model (chat, com
 - ``/v1/embeddings`` and anything else under ``/v1``: a fixed binary-safe echo, for pass-through tests;
 - fault switches, per request, in the ``x-test-fault`` header: ``latency=S`` (before the answer),
   ``status=CODE`` (an OpenAI-shaped error with rate-limit headers), ``reset`` (the connection drops
-  mid-stream), ``hang`` (no answer at all), ``trickle=S`` (S seconds between chunks). A request counter
-  makes ``nth=K`` apply the fault only to every K-th request.
+  mid-stream), ``hang`` (no answer at all), ``trickle=S`` (S seconds between chunks).
 
-    python tests/support/openai_server.py [--model-path DIR] [--script FILE] [--latency S]
+    python tests/support/openai_server.py [--model-path DIR] [--script FILE]
 
-It prints ``PORT <n>`` on stdout once it listens. ``--latency`` adds a fixed delay to every model call
-(the DRPO benchmark's stand-in for an API's latency).
+It prints ``PORT <n>`` on stdout once it listens.
 """
 
 from __future__ import annotations
@@ -54,10 +52,9 @@ def echo_reply(text: str, words: int = 24) -> str:
 
 
 class TestAPI(LocalModelAPI):
-    def __init__(self, backend: Any, script: dict[str, str], latency: float) -> None:
+    def __init__(self, backend: Any, script: dict[str, str]) -> None:
         super().__init__(backend, "test-model")
         self.script = script
-        self.latency = latency
         self.received: list[dict[str, Any]] = []
         self.events: dict[str, str] = {}
         self.count = 0
@@ -76,9 +73,7 @@ class TestAPI(LocalModelAPI):
 
     def fault(self, request: Request) -> dict[str, str]:
         spec = request.headers.get("x-test-fault", "")
-        faults = dict(part.split("=", 1) if "=" in part else (part, "") for part in spec.split(",") if part)
-        nth = int(faults.pop("nth", "1") or 1)
-        return faults if self.count % nth == 0 else {}
+        return dict(part.split("=", 1) if "=" in part else (part, "") for part in spec.split(",") if part)
 
     async def received_endpoint(self, request: Request) -> Response:
         # json.dumps escapes lone surrogates that fuzzed requests carry; JSONResponse would fail on them.
@@ -92,8 +87,6 @@ class TestAPI(LocalModelAPI):
     async def chat_completions(self, request: Request) -> Response:
         body = await self.record(request)
         faults = self.fault(request)
-        if self.latency:
-            await asyncio.sleep(self.latency)
         test_id = request.headers.get("x-test-id", "")
         try:
             self.events[test_id] = "waiting"
@@ -150,8 +143,6 @@ class TestAPI(LocalModelAPI):
 
     async def completions(self, request: Request) -> Response:
         await self.record(request)
-        if self.latency:
-            await asyncio.sleep(self.latency)
         return await super().completions(request)
 
     def scripted(self, last: str) -> str:
@@ -206,7 +197,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path")
     parser.add_argument("--script")
-    parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args()
     backend = None
     if args.model_path:
@@ -220,7 +210,7 @@ def main() -> None:
     if args.script:
         with open(args.script) as f:
             script = json.load(f)
-    app = BodyLimit(Starlette(routes=TestAPI(backend, script, args.latency).routes()), 64 << 20)
+    app = BodyLimit(Starlette(routes=TestAPI(backend, script).routes()), 64 << 20)
     server = uvicorn_server(app, "127.0.0.1", 0)
 
     async def run() -> None:
