@@ -354,14 +354,18 @@ def test_bpo_serve_runs_the_default_runtime_with_streaming(served_default):
     assert streamed == whole.choices[0].message.content  # greedy: the stream is the same text, in pieces
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.choices[0].finish_reason == ("length" if whole.usage.completion_tokens == 12 else "stop")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [whole.choices[0].finish_reason]
 
 
 def test_bpo_serve_completions_with_stop_strings(served_default):
     client = openai.OpenAI(base_url=served_default.base_url, api_key="local", max_retries=0)
-    full = client.completions.create(model="bpo-small", prompt="One, two, three, four,", max_tokens=16, temperature=0).choices[0].text
+    whole = client.completions.create(model="bpo-small", prompt="One, two, three, four,", max_tokens=16, temperature=0)
+    full = whole.choices[0].text
+    assert whole.choices[0].finish_reason == ("length" if whole.usage.completion_tokens == 16 else "stop")
     stop = full.strip().split()[1] if len(full.split()) > 1 else full.strip()[:2]
     cut = client.completions.create(model="bpo-small", prompt="One, two, three, four,", max_tokens=16, temperature=0, stop=[stop])
-    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="bpo-small", prompt="One, two, three, four,", max_tokens=16, temperature=0, stop=[stop], stream=True))
     assert streamed == cut.choices[0].text

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from bpo_plugins.backends.transformers import LocalBackend
+from bpo_plugins.backends.transformers import LocalBackend, TokenStream
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.server import openai_api as api
 from bpo_plugins.server.asgi import BodyLimit, Endpoint
@@ -62,6 +62,11 @@ def held_back(text: str, stops: list[str]) -> int:
     return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
+def finish_reason(tokens: int, decoding: Decoding) -> str:
+    """OpenAI's ``finish_reason``: ``length`` when the token budget ran out, else ``stop``."""
+    return "length" if tokens >= decoding.max_new_tokens else "stop"
+
+
 class LocalModelAPI:
     """The OpenAI-compatible endpoints over one loaded local backend."""
 
@@ -96,6 +101,7 @@ class LocalModelAPI:
         return self.backend
 
     async def generate(self, request: Request, body: dict[str, Any], text: str, *, add_special_tokens: bool, chat: bool) -> Response:
+        backend = self._backend()
         decoding, stops = request_decoding(body), stop_strings(body)
         model = str(body.get("model") or self.model_name)
         stream = body.get("stream", False)
@@ -106,25 +112,22 @@ class LocalModelAPI:
                 raise RequestError(400, "streaming supports n=1 only", param="n")
             options = body.get("stream_options") or {}
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            pieces = self.stream_pieces(text, decoding, stops, add_special_tokens, request)
-            frames = self.chat_frames(pieces, model, include_usage) if chat else self.completion_frames(pieces, model)
+            cancel = threading.Event()
+            tokens = backend.stream(text, decoding, cancel, add_special_tokens)
+            pieces = self.stream_pieces(tokens, stops, cancel)
+            frames = self.chat_frames(pieces, tokens, decoding, model, include_usage) if chat else self.completion_frames(pieces, tokens, decoding, model)
             return StreamingResponse(frames, media_type="text/event-stream", headers=api.SSE_HEADERS)
-        backend = self._backend()
         output = await asyncio.to_thread(backend.generate_texts, [text], decoding, None, add_special_tokens)
-        texts = [cut_at_stop(t, stops)[0] for t in output.generations[0].texts]
+        cuts = [cut_at_stop(t, stops) for t in output.generations[0].texts]
         prompt_tokens, completion_tokens = int(output.stats["input_tokens"]), int(output.stats["output_tokens"])
-        if chat:
-            return JSONResponse(api.chat_completion(model, texts, prompt_tokens, completion_tokens))
-        return JSONResponse(api.text_completion(model, texts, prompt_tokens, completion_tokens))
+        per_candidate = completion_tokens // decoding.num_candidates  # backends count tokens per prompt: for n > 1, the mean
+        finishes = ["stop" if found else finish_reason(per_candidate, decoding) for _, found in cuts]
+        make = api.chat_completion if chat else api.text_completion
+        return JSONResponse(make(model, [text for text, _ in cuts], prompt_tokens, completion_tokens, finishes))
 
-    async def stream_pieces(
-        self, text: str, decoding: Decoding, stops: list[str], add_special_tokens: bool, request: Request
-    ) -> AsyncIterator[tuple[str, dict[str, int] | None]]:
-        """Text pieces as the model makes them, cut at a stop string; the last item carries usage."""
-        backend = self._backend()
-        cancel = threading.Event()
-        stream = backend.stream(text, decoding, cancel, add_special_tokens)
-        pieces: Iterator[str] = iter(stream)
+    async def stream_pieces(self, tokens: TokenStream, stops: list[str], cancel: threading.Event) -> AsyncIterator[str]:
+        """Text pieces as the model makes them, cut at a stop string (held back while one may be starting)."""
+        pieces: Iterator[str] = iter(tokens)
         sentinel = object()
         pending, stopped = "", False
         try:
@@ -132,39 +135,33 @@ class LocalModelAPI:
                 piece = await asyncio.to_thread(next, pieces, sentinel)
                 if piece is sentinel:
                     break
-                pending += str(piece)
-                pending, stopped = cut_at_stop(pending, stops)
+                pending, stopped = cut_at_stop(pending + str(piece), stops)
                 keep = 0 if stopped else held_back(pending, stops)
                 out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
                 if out:
-                    yield out, None
+                    yield out
             if pending and not stopped:
-                yield pending, None
+                yield pending
         finally:
             cancel.set()  # a stop string, a disconnect or an error: free the model at the next token
-        yield "", {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.tokens}
 
-    async def chat_frames(self, pieces: AsyncIterator[tuple[str, dict[str, int] | None]], model: str,
+    async def chat_frames(self, pieces: AsyncIterator[str], tokens: TokenStream, decoding: Decoding, model: str,
                           include_usage: bool) -> AsyncIterator[bytes]:
         id, created = api.new_id("chatcmpl"), int(time.time())
         yield api.sse(api.chat_chunk(id, model, created, {"role": "assistant", "content": ""}))
-        counts: dict[str, int] = {}
-        async for piece, usage in pieces:
-            if usage is not None:
-                counts = usage
-            elif piece:
-                yield api.sse(api.chat_chunk(id, model, created, {"content": piece}))
-        yield api.sse(api.chat_chunk(id, model, created, {}, "stop"))
+        async for piece in pieces:
+            yield api.sse(api.chat_chunk(id, model, created, {"content": piece}))
+        yield api.sse(api.chat_chunk(id, model, created, {}, finish_reason(tokens.tokens, decoding)))
         if include_usage:
-            yield api.sse(api.chat_chunk(id, model, created, None, usage_=api.usage(counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0))))
+            yield api.sse(api.chat_chunk(id, model, created, None, usage_=api.usage(tokens.prompt_tokens, tokens.tokens)))
         yield api.DONE_FRAME
 
-    async def completion_frames(self, pieces: AsyncIterator[tuple[str, dict[str, int] | None]], model: str) -> AsyncIterator[bytes]:
+    async def completion_frames(self, pieces: AsyncIterator[str], tokens: TokenStream, decoding: Decoding,
+                                model: str) -> AsyncIterator[bytes]:
         id, created = api.new_id("cmpl"), int(time.time())
-        async for piece, usage in pieces:
-            if usage is None and piece:
-                yield api.sse(api.completion_chunk(id, model, created, piece))
-        yield api.sse(api.completion_chunk(id, model, created, "", "stop"))
+        async for piece in pieces:
+            yield api.sse(api.completion_chunk(id, model, created, piece))
+        yield api.sse(api.completion_chunk(id, model, created, "", finish_reason(tokens.tokens, decoding)))
         yield api.DONE_FRAME
 
     # -- app ----------------------------------------------------------------------------------

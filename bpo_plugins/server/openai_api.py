@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -87,13 +87,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(model: str, texts: Iterable[str], prompt_tokens: int, completion_tokens: int,
-                    finish_reason: str = "stop") -> dict[str, Any]:
+def chat_completion(model: str, texts: Sequence[str], prompt_tokens: int, completion_tokens: int,
+                    finish_reasons: Sequence[str] = ()) -> dict[str, Any]:
+    finish_reasons = finish_reasons or ["stop"] * len(texts)
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
-            for i, text in enumerate(texts)
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            for i, (text, finish) in enumerate(zip(texts, finish_reasons))
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
@@ -109,10 +110,13 @@ def chat_chunk(id: str, model: str, created: int, delta: dict[str, Any] | None, 
     return chunk
 
 
-def text_completion(model: str, texts: Iterable[str], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def text_completion(model: str, texts: Sequence[str], prompt_tokens: int, completion_tokens: int,
+                    finish_reasons: Sequence[str] = ()) -> dict[str, Any]:
+    finish_reasons = finish_reasons or ["stop"] * len(texts)
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": text, "finish_reason": "stop", "logprobs": None} for i, text in enumerate(texts)],
+        "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+                    for i, (text, finish) in enumerate(zip(texts, finish_reasons))],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
