@@ -127,7 +127,6 @@ class Endpoint:
                 async def watch() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    request.state.disconnected = True
                     group.cancel_scope.cancel()
 
                 group.start_soon(watch)

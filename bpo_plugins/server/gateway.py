@@ -63,8 +63,7 @@ class Outcome:
 class Gateway:
     """The proxy's state (config, one pooled HTTP client, the rewriter) and its endpoints."""
 
-    def __init__(self, config: GatewayConfig, rewriter: Rewriter | None = None,
-                 aligners: dict[str, Aligner] | None = None) -> None:
+    def __init__(self, config: GatewayConfig, rewriter: Rewriter | None = None) -> None:
         self.config = config
         if rewriter is None and config.rewrites_anything:
             rewriter = Rewriter.from_spec(
@@ -74,7 +73,7 @@ class Gateway:
         self.rewriter = rewriter
         self.batcher = None if rewriter is None else MicroBatcher(
             rewriter, window_ms=config.batch_window_ms, max_batch=config.max_batch, enabled=config.batch_enabled)
-        self.aligners = aligners if aligners is not None else load_aligners(config)
+        self.aligners = load_aligners(config)
         self.metrics = GatewayMetrics()
         self.client: httpx2.AsyncClient | None = None
         self.upstream = config.upstream.rstrip("/")
