@@ -20,6 +20,9 @@ class Decoding:
     #: Stop a row whose tail starts repeating and cut the repeats (see :func:`loop_cut`). On for
     #: rewrites (the Rewriter's ``stop_loops``), off for answers, which may repeat on purpose.
     stop_loops: bool = False
+    #: Strings that end a generation (DRPO's ``<END>``). Servers stop on them; local runtimes
+    #: generate on and the caller cuts the text (a stop string is a prompt-format matter).
+    stop: tuple[str, ...] = ()
 
     def as_key(self) -> dict[str, object]:
         return asdict(self)

@@ -77,20 +77,9 @@ def data_build(
         raise typer.BadParameter(f"no preference triplets in {', '.join(map(str, inputs))}")
     random.Random(seed).shuffle(triplets)
     triplets = triplets[:limit] if limit else triplets
-    if teacher_backend == "openai":
-        from bpo_plugins.backends.openai import OpenAIBackend
+    from bpo_plugins.backends import load_backend
 
-        teacher = OpenAIBackend(teacher_model, base_url=base_url)
-    elif teacher_backend == "anthropic":
-        from bpo_plugins.backends.anthropic import AnthropicBackend
-
-        teacher = AnthropicBackend(teacher_model, base_url=base_url)
-    elif teacher_backend == "transformers":
-        from bpo_plugins.backends import load_local_backend
-
-        teacher = load_local_backend(teacher_model)
-    else:
-        raise typer.BadParameter(f"unknown teacher backend {teacher_backend!r}")
+    teacher = load_backend(teacher_model, backend=teacher_backend, base_url=base_url)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(triplets), desc="teacher", unit="pair") as bar:
         report = build(triplets, teacher, out, concurrency=concurrency, temperature=temperature,
@@ -120,20 +109,8 @@ def evaluate(
     from tqdm import tqdm
 
     from bpo_plugins import Rewriter
+    from bpo_plugins.backends import load_backend
     from bpo_plugins.training import evaluate as ev
-
-    def llm(name: str, backend: str, base_url: str | None):
-        if backend == "openai":
-            from bpo_plugins.backends.openai import OpenAIBackend
-
-            return OpenAIBackend(name, base_url=base_url)
-        if backend == "anthropic":
-            from bpo_plugins.backends.anthropic import AnthropicBackend
-
-            return AnthropicBackend(name, base_url=base_url)
-        from bpo_plugins.backends import load_local_backend
-
-        return load_local_backend(name)
 
     out.mkdir(parents=True, exist_ok=True)
     data = {path.stem: ev.read_eval_set(path, limit) for path in sets}
@@ -150,7 +127,8 @@ def evaluate(
             (out / f"rows_{Path(name).name}_{set_name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     judged = []
     if target_model and judge_model:
-        target, judge = llm(target_model, target_backend, target_base_url), llm(judge_model, judge_backend, judge_base_url)
+        target = load_backend(target_model, backend=target_backend, base_url=target_base_url)
+        judge = load_backend(judge_model, backend=judge_backend, base_url=judge_base_url)
         cache = ev.CallCache(out / "calls.jsonl")
         prompt = ev.load_judge_prompt(judge_prompts)
         for (name, set_name), texts in rewrites.items():

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
 
-__all__ = ["Backend", "BatchOutput", "Generation", "load_local_backend"]
+__all__ = ["Backend", "BatchOutput", "Generation", "load_backend", "load_local_backend"]
+
+BACKEND_KINDS = ("auto", "transformers", "onnx", "openai", "anthropic")
 
 
 def load_local_backend(
@@ -40,3 +42,26 @@ def load_local_backend(
             entry.path, device=device, dtype=dtype, template=entry.template, adapter=adapter or entry.adapter, model_id=entry.name
         )
     return TransformersBackend.load(name_or_path, revision=revision, device=device, dtype=dtype, adapter=adapter)
+
+
+def load_backend(model: str, *, backend: str = "auto", base_url: str | None = None, max_retries: int = 2) -> Backend:
+    """Any model a command line names, loaded. ``auto`` picks an OpenAI-compatible server when
+    ``base_url`` is given; a local model for a registry name, a folder or a hub id (``org/name``);
+    Anthropic for ``claude-*``; else OpenAI's API (``gpt-4o-mini``). Or name the backend outright."""
+    from bpo_plugins.registry import REGISTRY
+
+    if backend not in BACKEND_KINDS:
+        raise ValueError(f"unknown backend {backend!r}: use {', '.join(BACKEND_KINDS)}")
+    if backend == "auto" and base_url:
+        backend = "openai"
+    elif backend == "auto" and not (model in REGISTRY or Path(model).exists() or "/" in model):
+        backend = "anthropic" if model.startswith("claude") else "openai"
+    if backend == "openai":
+        from bpo_plugins.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(model, base_url=base_url, max_retries=max_retries)
+    if backend == "anthropic":
+        from bpo_plugins.backends.anthropic import AnthropicBackend
+
+        return AnthropicBackend(model, base_url=base_url, max_retries=max_retries)
+    return load_local_backend(model, backend=backend)

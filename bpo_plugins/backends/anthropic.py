@@ -40,8 +40,9 @@ class AnthropicBackend(HTTPBackend):
         }
         if template.system:
             request["system"] = template.system
-        if decoding.banned_words:
-            request["stop_sequences"] = [w for w in decoding.banned_words if w.strip()]
+        stops = [w for w in (*decoding.banned_words, *decoding.stop) if w.strip()]
+        if stops:
+            request["stop_sequences"] = stops
         if timeout_s is not None:
             request["timeout"] = timeout_s
         return [request] * decoding.num_candidates
@@ -54,4 +55,5 @@ class AnthropicBackend(HTTPBackend):
 
     def generation(self, responses: Sequence[Any]) -> Generation:
         texts = ["".join(block.text for block in r.content if getattr(block, "type", "") == "text") for r in responses]
-        return Generation(texts=texts, output_tokens=sum(r.usage.output_tokens for r in responses if r.usage))
+        return Generation(texts=texts, output_tokens=sum(r.usage.output_tokens for r in responses if r.usage),
+                          input_tokens=sum(r.usage.input_tokens for r in responses if r.usage))

@@ -21,6 +21,8 @@ class Generation:
 
     texts: list[str]
     output_tokens: int = 0
+    #: Prompt tokens, where the runtime reports them (HTTP APIs do); 0 where unknown.
+    input_tokens: int = 0
     #: How many of ``texts`` were stopped and cut where they fell into a loop (:func:`~bpo_plugins.decoding.loop_cut`).
     loops_cut: int = 0
 

@@ -42,6 +42,8 @@ class OpenAIBackend(HTTPBackend):
         }
         if decoding.do_sample and decoding.top_p < 1.0:
             request["top_p"] = decoding.top_p
+        if decoding.stop:
+            request["stop"] = list(decoding.stop)[:4]  # OpenAI takes at most 4
         if timeout_s is not None:
             request["timeout"] = timeout_s
         return [request]
@@ -54,4 +56,5 @@ class OpenAIBackend(HTTPBackend):
 
     def generation(self, responses: Sequence[Any]) -> Generation:
         texts = [choice.message.content or "" for r in responses for choice in r.choices]
-        return Generation(texts=texts, output_tokens=sum(r.usage.completion_tokens for r in responses if r.usage))
+        return Generation(texts=texts, output_tokens=sum(r.usage.completion_tokens for r in responses if r.usage),
+                          input_tokens=sum(r.usage.prompt_tokens for r in responses if r.usage))
