@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bpo_plugins.drpo.calls import DRPOError
 from bpo_plugins.export.onnx import ParityError
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
 
@@ -257,10 +258,12 @@ def models() -> None:
         typer.echo(f"{name}{' (default)' if name == DEFAULT_MODEL else ''}")
 
 
-from bpo_plugins.export.cli import export_app  # noqa: E402  (typer only; heavy imports are lazy)
+from bpo_plugins.drpo.cli import drpo_app  # noqa: E402  (typer only; heavy imports are lazy)
+from bpo_plugins.export.cli import export_app  # noqa: E402
 from bpo_plugins.training.cli import data_app, evaluate, train  # noqa: E402
 
 app.add_typer(export_app, name="export")
+app.add_typer(drpo_app, name="drpo")
 
 app.add_typer(data_app, name="data")
 app.command()(train)
@@ -275,7 +278,7 @@ def main() -> None:
     except (UsageError, ValueError, TypeError, FileNotFoundError, ModelLoadError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
-    except (RewriteError, ParityError) as exc:  # the work ran and failed: exit 1
+    except (RewriteError, ParityError, DRPOError) as exc:  # the work ran and failed: exit 1
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

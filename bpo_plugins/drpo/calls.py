@@ -71,7 +71,11 @@ class BudgetExhausted(Exception):
         self.role, self.what, self.limit = role, what, limit
 
 
-class CallFailed(Exception):
+class DRPOError(Exception):
+    """A DRPO job that ran and could not go on (the command line exits 1)."""
+
+
+class CallFailed(DRPOError):
     """A call that failed for good: a client error, or a transient one after every retry."""
 
 
@@ -171,17 +175,18 @@ class Caller:
         return self._limits[key]
 
     async def __call__(self, role: Role, user: str, *, system: str | None = None, raw: bool = False,
-                       decoding: Decoding | None = None, attempt: int = 0) -> list[str]:
+                       decoding: Decoding | None = None, attempt: int = 0, salt: int | None = None) -> list[str]:
         """The texts (``decoding.num_candidates`` of them) a role's model gives for one input.
 
         ``raw``: ``user`` is the whole model input, no chat template (local models only).
-        ``attempt`` > 0 asks again after an unusable answer: a new cache key, sampled.
+        ``attempt`` > 0 asks again after an unusable answer: a new cache key, sampled. ``salt`` tells
+        apart sampled calls that should not share a cached answer (another run seed).
         """
         decoding = decoding or role.decoding
         if attempt:
             decoding = replace(decoding, do_sample=True, temperature=max(decoding.temperature, 0.7))
         backend = role.backend
-        key = cache_key("drpo-call", backend.name, backend.model_id, backend.revision, system, user, raw, decoding.as_key(), attempt)
+        key = cache_key("drpo-call", backend.name, backend.model_id, backend.revision, system, user, raw, decoding.as_key(), attempt, salt)
         record = self.cache.get(key)
         if record is not None:
             self.ledger.count(role.name, "cached")

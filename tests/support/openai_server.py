@@ -5,7 +5,9 @@ On top of the product's OpenAI-compatible API over a real local model (chat, com
 - ``GET /v1/events``: per ``x-test-id`` header, whether that request's stream finished or was closed;
 - ``POST /v1/messages``: Anthropic's Messages API shape, over the same model or script;
 - model ``script*``: replies from a JSON file ``{"substring": "reply"}`` (first match wins), where a reply
-  ``"__sleep__:S:text"`` waits S seconds first and ``"__error__:CODE"`` returns that status. It stands
+  ``"__sleep__:S:text"`` waits S seconds first, ``"__error__:CODE"`` returns that status and
+  ``"__flaky__:N:CODE:text"`` returns CODE (with ``retry-after: 0``) to the first N requests; a list of
+  replies gives the n choices of one request in turn (a sampled optimizer's proposals). It stands
   in for OpenAI's and Anthropic's servers, and for judge and optimizer LLMs, which cannot exist here;
 - model ``echo*``: a deterministic reply made from the request's last message, streamed in many chunks;
 - models named ``*-dspy``: the real model answers the last ``[[ ## field ## ]]`` input of a DSPy
@@ -57,6 +59,7 @@ class TestAPI(LocalModelAPI):
         self.script = script
         self.received: list[dict[str, Any]] = []
         self.events: dict[str, str] = {}
+        self.flaky: dict[str, int] = {}
         self.count = 0
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -109,7 +112,14 @@ class TestAPI(LocalModelAPI):
         n = int(body.get("n") or 1)
         if model.startswith(("script", "echo")):
             last = messages[-1]["content"] if messages else ""
-            reply = echo_reply(last) if model.startswith("echo") else self.scripted(last)
+            replies = [echo_reply(last)] if model.startswith("echo") else self.scripted(last)
+            reply = replies[0]
+            if reply.startswith("__flaky__:"):
+                _, failures, code, reply = reply.split(":", 3)
+                self.flaky[reply] = self.flaky.get(reply, 0) + 1
+                if self.flaky[reply] <= int(failures):
+                    return JSONResponse(api.error_body("scripted flake", type="server_error"), status_code=int(code),
+                                        headers={"retry-after": "0"})
             if reply.startswith("__error__:"):
                 code = int(reply.split(":")[1])
                 return JSONResponse(api.error_body("scripted failure", type="server_error"), status_code=code)
@@ -118,7 +128,8 @@ class TestAPI(LocalModelAPI):
                 await asyncio.sleep(float(seconds))
             if body.get("stream"):
                 return self.scripted_stream(request, body, reply, faults)
-            texts, completion_tokens = [reply] * n, len(reply.split()) * n
+            texts = ([reply, *replies[1:]] * n)[:n]
+            completion_tokens = sum(len(t.split()) for t in texts)
         elif model.endswith("-dspy"):
             fields = DSPY_FIELD.findall(messages[-1]["content"])
             question = fields[-1][1].strip() if fields else messages[-1]["content"]
@@ -145,8 +156,9 @@ class TestAPI(LocalModelAPI):
         await self.record(request)
         return await super().completions(request)
 
-    def scripted(self, last: str) -> str:
-        return next((r for key, r in self.script.items() if key in last), last)
+    def scripted(self, last: str) -> list[str]:
+        reply = next((r for key, r in self.script.items() if key in last), last)
+        return list(reply) if isinstance(reply, list) else [reply]
 
     def scripted_stream(self, request: Request, body: dict[str, Any], reply: str, faults: dict[str, str]) -> Response:
         test_id = request.headers.get("x-test-id", "")

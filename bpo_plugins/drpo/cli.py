@@ -1,0 +1,164 @@
+"""``bpo drpo search`` and ``bpo drpo icl``: DRPO from the command line, on any backend per role."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+drpo_app = typer.Typer(help="DRPO: search a system prompt and in-context examples with dynamic rewards.", no_args_is_help=True)
+
+ModelSpec = Annotated[str | None, typer.Option(help="MODEL or MODEL@URL: an API model (gpt-4o-mini, claude-...), a local model, or a model on an OpenAI-compatible server.")]
+CapOption = Annotated[list[str] | None, typer.Option(help="ROLE=N (base, metrics, judge, optimizer), or N for every role. Repeatable.")]
+PriceOption = Annotated[list[str] | None, typer.Option("--price", help="ROLE=IN/OUT dollars per million tokens, or IN/OUT for every role. Repeatable.")]
+
+
+def _backend(spec: str) -> Any:
+    from bpo_plugins.backends import load_backend
+
+    model, url = spec, None
+    for scheme in ("@http://", "@https://"):
+        if scheme in spec:
+            model, _, rest = spec.partition(scheme)
+            url = scheme[1:] + rest
+    if not model:
+        raise ValueError(f"no model name in {spec!r}: use MODEL or MODEL@URL")
+    return load_backend(model, base_url=url, max_retries=0)  # the DRPO caller retries with backoff itself
+
+
+def _per_role(values: list[str] | None, what: str, parse: Any) -> dict[str, Any]:
+    from bpo_plugins.drpo.calls import ROLES
+
+    out: dict[str, Any] = {}
+    for value in values or []:
+        role, sep, amount = value.rpartition("=")
+        roles = [role] if sep else list(ROLES)
+        if sep and role not in ROLES:
+            raise ValueError(f"{what}: unknown role {role!r}: use {', '.join(ROLES)}")
+        try:
+            parsed = parse(amount)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        out.update(dict.fromkeys(roles, parsed))
+    return out
+
+
+def _session_parts(base: str | None, judge: str | None, optimizer: str | None, metrics: str | None, prices: list[str] | None,
+                   max_calls: list[str] | None, max_tokens: list[str] | None, max_cost: list[str] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    from bpo_plugins.drpo.calls import Caps, Price
+
+    if not base or not judge:
+        raise ValueError("give --base (the model to align) and --judge (the judge LLM; it is also the optimizer and metrics LLM unless named)")
+    price = _per_role(prices, "--price", Price.parse)
+    calls = _per_role(max_calls, "--max-calls", int)
+    tokens = _per_role(max_tokens, "--max-tokens", int)
+    cost = _per_role(max_cost, "--max-cost", float)
+    caps = {r: Caps(calls.get(r), tokens.get(r), cost.get(r)) for r in {*calls, *tokens, *cost}}
+    backends = {"base": _backend(base), "judge": _backend(judge)}
+    backends["optimizer"] = _backend(optimizer) if optimizer else backends["judge"]
+    backends["metrics"] = _backend(metrics) if metrics else backends["judge"]
+    return backends, price, caps
+
+
+@drpo_app.command("search")
+def search(
+    base: ModelSpec = None,
+    judge: ModelSpec = None,
+    optimizer: ModelSpec = None,
+    metrics: ModelSpec = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for alignment.json, the report, the checkpoint and the call cache.")] = Path("runs/drpo"),
+    seeds: Annotated[Path | None, typer.Option(help="Seed queries (.txt lines, or JSON/JSONL with 'query'); default DRPO's 180.")] = None,
+    examples: Annotated[Path | None, typer.Option(help="Example bank from 'bpo drpo icl' (default DRPO's 16).")] = None,
+    depth: Annotated[int, typer.Option(min=1)] = 20,
+    beam_width: Annotated[int, typer.Option(min=1)] = 2,
+    num_actions: Annotated[int, typer.Option(min=1)] = 3,
+    max_extensions: Annotated[int, typer.Option(min=0)] = 10,
+    holdout: Annotated[int, typer.Option(min=0, help="Held-out seeds for the final check.")] = 8,
+    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | raw (no chat template; local base model).")] = "chat",
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer.")] = 512,
+    seed: Annotated[int, typer.Option(help="Fixes the seed-query order and the proposals' sampling salt.")] = 0,
+    initial_prompt: Annotated[str, typer.Option(help="The root of the search.")] = "You are a helpful assistant.",
+    price: PriceOption = None,
+    max_calls: CapOption = None,
+    max_tokens: CapOption = None,
+    max_cost: Annotated[list[str] | None, typer.Option(help="ROLE=USD, or USD for every role. Repeatable.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent calls per HTTP model.")] = 8,
+    retries: Annotated[int, typer.Option(min=0, help="Retries, with backoff, on 429, 5xx and timeouts.")] = 4,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the projected calls, tokens and cost per role; call nothing.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the checkpoint in --out (cached calls are still reused).")] = False,
+) -> None:
+    """Search a system prompt for --base by DRPO's beam search; resumes from --out's checkpoint."""
+    from bpo_plugins.drpo.icl import read_examples
+    from bpo_plugins.drpo.search import FORMATS, Search, SearchConfig, default_roles, read_seeds
+
+    if prompt_format not in FORMATS:
+        raise ValueError(f"unknown --format {prompt_format!r}: use chat or raw")
+    config = SearchConfig(beam_width=beam_width, num_actions=num_actions, depth=depth, max_extensions=max_extensions,
+                          holdout=holdout, format=prompt_format, seed=seed, initial_prompt=initial_prompt)
+    backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost)
+    roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
+                          answer_tokens=answer_tokens, num_actions=num_actions, prompt_format=FORMATS[prompt_format])
+    runner = Search(roles, out, config=config, seeds=read_seeds(seeds) if seeds else None,
+                    examples=read_examples(examples) if examples else None, caps=caps, concurrency=concurrency, retries=retries)
+    if dry_run:
+        _print_plan(runner.plan(), caps)
+        return
+    result = runner.run(fresh=fresh)
+    final = result.report["final_check"]
+    if result.stopped:
+        typer.secho(f"stopped early: {result.stopped}; the artifact holds the best prompt so far", err=True, fg=typer.colors.YELLOW)
+    if final:
+        verdict = "beats" if final["beats_initial"] else "does not beat"
+        typer.echo(f"held-out reward {final['winner_mean']} vs the initial prompt's {final['initial_mean']}: the winner {verdict} it")
+    cache = result.report["cache"]
+    typer.echo(f"calls: {cache['live_calls']} live, {cache['cached_calls']} from the cache; cost ${result.alignment.provenance['cost_usd']}")
+    typer.echo(f"artifact {out / 'alignment.json'}; report {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}", err=True)
+
+
+def _print_plan(plan: dict[str, dict[str, Any]], caps: dict[str, Any]) -> None:
+    typer.echo("projected upper bounds (no call made):")
+    typer.echo(f"{'role':<10} {'calls':>7} {'input tok':>11} {'output tok':>11} {'cost $':>9}  model")
+    for role, row in plan.items():
+        cost = f"{row['cost_usd']:.4f}" if row["priced"] else "unpriced"
+        cap = caps.get(role)
+        capped = f"  (cap {', '.join(f'{k} {v}' for k, v in vars(cap).items() if v is not None)})" if cap else ""
+        typer.echo(f"{role:<10} {row['calls']:>7} {row['input_tokens']:>11} {row['output_tokens']:>11} {cost:>9}  {row['model']}{capped}")
+    total = {k: sum(r[k] for r in plan.values()) for k in ("calls", "input_tokens", "output_tokens", "cost_usd")}
+    typer.echo(f"{'total':<10} {total['calls']:>7} {total['input_tokens']:>11} {total['output_tokens']:>11} {total['cost_usd']:>9.4f}")
+
+
+@drpo_app.command("icl")
+def icl(
+    base: ModelSpec = None,
+    judge: ModelSpec = None,
+    optimizer: ModelSpec = None,
+    metrics: ModelSpec = None,
+    queries: Annotated[Path | None, typer.Option(help="Queries to build examples for (.txt or JSON/JSONL); default the queries of DRPO's 16 examples.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The example bank (JSON); figures go to OUT.report.json.")] = Path("runs/drpo/examples.json"),
+    rounds: Annotated[int, typer.Option(min=0, max=20, help="Rewrite-and-rescore rounds per query (DRPO: 5).")] = 5,
+    answer_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    price: PriceOption = None,
+    max_calls: CapOption = None,
+    max_tokens: CapOption = None,
+    max_cost: Annotated[list[str] | None, typer.Option(help="ROLE=USD, or USD for every role.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1)] = 8,
+) -> None:
+    """Build an in-context example bank: answer, judge, rewrite from feedback, keep the best."""
+    from bpo_plugins.drpo import icl_examples
+    from bpo_plugins.drpo.icl import optimize_examples
+    from bpo_plugins.drpo.search import Seed, default_roles, read_seeds
+    from bpo_plugins.drpo.session import Session
+
+    seeds = read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]
+    backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost)
+    roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
+                          answer_tokens=answer_tokens)
+    session = Session(roles, out.with_suffix(".calls.sqlite"), caps=caps, concurrency=concurrency)
+    report = optimize_examples(session, seeds, out, rounds=rounds)
+    session.close()
+    if report["stopped"]:
+        typer.secho(f"stopped early: {report['stopped']}; the bank holds the examples finished so far", err=True, fg=typer.colors.YELLOW)
+    typer.echo(json.dumps({k: report[k] for k in ("n", "of", "mean_reward_first", "mean_reward_best", "skips")}))
+    typer.echo(f"examples in {out}; figures in {out.with_suffix('.report.json')}", err=True)

@@ -1,0 +1,525 @@
+"""DRPO's system-prompt search: a beam search scored by dynamic rewards, resumable and capped.
+
+From the root prompt, level i answers seed query i with each beam prompt plus k retrieved
+examples, and the judge rates the answer on the query's aspects. A prompt rated perfect (or above
+the carry threshold) goes on unchanged and the search is extended by a level; otherwise the
+optimizer proposes new prompts from the prompt, query, answer, rating and the prompt's lineage.
+Children are ranked by the mean reward along their path. The top candidates and the root are then
+re-scored on held-out seeds, and the winner is what they say, not the last beam.
+
+Every level is checkpointed (beam, RNG state, history, spend); every call is cached. A run killed
+mid-level resumes from the last level and re-pays no call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bpo_plugins.backends.base import Backend
+from bpo_plugins.backends.http import HTTPBackend
+from bpo_plugins.decoding import Decoding
+from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
+from bpo_plugins.drpo.calls import ROLES, BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role
+from bpo_plugins.drpo.reward import Judgement, find_json
+from bpo_plugins.drpo.session import Session, log
+
+CHECKPOINT_VERSION = 1
+INITIAL_PROMPT = "You are a helpful assistant."
+
+
+# -- seeds ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seed:
+    query: str
+    #: alpaca, lima, malicious (DRPO's three files), or the name of a user's file.
+    source: str
+
+
+def drpo_seeds() -> list[Seed]:
+    """DRPO's 180 seed queries (Alpaca, LIMA, malicious), interleaved by source as DRPO mixes them."""
+    data = json.loads(resources.files("bpo_plugins.drpo").joinpath("data", "seeds.json").read_text(encoding="utf-8"))
+    groups = [[Seed(q, source) for q in data[source]] for source in ("alpaca", "lima", "malicious")]
+    return [seed for row in _zip_longest(groups) for seed in row]
+
+
+def _zip_longest(groups: list[list[Seed]]) -> list[list[Seed]]:
+    return [[g[i] for g in groups if i < len(g)] for i in range(max(map(len, groups)))]
+
+
+def read_seeds(path: str | Path) -> list[Seed]:
+    """Seed queries from a text file (one per line), or JSON/JSONL rows with a query field."""
+    from bpo_plugins.training.data import read_rows
+
+    path = Path(path)
+    if path.suffix == ".txt":
+        return [Seed(line.strip(), path.stem) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    seeds = []
+    for number, row in enumerate(read_rows(path), 1):
+        query = next((row[f] for f in ("query", "prompt", "instruction", "question") if isinstance(row.get(f), str)), None)
+        if query is None:
+            raise ValueError(f"{path}: row {number} has no string 'query' (or prompt, instruction, question) field")
+        seeds.append(Seed(query, str(row.get("source", path.stem))))
+    return seeds
+
+
+# -- settings and state --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    beam_width: int = 2
+    num_actions: int = 3
+    depth: int = 20
+    #: Levels added, at most this many, when a beam prompt needed no edit (DRPO's depth extension).
+    max_extensions: int = 10
+    #: A prompt whose answer scores above this mean (or all 5s) is carried forward unchanged.
+    carry_threshold: float = 4.5
+    #: Examples retrieved per query during the search (DRPO: 2; serving uses the artifact's k).
+    k: int = 2
+    serve_k: int = 3
+    #: Seeds kept out of the search to re-score the top candidates and the initial prompt.
+    holdout: int = 8
+    top_candidates: int = 3
+    #: Earlier prompts of a node's lineage the optimizer sees.
+    lineage: int = 5
+    max_prompt_chars: int = 6000
+    format: str = "chat"
+    seed: int = 0
+    initial_prompt: str = INITIAL_PROMPT
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "num_actions", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_extensions < 0 or self.holdout < 0:
+            raise ValueError("max_extensions and holdout must be >= 0")
+        if not 0 <= self.k <= 5 or not 0 <= self.serve_k <= 5:
+            raise ValueError("k and serve_k must be between 0 and 5")
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown prompt format {self.format!r}: use {' or '.join(FORMATS)}")
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return FORMATS[self.format]
+
+
+@dataclass
+class Node:
+    prompt: str
+    #: The reward of each level along this node's path (ranking uses their mean).
+    rewards: list[float]
+    #: Ancestors' prompts, oldest first.
+    lineage: list[str]
+    query: str
+    answer: str
+    judgement: Judgement
+    carried: bool = False
+
+    @property
+    def path_mean(self) -> float:
+        return sum(self.rewards) / len(self.rewards)
+
+    def needs_edit(self, threshold: float) -> bool:
+        return not (self.judgement.perfect or self.judgement.reward > threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "judgement": self.judgement.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Node:
+        return cls(**{**data, "judgement": Judgement.from_dict(data["judgement"])})
+
+
+OPTIMIZER_PROMPT = """You improve the system prompt of an AI assistant. With the system prompt below, the assistant answered a user query, and an expert rated the answer. Write a better system prompt.
+
+Rules:
+- Keep the prompt general: it will guide the assistant on every kind of query, so never mention this query or its topic.
+- Change a little at a time: add, edit or remove at most 2 bullet points, and keep at most 8 bullet points in all.
+- Fix the weaknesses the rating names and keep what already works.
+- Keep a short list of what the assistant cannot do (no internet access, no real-time information, it can make mistakes).
+- Never copy these rules, the rating or any score into the prompt.
+
+<current_system_prompt>
+{prompt}
+</current_system_prompt>
+
+<earlier_versions>
+{lineage}
+</earlier_versions>
+
+<query>
+{query}
+</query>
+
+<answer>
+{answer}
+</answer>
+
+<rating>
+{rating}
+</rating>
+
+Reply with JSON only: {{"analysis": "<what the answer lacked>", "thought": "<how the prompt should change>", "new_system_prompt": "<the whole new system prompt>"}}"""
+PROPOSAL_KEYS = ("new_system_prompt", "system_prompt", "new_prompt", "prompt")
+
+
+def read_proposal(text: str) -> str | None:
+    data = find_json(text)
+    if data is None:
+        return None
+    value = next((data[k] for k in PROPOSAL_KEYS if isinstance(data.get(k), str) and data[k].strip()), None)
+    return value.strip().strip('"').strip() if value else None
+
+
+def default_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
+                  prices: Mapping[str, Price] | None = None, answer_tokens: int = 512, num_actions: int = 3,
+                  prompt_format: PromptFormat = FORMATS["chat"]) -> dict[str, Role]:
+    """DRPO's decoding per role: the base model greedy (as its search ran) and stopping at ``<END>``;
+    the optimizer sampling ``num_actions`` proposals in one call."""
+    prices = prices or {}
+    decodings = {
+        "base": Decoding(max_new_tokens=answer_tokens, stop=prompt_format.stop),
+        "metrics": Decoding(max_new_tokens=512),
+        "judge": Decoding(max_new_tokens=768),
+        "optimizer": Decoding(do_sample=True, temperature=0.9, num_candidates=num_actions, max_new_tokens=1024),
+    }
+    backends = {"base": base, "metrics": metrics or judge, "judge": judge, "optimizer": optimizer}
+    return {r: Role(r, backends[r], decodings[r], prices.get(r, Price())) for r in ROLES}
+
+
+@dataclass
+class SearchResult:
+    alignment: Alignment
+    report: dict[str, Any]
+    #: None when the search ran to the end; else why it stopped early (a cap, a failure).
+    stopped: str | None = None
+
+
+class Search:
+    """One DRPO search, writing ``checkpoint.json``, ``calls.sqlite``, the artifact and the report to ``out``."""
+
+    def __init__(
+        self, roles: Mapping[str, Role], out: str | Path, *, config: SearchConfig = SearchConfig(),
+        examples: Sequence[Example] | None = None, seeds: Sequence[Seed] | None = None,
+        caps: Mapping[str, Caps] | None = None, known_aspects: Mapping[str, Any] | None = None,
+        cache_path: str | Path | None = None, concurrency: int = 8, retries: int = 4, backoff_s: float = 1.0,
+        progress: bool = True, embedder: Any = None,
+    ) -> None:
+        from bpo_plugins.drpo import icl_examples
+
+        self.config, self.out = config, Path(out)
+        self.examples = list(icl_examples() if examples is None else examples)
+        ordered = list(drpo_seeds() if seeds is None else seeds)
+        random.Random(config.seed).shuffle(ordered)  # DRPO shuffles unseeded; here the seed fixes the order
+        if len(ordered) < 2 + config.holdout:
+            raise ValueError(f"{len(ordered)} seed queries are too few: the search needs 2 and the final check {config.holdout}")
+        self.holdout = ordered[len(ordered) - config.holdout:] if config.holdout else []
+        self.queries = ordered[: len(ordered) - config.holdout][: config.depth + config.max_extensions + 1]
+        if config.prompt_format.raw and isinstance(roles["base"].backend, HTTPBackend):
+            raise ValueError("the raw prompt format needs a local base model (no chat template over HTTP); use the chat format")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.session = Session(roles, cache_path or self.out / "calls.sqlite", caps=caps, known_aspects=known_aspects,
+                               concurrency=concurrency, retries=retries, backoff_s=backoff_s)
+        self.roles, self.ledger, self.call, self.skips = self.session.roles, self.session.ledger, self.session.call, self.session.skips
+        self.retriever = ExampleRetriever(self.examples, embedder)
+        self.progress = progress
+
+    # -- identity and checkpoint ----------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: settings, models, examples and seeds."""
+        parts = {"config": asdict(self.config), "roles": {r: (role.model, role.decoding.as_key()) for r, role in self.roles.items()},
+                 "examples": [asdict(e) for e in self.examples], "queries": [s.query for s in self.queries],
+                 "holdout": [s.query for s in self.holdout]}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.json"
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        state = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
+        if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != self.fingerprint():
+            raise ValueError(f"{self.checkpoint_path} belongs to a search with other settings, models or seeds: "
+                             "use another --out, or --fresh to start over")
+        return state
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(self.checkpoint_path)  # a kill mid-write leaves the previous level's checkpoint
+
+    # -- one evaluation -------------------------------------------------------------------------
+
+    async def answer(self, prompt: str, query: str) -> str:
+        fmt = self.config.prompt_format
+        system = fmt.render_system(prompt, self.retriever.top(query, self.config.k))
+        if fmt.raw:
+            texts = await self.call(self.roles["base"], system + fmt.render_user(query), raw=True)
+        else:
+            texts = await self.call(self.roles["base"], fmt.render_user(query), system=system)
+        return strip_markers(texts[0], fmt)
+
+    async def evaluate(self, prompt: str, seed: Seed) -> tuple[str, Judgement] | None:
+        """The base model's answer with ``prompt`` and its rating; None (counted) when either failed."""
+        try:
+            answer, _ = await asyncio.gather(self.answer(prompt, seed.query), self.session.aspects(seed.query))
+            judgement = await self.session.rate(seed.query, answer, harmful=seed.source == "malicious")
+        except CallFailed as exc:
+            self.skips[f"call_failed:{str(exc).split(' ', 1)[0]}"] += 1
+            log.info("evaluation skipped: %s", exc)
+            return None
+        return None if judgement is None else (answer, judgement)
+
+    async def propose(self, node: Node, salt: int) -> list[str]:
+        role = self.roles["optimizer"]
+        lineage = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(node.lineage[-self.config.lineage:], 1)) or "(none)"
+        text = OPTIMIZER_PROMPT.format(prompt=node.prompt, lineage=lineage, query=node.query, answer=node.answer,
+                                       rating=node.judgement.feedback())
+        decoding = replace(role.decoding, num_candidates=self.config.num_actions)
+        for attempt in range(2):
+            try:
+                texts = await self.call(role, text, decoding=decoding, attempt=attempt, salt=salt)
+            except CallFailed as exc:
+                self.skips["call_failed:optimizer"] += 1
+                log.info("proposal skipped: %s", exc)
+                return []
+            proposals: list[str] = []
+            for raw in texts:
+                proposal = read_proposal(raw)
+                if proposal is None:
+                    self.skips["proposal_unparsed"] += 1
+                elif len(proposal) > self.config.max_prompt_chars:
+                    self.skips["proposal_too_long"] += 1
+                elif proposal == node.prompt or proposal in proposals:
+                    self.skips["proposal_duplicate"] += 1
+                else:
+                    proposals.append(proposal)
+            if proposals:
+                return proposals[: self.config.num_actions]
+        return []
+
+    async def expand(self, node: Node, seed: Seed, salt: int) -> tuple[list[Node], bool]:
+        """A node's children on the next query, and whether it was carried forward unedited."""
+        carried = not node.needs_edit(self.config.carry_threshold)
+        prompts = [node.prompt] if carried else await self.propose(node, salt)
+        if not prompts:  # the optimizer gave nothing usable: the prompt goes on as it is
+            prompts, carried = [node.prompt], True
+        lineage = node.lineage if carried else [*node.lineage, node.prompt]
+        results = await asyncio.gather(*(self.evaluate(p, seed) for p in prompts))
+        children = [Node(p, [*node.rewards, j.reward], lineage, seed.query, a, j, carried)
+                    for p, r in zip(prompts, results) if r is not None for a, j in [r]]
+        return children, carried
+
+    # -- the search -----------------------------------------------------------------------------
+
+    def run(self, *, fresh: bool = False, on_level: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+        if fresh:
+            self.checkpoint_path.unlink(missing_ok=True)
+        return asyncio.run(self._run(on_level))
+
+    async def _run(self, on_level: Callable[[dict[str, Any]], None] | None) -> SearchResult:
+        from tqdm import tqdm
+
+        state = self.load_checkpoint()
+        resumed_from = None if state is None else state["level"]
+        stopped: str | None = None
+        if state is not None:
+            for role, used in state["usage"].items():  # caps hold across restarts
+                self.ledger.usage[role] = type(self.ledger.usage[role])(**used)
+            self.skips.update(state["skips"])
+        bar = tqdm(total=self.config.depth, desc="drpo search", unit="level", disable=not self.progress)
+        try:
+            if state is None:
+                state = await self._root()
+                self.save_checkpoint(state)
+            bar.total = state["depth_limit"]
+            bar.update(state["level"])
+            while state["level"] < state["depth_limit"] and state["level"] + 1 < len(self.queries):
+                state = await self._level(state)
+                self.save_checkpoint(state)
+                bar.total = state["depth_limit"]
+                bar.set_postfix(best=f"{state['history'][-1]['best_path_mean']:.2f}", calls=self.ledger.live_calls,
+                                cached=self.ledger.cached_calls, cost=f"${self.ledger.cost_usd:.3f}")
+                bar.update(1)
+                if on_level:
+                    on_level(state)
+        except BudgetExhausted as exc:
+            stopped = f"budget: {exc}"
+        except _NoChild as exc:
+            stopped = str(exc)
+        finally:
+            bar.close()
+        if state is None:
+            raise DRPOError(f"the search could not start: {stopped}")
+        beam = [Node.from_dict(n) for n in state["beam"]]
+        seen = [Node.from_dict(n) for n in state["best_seen"]]
+        final = None
+        if stopped is None and self.holdout:
+            try:
+                final = await self._final_check(beam, seen)
+            except BudgetExhausted as exc:
+                stopped = f"budget during the final check: {exc}"
+        if stopped:
+            self.session.warn(f"search stopped early ({stopped}); returning the best prompt so far")
+        winner = final["winner"] if final else max(beam, key=lambda n: n.path_mean).prompt
+        return self._finish(state, winner, final, stopped, resumed_from)
+
+    async def _root(self) -> dict[str, Any]:
+        seed = self.queries[0]
+        result = await self.evaluate(self.config.initial_prompt, seed)
+        if result is None:
+            raise DRPOError(f"the initial prompt could not be evaluated ({dict(self.skips)}): check the base and judge models")
+        root = Node(self.config.initial_prompt, [result[1].reward], [], seed.query, result[0], result[1])
+        rng = random.Random(self.config.seed)
+        return {
+            "version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint(), "level": 0, "extensions": 0,
+            "depth_limit": self.config.depth, "beam": [root.to_dict()], "best_seen": [root.to_dict()],
+            "rng": _rng_json(rng.getstate()), "usage": self.ledger.to_dict(), "skips": dict(self.skips),
+            "history": [self._history(0, seed, [root], [root], carried=0)],
+        }
+
+    async def _level(self, state: dict[str, Any]) -> dict[str, Any]:
+        level = state["level"] + 1
+        seed = self.queries[level]
+        beam = [Node.from_dict(n) for n in state["beam"]]
+        # The sampled proposals' cache salt comes from the checkpointed RNG: a run with another seed
+        # samples anew, and a resumed run draws the same salt, so it finds its calls in the cache.
+        rng = random.Random()
+        rng.setstate(_rng_state(state["rng"]))
+        salt = rng.getrandbits(32)
+        expanded = await asyncio.gather(*(self.expand(node, seed, salt) for node in beam))
+        children = [child for kids, _ in expanded for child in kids]
+        if not children:
+            raise _NoChild(f"level {level}: no child could be answered and judged ({dict(self.skips)})")
+        carried = sum(was_carried for _, was_carried in expanded)
+        new_beam = _top(children, self.config.beam_width)
+        extensions, depth_limit = state["extensions"], state["depth_limit"]
+        if carried and extensions < self.config.max_extensions:
+            extensions, depth_limit = extensions + 1, depth_limit + 1
+        best_seen = _top([*map(Node.from_dict, state["best_seen"]), *children], self.config.top_candidates)
+        return {
+            **state, "level": level, "extensions": extensions, "depth_limit": depth_limit,
+            "beam": [n.to_dict() for n in new_beam], "best_seen": [n.to_dict() for n in best_seen],
+            "rng": _rng_json(rng.getstate()), "usage": self.ledger.to_dict(), "skips": dict(self.skips),
+            "history": [*state["history"], self._history(level, seed, children, new_beam, carried)],
+        }
+
+    def _history(self, level: int, seed: Seed, children: list[Node], beam: list[Node], carried: int) -> dict[str, Any]:
+        best = beam[0]
+        return {
+            "level": level, "query": seed.query, "source": seed.source, "children": len(children), "carried": carried,
+            "rewards": [round(c.judgement.reward, 3) for c in children], "best_reward": round(max(c.judgement.reward for c in children), 3),
+            "best_path_mean": round(best.path_mean, 4), "best_prompt": best.prompt,
+            "live_calls": self.ledger.live_calls, "cost_usd": round(self.ledger.cost_usd, 6),
+        }
+
+    async def _final_check(self, beam: list[Node], seen: list[Node]) -> dict[str, Any]:
+        """Re-score the top candidates and the initial prompt on held-out seeds; the best mean wins."""
+        prompts = list(dict.fromkeys([n.prompt for n in _top([*beam, *seen], self.config.top_candidates)] + [self.config.initial_prompt]))
+        grid = await asyncio.gather(*(self.evaluate(p, s) for p in prompts for s in self.holdout))
+        rows = []
+        for i, prompt in enumerate(prompts):
+            rewards = [r[1].reward for r in grid[i * len(self.holdout):(i + 1) * len(self.holdout)] if r is not None]
+            rows.append({"prompt": prompt, "initial": prompt == self.config.initial_prompt, "n": len(rewards),
+                         "held_out_mean": round(sum(rewards) / len(rewards), 4) if rewards else None})
+        scored = [r for r in rows if r["held_out_mean"] is not None]
+        if not scored:
+            raise _NoChild("the final check could not score any candidate")
+        best = max(scored, key=lambda r: r["held_out_mean"])  # ties: the search's own ranking, first
+        initial = next((r for r in rows if r["initial"]), None)
+        beats = bool(initial and initial["held_out_mean"] is not None and not best["initial"]
+                     and best["held_out_mean"] > initial["held_out_mean"])
+        return {"candidates": rows, "winner": best["prompt"], "winner_mean": best["held_out_mean"],
+                "initial_mean": initial and initial["held_out_mean"], "beats_initial": beats,
+                "holdout_queries": [s.query for s in self.holdout]}
+
+    def _finish(self, state: dict[str, Any], winner: str, final: dict[str, Any] | None, stopped: str | None,
+                resumed_from: int | None) -> SearchResult:
+        from bpo_plugins.drpo.report import write_report
+
+        roles = self.session.roles_described()
+        provenance = {
+            "method": "DRPO beam search", "base_model": roles["base"], "judge": roles["judge"], "optimizer": roles["optimizer"],
+            "metrics": roles["metrics"], "search": asdict(self.config), "levels": [h["best_path_mean"] for h in state["history"]],
+            "held_out": final and {k: final[k] for k in ("winner_mean", "initial_mean", "beats_initial")},
+            "calls": self.ledger.live_calls, "cached_calls": self.ledger.cached_calls,
+            "tokens": sum(u.tokens for u in self.ledger.usage.values()), "cost_usd": round(self.ledger.cost_usd, 6),
+            "stopped": stopped,
+        }
+        alignment = Alignment(winner, tuple(self.examples), k=self.config.serve_k, format=self.config.prompt_format,
+                              embedder=getattr(self.retriever.embedder, "name", "all-MiniLM-L6-v2"), provenance=provenance)
+        alignment.save(self.out / "alignment.json")
+        report = {
+            "fingerprint": self.fingerprint(), "config": asdict(self.config), "roles": roles,
+            "caps": {r: asdict(c) for r, c in self.session.caps.items()}, "levels": state["history"],
+            "final_check": final, "usage": self.ledger.to_dict(), "skips": dict(self.skips), "warnings": self.session.warnings,
+            "stopped": stopped, "resumed_from_level": resumed_from, "winner": winner,
+            "cache": {"live_calls": self.ledger.live_calls, "cached_calls": self.ledger.cached_calls},
+        }
+        write_report(report, self.out)
+        self.session.close()
+        return SearchResult(alignment, report, stopped)
+
+    # -- the projection -------------------------------------------------------------------------
+
+    def plan(self) -> dict[str, dict[str, float]]:
+        """Upper bounds on calls and tokens per role, before any call: what ``--dry-run`` prints."""
+        c, fmt = self.config, self.config.prompt_format
+        levels = min(c.depth + c.max_extensions, len(self.queries) - 1)
+        candidates = c.top_candidates + 1
+        evaluations = 1 + levels * c.beam_width * c.num_actions + candidates * len(self.holdout)
+        queries = [s.query for s in [*self.queries[: levels + 1], *self.holdout]]
+        new_queries = sum(q not in self.session.known_aspects for q in queries)
+        mean_query = sum(map(len, queries)) / max(len(queries), 1)
+        mean_example = sum(len(e.query) + len(e.answer) for e in self.examples) / max(len(self.examples), 1)
+        prompt_chars = min(c.max_prompt_chars, 2500)  # DRPO's published prompts run 1,500-2,500 characters
+        answer = self.roles["base"].decoding.max_new_tokens
+        chars = {
+            "base": prompt_chars + c.k * mean_example + mean_query + len(fmt.system) + len(fmt.user),
+            "metrics": 2200 + mean_query, "judge": 1400 + mean_query + 4 * answer,
+            "optimizer": 2200 + (c.lineage + 1) * prompt_chars + mean_query + 4 * answer + 600,
+        }
+        calls = {"base": evaluations, "judge": evaluations, "metrics": new_queries, "optimizer": levels * c.beam_width}
+        plan = {}
+        for role_name, role in self.roles.items():
+            n = calls[role_name]
+            out_tokens = n * role.decoding.max_new_tokens * (c.num_actions if role_name == "optimizer" else 1)
+            in_tokens = int(n * chars[role_name] / 4)
+            cost = (in_tokens * role.price.input + out_tokens * role.price.output) / 1e6
+            plan[role_name] = {"model": role.model, "calls": n, "input_tokens": in_tokens, "output_tokens": out_tokens,
+                               "cost_usd": round(cost, 4), "priced": role.price != Price()}
+        return plan
+
+
+class _NoChild(DRPOError):
+    """A level where nothing could be answered and judged: the search stops with what it has."""
+
+
+def _top(nodes: Sequence[Node], n: int) -> list[Node]:
+    """The n best distinct prompts by path mean; ties keep the earlier node (a stable order)."""
+    best: dict[str, Node] = {}
+    for node in sorted(nodes, key=lambda x: -x.path_mean):
+        best.setdefault(node.prompt, node)
+    return list(best.values())[:n]
+
+
+def _rng_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state(data: list[Any]) -> tuple[Any, ...]:
+    return (data[0], tuple(data[1]), data[2])
