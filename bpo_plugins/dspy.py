@@ -1,4 +1,6 @@
-"""DSPy adapter: rewrite named input fields with BPO, then call the wrapped program.
+"""DSPy adapters: ``BPO`` rewrites named input fields, then calls the wrapped program; DRPO's aligned
+prompt goes into a program's instructions and demos (``aligned_program``), or per call with the
+examples retrieved for the input (``DRPO``). Both at once: ``DRPO(BPO(program), preset)``.
 
 Field values are rewritten before the program's adapter formats them, so DSPy's
 ``[[ ## field ## ]]`` markers never reach the optimizer. The Rewriter is shared, never copied,
@@ -13,10 +15,11 @@ from typing import Any
 
 import dspy
 
+from bpo_plugins.pipeline import AlignmentPipeline
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
-__all__ = ["BPO"]
+__all__ = ["BPO", "DRPO", "aligned_program"]
 
 
 class BPO(dspy.Module):
@@ -63,3 +66,41 @@ class BPO(dspy.Module):
         names = self._split(kwargs)
         results = await self.rewriter.arewrite_batch([kwargs[n] for n in names], mode=self.mode, strict=not self.fail_open)
         return self._annotate(await self.program.acall(**self._apply(kwargs, names, results)), names, results)
+
+
+def aligned_program(program: dspy.Module, alignment: Any, *, query: str | None = None, k: int | None = None) -> dspy.Module:
+    """A copy of ``program`` whose predictors carry DRPO's system prompt as instructions and its
+    examples as demos: the k retrieved for ``query``, else the bank's first k. Each demo fills the
+    predictor's first input field and last output field (``answer`` after ChainOfThought's reasoning)."""
+    aligned = AlignmentPipeline(alignment, bpo=False, k=k).alignment
+    count = aligned.k if k is None else k
+    examples = aligned.retrieve(query, count) if query is not None else list(aligned.examples[:count])
+    copy = program.deepcopy()
+    for _, predictor in copy.named_predictors():
+        signature = predictor.signature
+        source, target = next(iter(signature.input_fields)), list(signature.output_fields)[-1]
+        predictor.signature = signature.with_instructions(aligned.system_prompt)
+        predictor.demos = [dspy.Example(**{source: e.query, target: e.answer}).with_inputs(source) for e in examples]
+    return copy
+
+
+class DRPO(dspy.Module):
+    """Run ``program`` aligned for each call: DRPO's instructions, and demos retrieved for ``field``'s value."""
+
+    def __init__(self, program: dspy.Module, alignment: Any, field: str = "question", k: int | None = None) -> None:
+        super().__init__()
+        self.program = program
+        self.field = field
+        self.k = k
+        self._alignment = AlignmentPipeline(alignment, bpo=False, k=k).alignment
+
+    def _program(self, kwargs: dict[str, Any]) -> dspy.Module:
+        if not isinstance(kwargs.get(self.field), str):
+            raise TypeError(f"DRPO expected a string input field {self.field!r} for {type(self.program).__name__}")
+        return aligned_program(self.program, self._alignment, query=kwargs[self.field], k=self.k)
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self._program(kwargs)(**kwargs)
+
+    async def aforward(self, **kwargs: Any) -> Any:
+        return await self._program(kwargs).acall(**kwargs)

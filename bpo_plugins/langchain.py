@@ -1,7 +1,9 @@
-"""LangChain adapters: ``prompt | BPORewriter() | llm`` and ``create_agent(..., middleware=[BPOMiddleware()])``.
+"""LangChain adapters: ``prompt | BPORewriter() | llm`` and ``create_agent(..., middleware=[BPOMiddleware()])``;
+for DRPO, ``prompt | DRPOAligner("llama3-8b-instruct") | llm`` and ``DRPOMiddleware(...)``; for both,
+``DRPOAligner(preset, bpo=True)``.
 
 Only the adaptation to LangChain's types lives here; modes, guards, cache and batching are the
-core :class:`~bpo_plugins.Rewriter`'s.
+core :class:`~bpo_plugins.Rewriter`'s, and alignment is :class:`~bpo_plugins.pipeline.AlignmentPipeline`'s.
 """
 
 from __future__ import annotations
@@ -12,16 +14,23 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.callbacks import CallbackManagerForChainRun
 from langchain_core.callbacks.manager import AsyncCallbackManagerForChainRun, dispatch_custom_event
-from langchain_core.messages import BaseMessage, HumanMessage
-from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
+from langchain_core.messages import (
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+    convert_to_openai_messages,
+)
+from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
+from bpo_plugins.pipeline import AlignmentPipeline
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
-__all__ = ["BPOMiddleware", "BPORewriter"]
+__all__ = ["BPOMiddleware", "BPORewriter", "DRPOAligner", "DRPOMiddleware"]
 
 # One slot to rewrite: (input index, message index or None, content-part index or None).
 _Slot = tuple[int, int | None, int | None]
@@ -237,3 +246,82 @@ class BPOMiddleware(AgentMiddleware):
         texts = _Texts([request.messages], "input")
         results = await self.core.arewrite_batch(texts.texts, mode=self.mode, strict=not self.fail_open) if texts.texts else []
         return await handler(self._request(request, texts, results))
+
+
+def _as_dicts(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, PromptValue):
+        value = value.to_messages()
+    elif isinstance(value, str):
+        value = [HumanMessage(value)]
+    return convert_to_openai_messages(convert_to_messages(value))  # type: ignore[return-value]
+
+
+def _like(value: Any, messages: list[dict[str, Any]]) -> Any:
+    """Aligned messages in the input's type: a prompt value stays one, anything else becomes messages."""
+    converted = convert_to_messages(messages)
+    return ChatPromptValue(messages=converted) if isinstance(value, PromptValue) else converted
+
+
+class DRPOAligner(RunnableSerializable[Any, Any]):
+    """DRPO's aligned system prompt and retrieved examples on each conversation flowing through a
+    chain; with ``bpo=True`` BPO rewrites the user's prompt first. The output is a chat prompt value
+    (or a message list), ready for any chat model."""
+
+    alignment: Any = Field(description="A DRPO preset name, an artifact path, or an Alignment.")
+    bpo: bool = False
+    rewriter: Rewriter | None = Field(default=None, exclude=True)
+    mode: Mode = "greedy"
+    fail_open: bool = True
+    k: int | None = None
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    def __init__(self, alignment: Any, **kwargs: Any) -> None:
+        super().__init__(alignment=alignment, **kwargs)
+        self._pipeline = AlignmentPipeline(alignment, self.rewriter, bpo=self.bpo, mode=self.mode, fail_open=self.fail_open, k=self.k)
+
+    def _align(self, values: list[Any]) -> list[Any]:
+        aligned = self._pipeline.align_batch([_as_dicts(v) for v in values])
+        return [_like(v, a.messages) for v, a in zip(values, aligned)]
+
+    async def _aalign(self, values: list[Any]) -> list[Any]:
+        aligned = await self._pipeline.aalign_batch([_as_dicts(v) for v in values])
+        return [_like(v, a.messages) for v, a in zip(values, aligned)]
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._call_with_config(lambda value: self._align([value])[0], input, config, run_type="prompt")
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        async def one(value: Any) -> Any:
+            return (await self._aalign([value]))[0]
+
+        return await self._acall_with_config(one, input, config, run_type="prompt")
+
+    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        # One BPO batch (one generate call) for every conversation, not one per thread.
+        return self._align(list(inputs)) if inputs else []
+
+
+class DRPOMiddleware(AgentMiddleware):
+    """Before each model call of a ``create_agent`` agent, put DRPO's aligned system prompt and the
+    examples retrieved for the latest user message in front of the agent's own system prompt."""
+
+    def __init__(self, alignment: Any, k: int | None = None) -> None:
+        super().__init__()
+        self.pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
+
+    def _request(self, request: ModelRequest) -> ModelRequest:
+        last = _last_human(request.messages)
+        query = request.messages[last].text if last is not None else ""
+        own = request.system_message.text if request.system_message is not None else None
+        system = self.pipeline.alignment.system_message(query, keep=own)
+        return request.override(system_message=SystemMessage(system))
+
+    def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
+        return handler(self._request(request))
+
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
+    ) -> Any:
+        return await handler(self._request(request))

@@ -1,4 +1,6 @@
-"""LlamaIndex adapter: a query transform that rewrites ``query_str`` for the LLM, not for retrieval.
+"""LlamaIndex adapters: a query transform that rewrites ``query_str`` for the LLM, not for retrieval;
+DRPO's aligned system prompt and examples on a query engine (``align_query_engine``) or a chat
+engine (``DRPOChatEngine``); both at once: ``BPOTransformQueryEngine(align_query_engine(engine, preset))``.
 
 Only the adaptation to LlamaIndex's types lives here; guards, cache and batching are the core's.
 """
@@ -8,19 +10,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.indices.query.query_transform.base import BaseQueryTransform
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.prompts import ChatPromptTemplate
 from llama_index.core.prompts import PromptTemplate as LlamaPromptTemplate
+from llama_index.core.prompts.base import BasePromptTemplate, SelectorPromptTemplate
 from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.query_engine import TransformQueryEngine
 from llama_index.core.schema import QueryBundle, QueryType
 
+from bpo_plugins.pipeline import AlignmentPipeline
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
 
-__all__ = ["BPOQueryTransform", "BPORewriteEvent", "BPOTransformQueryEngine"]
+__all__ = ["BPOQueryTransform", "BPORewriteEvent", "BPOTransformQueryEngine", "DRPOChatEngine", "align_query_engine"]
 
 dispatcher = get_dispatcher(__name__)
 
@@ -108,3 +115,78 @@ class BPOTransformQueryEngine(TransformQueryEngine):
         transform: BPOQueryTransform = self._query_transform  # type: ignore[assignment]
         bundle = await transform.arun(query_bundle, self._transform_metadata)
         return await self._query_engine.asynthesize(bundle, nodes=nodes, additional_source_nodes=additional_source_nodes)
+
+
+#: The response-synthesis prompts that carry the user's query (tree-summarize's carries it too).
+SYNTHESIS_PROMPTS = ("text_qa_template", "refine_template", "summary_template")
+
+
+def _system_text(messages: list[ChatMessage]) -> str | None:
+    own = "\n\n".join(m.content or "" for m in messages if m.role == MessageRole.SYSTEM)
+    return own or None
+
+
+def _aligned_template(template: BasePromptTemplate, pipeline: AlignmentPipeline) -> ChatPromptTemplate:
+    """``template`` with DRPO's system message, its examples retrieved for each query at format time."""
+    if isinstance(template, SelectorPromptTemplate):  # prefer the chat variant LlamaIndex picks for chat models
+        template = next((t for _, t in template.conditionals or [] if isinstance(t, ChatPromptTemplate)), template.default_template)
+    if isinstance(template, ChatPromptTemplate):
+        own, body = _system_text(template.message_templates), [m for m in template.message_templates if m.role != MessageRole.SYSTEM]
+    else:
+        own, body = None, [ChatMessage(role=MessageRole.USER, content=template.get_template())]
+    alignment = pipeline.alignment
+
+    def drpo_system(**kwargs: Any) -> str:
+        return alignment.system_message(str(kwargs.get("query_str", "")), keep=own)
+
+    return ChatPromptTemplate([ChatMessage(role=MessageRole.SYSTEM, content="{drpo_system}"), *body],
+                              prompt_type=template.metadata.get("prompt_type", "custom"), function_mappings={"drpo_system": drpo_system})
+
+
+def align_query_engine(query_engine: Any, alignment: Any, k: int | None = None) -> Any:
+    """Put DRPO's aligned system prompt, with examples retrieved per query, on a query engine's
+    synthesis prompts (in place; the engine is returned for chaining)."""
+    pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
+    prompts = {key: _aligned_template(template, pipeline) for key, template in query_engine.get_prompts().items()
+               if key.rsplit(":", 1)[-1] in SYNTHESIS_PROMPTS}
+    if not prompts:
+        raise ValueError(f"{type(query_engine).__name__} has no synthesis prompt ({', '.join(SYNTHESIS_PROMPTS)}) to align")
+    query_engine.update_prompts(prompts)
+    return query_engine
+
+
+class DRPOChatEngine(SimpleChatEngine):
+    """A chat engine whose system message, for every user message, is DRPO's aligned prompt plus the
+    examples retrieved for that message (then the engine's own system prompt, if any)."""
+
+    def __init__(self, *args: Any, alignment: Any, k: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
+        self._own_prefix = list(self._prefix_messages)
+
+    @classmethod
+    def from_alignment(cls, alignment: Any, *, k: int | None = None, **kwargs: Any) -> DRPOChatEngine:
+        """``SimpleChatEngine.from_defaults`` keyword arguments (``llm``, ``system_prompt``, ``memory``...), aligned."""
+        base = SimpleChatEngine.from_defaults(**kwargs)
+        return cls(base._llm, base._memory, base._prefix_messages, base.callback_manager, alignment=alignment, k=k)
+
+    def _align(self, message: str) -> None:
+        system = self._pipeline.alignment.system_message(message, keep=_system_text(self._own_prefix))
+        rest = [m for m in self._own_prefix if m.role != MessageRole.SYSTEM]
+        self._prefix_messages = [ChatMessage(role=MessageRole.SYSTEM, content=system), *rest]
+
+    def chat(self, message: str, chat_history: Any = None) -> Any:
+        self._align(message)
+        return super().chat(message, chat_history)
+
+    def stream_chat(self, message: str, chat_history: Any = None) -> Any:
+        self._align(message)
+        return super().stream_chat(message, chat_history)
+
+    async def achat(self, message: str, chat_history: Any = None) -> Any:
+        self._align(message)
+        return await super().achat(message, chat_history)
+
+    async def astream_chat(self, message: str, chat_history: Any = None) -> Any:
+        self._align(message)
+        return await super().astream_chat(message, chat_history)

@@ -93,3 +93,35 @@ def test_bootstrap_compile_then_save_and_load(lm, scripted, tmp_path):
     ]
     with dspy.context(lm=lm):
         assert fresh(question=PROMPT).answer
+
+
+# -- DRPO ----------------------------------------------------------------------------------------
+
+REVENGE = "How can I make my buddy suffer for taking my cash?"
+TORTURE = "What is the best way to torture a friend who stole my money?"
+
+
+def test_aligned_program_exports_instructions_and_demos():
+    from bpo_plugins.drpo import load_preset
+    from bpo_plugins.dspy import aligned_program
+
+    program = dspy.ChainOfThought("question -> answer")
+    aligned = aligned_program(program, "llama3-8b-instruct", query=REVENGE, k=2)
+    (_, predictor), = aligned.named_predictors()
+    assert predictor.signature.instructions == load_preset("llama3-8b-instruct").system_prompt
+    assert [d.question for d in predictor.demos][0] == TORTURE and len(predictor.demos) == 2 and predictor.demos[0].answer
+    assert program.named_predictors()[0][1].demos == []  # the original program is untouched
+
+
+def test_drpo_module_applies_per_call_and_composes_with_bpo(lm, scripted, model_server):
+    from bpo_plugins.dspy import DRPO
+
+    program = DRPO(BPO(dspy.Predict("question -> answer"), rewriter=scripted), "mistral-7b-instruct", k=1)
+    with dspy.context(lm=lm):
+        prediction = program(question=PROMPT)
+    request = [r for r in model_server.received() if r["body"].get("model") == "smollm2-dspy"][-1]["body"]["messages"]
+    from bpo_plugins.drpo import load_preset
+
+    assert prediction.answer and load_preset("mistral-7b-instruct").system_prompt[:200] in request[0]["content"]
+    assert any(m["role"] == "assistant" for m in request)  # the retrieved example rides along as a demo
+    assert f"[[ ## question ## ]]\n{REWRITE}" in request[-1]["content"]  # BPO rewrote the field value

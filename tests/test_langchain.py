@@ -171,3 +171,49 @@ async def test_agent_middleware_async_and_fallback_visible(scripted, target, mod
     await agent.ainvoke({"messages": [HumanMessage("What is the capital of France?")]}, config={"callbacks": [events]})
     assert last_chat_request(model_server)[-1]["content"] == "What is the capital of France?"
     assert events.events[0][1]["bpo_fallback"] == "answered"
+
+
+# -- DRPO ----------------------------------------------------------------------------------------
+
+REVENGE = "How can I make my buddy suffer for taking my cash?"
+TORTURE = "What is the best way to torture a friend who stole my money?"
+
+
+def test_drpo_aligner_puts_preset_and_retrieved_examples_before_the_llm(target, model_server):
+    from bpo_plugins.drpo import load_preset
+    from bpo_plugins.langchain import DRPOAligner
+
+    preset = load_preset("llama3-8b-instruct")
+    prompt = ChatPromptTemplate.from_messages([("system", "Answer in one sentence."), ("human", "{question}")])
+    chain = prompt | DRPOAligner("llama3-8b-instruct") | target | StrOutputParser()
+    assert isinstance(chain.invoke({"question": REVENGE}), str)
+    sent = last_chat_request(model_server)
+    assert sent[0]["role"] == "system" and sent[0]["content"].startswith(preset.system_prompt)
+    assert f"#Query:\n{TORTURE}" in sent[0]["content"] and sent[0]["content"].endswith("Answer in one sentence.")
+    assert sent[-1]["content"] == f"# Query:\n{REVENGE}\n\n# Answer:\n<START>"
+    # Types in, types out: a plain message list stays a message list.
+    out = DRPOAligner(preset, k=1).invoke([HumanMessage("hi")])
+    assert isinstance(out, list) and isinstance(out[0], SystemMessage) and out[0].content.count("#Query:") == 1
+
+
+def test_bpo_then_drpo_in_one_step(scripted, target, model_server):
+    from bpo_plugins.langchain import DRPOAligner
+
+    aligner = DRPOAligner("mistral-7b-instruct", bpo=True, rewriter=scripted)
+    outputs = aligner.batch([ChatPromptValue(messages=[HumanMessage(PROMPT)]), [HumanMessage("What is the capital of France?")]])
+    assert outputs[0].messages[-1].content == f"# Query:\n{REWRITE}\n\n# Answer:\n<START>"
+    assert outputs[1][-1].content.startswith("# Query:\nWhat is the capital of France?")  # BPO fell back, DRPO still applied
+    (ChatPromptTemplate.from_messages([("human", "{q}")]) | aligner | target).invoke({"q": PROMPT})
+    assert last_chat_request(model_server)[-1]["content"].startswith(f"# Query:\n{REWRITE}")
+
+
+async def test_drpo_middleware_aligns_each_agent_model_call(target, model_server):
+    from bpo_plugins.drpo import load_preset
+    from bpo_plugins.langchain import DRPOMiddleware
+
+    agent = create_agent(model=target, tools=[], system_prompt="You are a librarian.", middleware=[DRPOMiddleware("gpt-3.5-turbo", k=2)])
+    state = await agent.ainvoke({"messages": [HumanMessage(REVENGE)]})
+    sent = last_chat_request(model_server)
+    assert sent[0]["content"].startswith(load_preset("gpt-3.5-turbo").system_prompt) and sent[0]["content"].count("#Query:") == 2
+    assert sent[0]["content"].endswith("You are a librarian.") and TORTURE in sent[0]["content"]
+    assert sent[-1]["content"] == REVENGE and state["messages"][0].content == REVENGE  # only the system prompt changes

@@ -154,31 +154,35 @@ class Alignment:
             self._retriever = ExampleRetriever(self.examples)
         return self._retriever.top(query, self.k if k is None else k)
 
-    def system_message(self, query: str, k: int | None = None) -> str:
-        return self.format.render_system(self.system_prompt, self.retrieve(query, k))
+    def system_message(self, query: str, k: int | None = None, *, keep: str | None = None) -> str:
+        """The aligned system message for ``query``; ``keep``: the app's own system message, kept after it."""
+        system = self.format.render_system(self.system_prompt, self.retrieve(query, k))
+        return f"{system}\n\n{keep}".rstrip() if keep else system
 
-    def apply(self, messages: Sequence[dict[str, Any]], k: int | None = None) -> list[dict[str, Any]]:
+    def apply(self, messages: Sequence[dict[str, Any]], k: int | None = None, *, query: str | None = None) -> list[dict[str, Any]]:
         """A chat conversation aligned: DRPO's system message first (an existing system message is
-        kept after it), and the last user turn in DRPO's query format. Other turns are untouched."""
+        kept after it), and the last user turn in DRPO's query format. Other turns are untouched.
+        ``query``: the text to retrieve examples for, when not the last user turn itself (the
+        user's own words before a BPO rewrite)."""
         messages = [dict(m) for m in messages]
         last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
-        query = content_text(messages[last_user].get("content")) if last_user is not None else ""
-        system = self.system_message(query, k)
+        text = content_text(messages[last_user].get("content")) if last_user is not None else ""
         if last_user is not None and isinstance(messages[last_user].get("content"), str):
-            messages[last_user]["content"] = self.format.render_user(query)
+            messages[last_user]["content"] = self.format.render_user(text)
+        retrieval = text if query is None else query
         if messages and messages[0].get("role") == "system":
-            messages[0]["content"] = f"{system}\n\n{content_text(messages[0].get('content'))}".rstrip()
+            messages[0]["content"] = self.system_message(retrieval, k, keep=content_text(messages[0].get("content")))
             return messages
-        return [{"role": "system", "content": system}, *messages]
+        return [{"role": "system", "content": self.system_message(retrieval, k)}, *messages]
 
     def render(self, query: str, k: int | None = None) -> str:
         """The raw format's whole input for one query (no chat template)."""
         return self.system_message(query, k) + self.format.render_user(query)
 
-    def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
+    def apply_to_request(self, body: dict[str, Any], *, query: str | None = None) -> dict[str, Any]:
         """An OpenAI chat request aligned: messages as :meth:`apply`, DRPO's stop strings added."""
         body = dict(body)
-        body["messages"] = self.apply(body.get("messages") or [])
+        body["messages"] = self.apply(body.get("messages") or [], query=query)
         stops = body.get("stop")
         stops = [stops] if isinstance(stops, str) else list(stops or [])
         body["stop"] = list(dict.fromkeys(stops + list(self.format.stop)))[:4]  # OpenAI takes at most 4

@@ -45,7 +45,7 @@ HOP_BY_HOP = frozenset({
 })
 OPT_OUT_VALUES = ("off", "false", "0", "no")
 #: Applies an alignment to a chat request body (DRPO: system prompt, examples, stop strings).
-Aligner = Callable[[dict[str, Any]], dict[str, Any]]
+Aligner = Callable[..., dict[str, Any]]
 
 
 @dataclass
@@ -135,10 +135,11 @@ class Gateway:
         body = api.parse_json_object(await request.body())
         messages = api.check_messages(body.get("messages"))
         treatment = self._treatment(body)
+        original = last_user_prompt(messages)
         outcome = await self._rewrite_message(request, treatment, messages)
         aligner = self.aligners.get(treatment.drpo) if treatment.drpo else None
-        if aligner is not None:
-            body = aligner(body)
+        if aligner is not None:  # examples are retrieved for the user's own words, as AlignmentPipeline does
+            body = aligner(body, query=None if isinstance(original, str) else original.text)
         changed = outcome.status == "applied" or aligner is not None
         return await self.forward(request, "chat", outcome, json.dumps(body).encode() if changed else None)
 
