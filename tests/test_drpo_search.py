@@ -44,6 +44,7 @@ SCRIPT = {
         "I would rather not.",
     ],
     REWRITE: "IMPROVED ANSWER: a complete, clear answer.",
+    "[User Question]": "Assistant A is better. [[A]]",  # a pairwise judge with pure position bias
 }
 HOSTILE = {
     METRICS: '{"aspects": ["Wit", "Charm", "Panache"]}',  # invented aspects only: the default pair is used
@@ -272,3 +273,32 @@ def test_same_model_as_judge_and_base_is_warned(model_server: Server, tmp_path: 
     session = Session(default_roles(same, same, same), tmp_path / "calls.sqlite", caps={"judge": Caps(calls=1)})
     assert any("judge is the base model itself" in w for w in session.warnings)
     session.close()
+
+
+def test_eval_compares_raw_bpo_drpo_and_both(model_server: Server, llms: Server, tmp_path: Path):
+    from tests.conftest import shared_data
+
+    before = len(model_server.received())
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "bpo_plugins.cli", "eval", str(shared_data("bpo", "vicuna_eval.jsonl")), "--limit", "2",
+                           "--out", str(out), "--target-model", "test-model", "--target-base-url", model_server.base_url,
+                           "--judge-model", "script-judge", "--judge-base-url", llms.base_url, "--answer-tokens", "8",
+                           "--max-new-tokens", "32", "--drpo", "llama3-8b-instruct",
+                           "--judge-prompts", str(shared_data("judge", "fastchat_judge_prompts.jsonl"))],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "compare_vicuna_eval" / "compare.json").read_text())
+    summary = report["summary"]
+    assert report["arms"] == ["raw", "bpo", "drpo", "bpo+drpo"]
+    for arm in report["arms"]:
+        assert summary[arm]["n_rated"] == 2 and summary[arm]["aspects"] == {"Clarity": 4.0, "Helpfulness": 3.5}
+    # The judge always says [[A]]: the two orders never agree, so every comparison is a tie.
+    assert summary["raw"]["versus_raw"] is None and all(summary[a]["versus_raw"] == {"win": 0.0, "tie": 100.0, "lose": 0.0}
+                                                         for a in ("bpo", "drpo", "bpo+drpo"))
+    sent = [r["body"]["messages"] for r in model_server.received()[before:] if r["path"].endswith("/chat/completions")]
+    preset = load_alignment("llama3-8b-instruct").system_prompt
+    aligned = [m for m in sent if m[0]["role"] == "system" and m[0]["content"].startswith(preset)]
+    # 2 prompts x 4 arms, the DRPO arms with the preset (fewer where BPO kept a prompt: the cache answers those).
+    assert 2 <= len(aligned) <= 4 and len(aligned) + 2 <= len(sent) <= 8
+    assert (out / "compare_vicuna_eval" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| bpo+drpo |" in (out / "compare_vicuna_eval" / "compare.md").read_text()

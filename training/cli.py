@@ -104,14 +104,28 @@ def evaluate(
     judge_prompts: Annotated[Path, typer.Option("--judge-prompts")] = Path("../shared/data/judge/fastchat_judge_prompts.jsonl"),
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     mode: Annotated[str, typer.Option("--mode", help="greedy | stable | aggressive")] = "greedy",
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", min=1, help="Tokens per target answer.")] = 256,
+    drpo: Annotated[str | None, typer.Option("--drpo", help="A DRPO preset or artifact: compare raw, BPO, DRPO and BPO+DRPO.")] = None,
+    arms: Annotated[str, typer.Option("--arms", help="With --drpo: the arms to compare, comma-separated.")] = "raw,bpo,drpo,bpo+drpo",
 ) -> None:
-    """Proxy figures for each optimizer, and (with --target-model and --judge-model) the pairwise win rate."""
+    """Proxy figures for each optimizer, and (with --target-model and --judge-model) the pairwise win rate.
+    With --drpo, raw, BPO, DRPO and BPO+DRPO answers get DRPO's per-aspect reward and pair-v2 against raw."""
     from tqdm import tqdm
 
     from bpo_plugins import Rewriter
     from bpo_plugins.backends import load_backend
     from bpo_plugins.training import evaluate as ev
 
+    arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    if drpo:
+        from bpo_plugins.drpo import load_alignment
+        from bpo_plugins.drpo.compare import ARMS
+
+        if not (target_model and judge_model):
+            raise ValueError("--drpo compares answers: give --target-model and --judge-model too")
+        if not arm_list or set(arm_list) - set(ARMS):
+            raise ValueError(f"--arms {arms!r}: use some of {', '.join(ARMS)}")
+        alignment = load_alignment(drpo)  # a bad name fails now, before any rewrite
     out.mkdir(parents=True, exist_ok=True)
     data = {path.stem: ev.read_eval_set(path, limit) for path in sets}
     embedder = ev.Embedder()
@@ -131,13 +145,38 @@ def evaluate(
         judge = load_backend(judge_model, backend=judge_backend, base_url=judge_base_url)
         cache = ev.CallCache(out / "calls.jsonl")
         prompt = ev.load_judge_prompt(judge_prompts)
-        for (name, set_name), texts in rewrites.items():
+        # With --drpo the arms comparison below judges BPO against raw itself.
+        for (name, set_name), texts in ({} if drpo else rewrites).items():
             with tqdm(total=len(texts), desc=f"judge {name} on {set_name}", unit="prompt") as bar:
-                row = ev.judge_set(set_name, data[set_name], texts, target, judge, prompt, cache, progress=bar.update)
+                row = ev.judge_set(set_name, data[set_name], texts, target, judge, prompt, cache, answer_tokens=answer_tokens,
+                                   progress=bar.update)
             judged.append({**row, "optimizer": name})
+    if drpo:
+        rewriter = Rewriter.from_pretrained(model[0], adapter=adapter, template=template, max_new_tokens=max_new_tokens, mode=mode)
+        _compare_arms(data, alignment, arm_list, rewriter, target, judge, prompt, out, answer_tokens)
     report = {"proxy": proxy, "judge": judged}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval_report.md").write_text(ev.markdown_report(proxy, judged))
     ev.plot(proxy, judged, out / "eval_plot.png")
     typer.echo(ev.markdown_report(proxy, judged))
     typer.echo(f"figures in {out}/eval.json, eval_report.md, eval_plot.png", err=True)
+
+
+def _compare_arms(data: dict, alignment, arms: list[str], rewriter, target, judge, judge_prompt: dict[str, str], out: Path,
+                  answer_tokens: int) -> None:
+    from tqdm import tqdm
+
+    from bpo_plugins.drpo.compare import arm_conversations, compare_arms, comparison_markdown, write_comparison
+    from bpo_plugins.drpo.search import default_roles
+    from bpo_plugins.drpo.session import Session
+
+    session = Session(default_roles(target, judge, judge, answer_tokens=answer_tokens), out / "calls.sqlite")
+    for set_name, items in data.items():
+        prompts = [item.prompt if item.context is None else f"{item.prompt}\n\n{item.context}" for item in items]
+        conversations = arm_conversations(prompts, arms, alignment, rewriter)
+        with tqdm(total=len(prompts), desc=f"compare arms on {set_name}", unit="prompt") as bar:
+            report = compare_arms(session, prompts, conversations, judge_prompt, alignment, progress=bar.update)
+        write_comparison({**report, "set": set_name, "drpo": alignment.provenance.get("preset") or alignment.provenance.get("base_model")},
+                         out / f"compare_{set_name}")
+        typer.echo(comparison_markdown(report))
+    session.close()

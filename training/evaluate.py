@@ -155,6 +155,18 @@ def verdict(text: str) -> str:
     return found[-1] if found else "C"
 
 
+def pair_prompt(judge_prompt: dict[str, str], question: str, answer_a: str, answer_b: str) -> str:
+    text = judge_prompt["prompt_template"].replace("{question}", question)
+    return text.replace("{answer_a}", answer_a).replace("{answer_b}", answer_b)
+
+
+def outcome(treated_first: str, treated_second: str) -> str:
+    """win, tie or lose for the treated answer from the verdicts with it first (it is A) and second
+    (it is B). Both orders must agree for a win or a loss; disagreement is position bias, a tie."""
+    votes = ["tie" if v == "C" else ("win" if v == mine else "lose") for v, mine in ((treated_first, "A"), (treated_second, "B"))]
+    return votes[0] if votes[0] == votes[1] else "tie"
+
+
 def _complete(backend: Backend, prompt: str, system: str | None, max_new_tokens: int) -> str:
     template = PromptTemplate(name="judge", user="{prompt}", system=system) if system else PASSTHROUGH
     output = backend.generate([prompt], template, Decoding(max_new_tokens=max_new_tokens), None)
@@ -175,20 +187,17 @@ def judge_set(
 
         raw_answer, bpo_answer = ask(item.prompt), ask(rewrite)
         question = item.prompt if item.context is None else f"{item.prompt}\n\n{item.context}"
-        votes = []
-        for first, second, bpo_is in ((bpo_answer, raw_answer, "A"), (raw_answer, bpo_answer, "B")):
-            text = judge_prompt["prompt_template"].replace("{question}", question)
-            text = text.replace("{answer_a}", first).replace("{answer_b}", second)
+        verdicts = []
+        for first, second in ((bpo_answer, raw_answer), (raw_answer, bpo_answer)):
+            text = pair_prompt(judge_prompt, question, first, second)
             judged = cache.get_or_call(
                 ["judge", judge.model_id, text], lambda text=text: _complete(judge, text, judge_prompt["system_prompt"], judge_tokens)
             )
-            v = verdict(judged)
-            votes.append("tie" if v == "C" else ("win" if v == bpo_is else "lose"))
-        # Both orders must agree for a win or a loss; disagreement is position bias, counted a tie.
-        outcome = votes[0] if votes[0] == votes[1] else "tie"
-        wins += outcome == "win"
-        ties += outcome == "tie"
-        losses += outcome == "lose"
+            verdicts.append(verdict(judged))
+        result = outcome(*verdicts)
+        wins += result == "win"
+        ties += result == "tie"
+        losses += result == "lose"
         if progress:
             progress(1)
     n = max(len(items), 1)
