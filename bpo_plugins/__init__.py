@@ -5,6 +5,8 @@ and DSPy adapters live in ``bpo_plugins.langchain``, ``bpo_plugins.llama_index``
 ``bpo_plugins.dspy``, and each imports its framework only when imported itself.
 """
 
+import logging
+
 from bpo_plugins.guards import GuardConfig
 from bpo_plugins.result import FallbackReason, ModelLoadError, RewriteError, RewriteResult
 from bpo_plugins.rewriter import Rewriter
@@ -21,3 +23,6 @@ __all__ = [
     "Rewriter",
 ]
 __version__ = "0.1.0"
+
+# A library stays quiet unless its user configures logging (the ``bpo`` command line does).
+logging.getLogger("bpo_plugins").addHandler(logging.NullHandler())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -273,6 +274,9 @@ app.command("eval")(evaluate)
 def main() -> None:
     """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.getLogger("bpo_plugins").addHandler(handler)
     try:
         code = app(standalone_mode=False)
     except (UsageError, ValueError, TypeError, FileNotFoundError, ModelLoadError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -164,8 +165,12 @@ def test_killed_search_resumes_to_the_same_artifact_without_paying_twice(model_s
     while not (checkpoint.is_file() and json.loads(checkpoint.read_text())["level"] >= 1):
         assert process.poll() is None and time.monotonic() < deadline, "the search ended before its first level"
         time.sleep(0.05)
+    time.sleep(0.5)
     process.send_signal(signal.SIGKILL)  # mid-level 2: its first calls are in the cache, not in the checkpoint
     process.wait()
+    sent_before_kill = _requests(model_server, llms) - before
+    with sqlite3.connect(out / "calls.sqlite") as db:
+        finished_before_kill = db.execute("SELECT COUNT(*) FROM rewrites").fetchone()[0]
     resumed = _cli(*_search_args(model_server, llms, files, out), *args)
     assert resumed.returncode == 0, resumed.stderr
     paid_killed_and_resumed = _requests(model_server, llms) - before
@@ -175,7 +180,9 @@ def test_killed_search_resumes_to_the_same_artifact_without_paying_twice(model_s
     assert b["resumed_from_level"] >= 1 and a["resumed_from_level"] is None
     assert _comparable(a) == _comparable(b) and a["final_check"] == b["final_check"]
     assert load_alignment(out / "alignment.json").system_prompt == load_alignment(tmp_path / "straight" / "alignment.json").system_prompt
-    assert paid_killed_and_resumed == paid_straight  # no call was sent twice
+    # Only the calls still in flight at the kill were sent again; every finished one came from the cache.
+    assert paid_killed_and_resumed - paid_straight == sent_before_kill - finished_before_kill
+    assert b["cache"]["cached_calls"] >= 1
 
 
 def test_budget_cap_stops_and_returns_best_prompt_so_far(model_server: Server, llms: Server, files, tmp_path: Path):

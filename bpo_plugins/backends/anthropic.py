@@ -28,7 +28,8 @@ class AnthropicBackend(HTTPBackend):
         self.default_template = PROMPT_ENGINEER
         self.max_concurrency = max_concurrency
         self._client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=max_retries)
-        self._aclient = anthropic.AsyncAnthropic(api_key=key, base_url=base_url, max_retries=max_retries)
+        self._new_aclient = lambda: anthropic.AsyncAnthropic(api_key=key, base_url=base_url, max_retries=max_retries)
+        self._aclient = self._new_aclient()
 
     def requests(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> list[dict[str, Any]]:
         # The Messages API of anthropic>=2 takes no sampling parameters and has no n: Claude samples

@@ -25,6 +25,14 @@ class HTTPBackend(Backend):
     """A batch is sent as concurrent requests: the server batches them itself (vLLM's continuous batching)."""
 
     max_concurrency: int = 8
+    _aclient: Any
+    _new_aclient: Any  # makes the async client: one per event loop that uses the backend
+
+    async def aclose(self) -> None:
+        """Close the async client's pooled connections while their event loop still runs (else they
+        are closed at garbage collection, on a closed loop, with a traceback); the next call opens new ones."""
+        client, self._aclient = self._aclient, self._new_aclient()
+        await client.close()
 
     @abstractmethod
     def requests(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> list[dict[str, Any]]:

@@ -30,7 +30,8 @@ class OpenAIBackend(HTTPBackend):
             raise ModelLoadError("no OpenAI API key: pass api_key=... or set OPENAI_API_KEY")
         self.max_concurrency = max_concurrency
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
-        self._aclient = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
+        self._new_aclient = lambda: openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
+        self._aclient = self._new_aclient()
 
     def requests(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> list[dict[str, Any]]:
         request: dict[str, Any] = {

@@ -166,6 +166,7 @@ class Caller:
         self.cache, self.ledger = cache, ledger
         self.concurrency, self.retries, self.backoff_s, self.timeout_s = concurrency, retries, backoff_s, timeout_s
         self._limits: dict[tuple[int, int], asyncio.Semaphore] = {}
+        self._in_flight: dict[tuple[int, str], asyncio.Future[list[str]]] = {}
 
     def _limit(self, backend: Backend) -> asyncio.Semaphore:
         # HTTP servers batch concurrent requests themselves; a local model runs one call at a time.
@@ -191,6 +192,27 @@ class Caller:
         if record is not None:
             self.ledger.count(role.name, "cached")
             return list(record["texts"])
+        # The same call already on its way (two nodes with the same answer to judge): wait for it, pay once.
+        flight = (id(asyncio.get_running_loop()), key)
+        if flight in self._in_flight:
+            self.ledger.count(role.name, "cached")
+            return list(await asyncio.shield(self._in_flight[flight]))
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._in_flight[flight] = future
+        try:
+            texts = await self._send(role, key, user, system, raw, decoding)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a failure nobody else awaited is not logged as lost
+            raise
+        else:
+            future.set_result(texts)
+            return texts
+        finally:
+            del self._in_flight[flight]
+
+    async def _send(self, role: Role, key: str, user: str, system: str | None, raw: bool, decoding: Decoding) -> list[str]:
+        backend = role.backend
         if raw and isinstance(backend, HTTPBackend):
             raise ValueError(f"the raw prompt format needs a local {role.name} model; {backend.model_id!r} is served over HTTP")
         template = (PromptTemplate(name="drpo-raw", user="{prompt}", raw="{user}") if raw

@@ -86,7 +86,10 @@ def compare_arms(session: Session, prompts: Sequence[str], conversations: dict[s
                 "ratings": {a: r.to_dict() if r else None for a, r in ratings.items()}}
 
     async def run() -> list[dict[str, Any]]:
-        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        try:
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        finally:
+            await session.aclose_clients()
 
     rows = asyncio.run(run())
     return {"arms": arms, "summary": summarize(arms, rows), "rows": rows, "roles": session.roles_described(),

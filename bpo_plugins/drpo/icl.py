@@ -90,7 +90,10 @@ def optimize_examples(session: Session, seeds: Sequence[Seed], out: str | Path, 
                     bar.set_postfix(calls=session.ledger.live_calls, cost=f"${session.ledger.cost_usd:.3f}")
                 return None
 
-            return await asyncio.gather(*(one(s) for s in seeds))
+            try:
+                return await asyncio.gather(*(one(s) for s in seeds))
+            finally:
+                await session.aclose_clients()
 
     rows = [r for r in asyncio.run(run()) if r is not None]
     out = Path(out)

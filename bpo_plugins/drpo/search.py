@@ -328,7 +328,14 @@ class Search:
     def run(self, *, fresh: bool = False, on_level: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
         if fresh:
             self.checkpoint_path.unlink(missing_ok=True)
-        return asyncio.run(self._run(on_level))
+
+        async def run() -> SearchResult:
+            try:
+                return await self._run(on_level)
+            finally:
+                await self.session.aclose_clients()
+
+        return asyncio.run(run())
 
     async def _run(self, on_level: Callable[[dict[str, Any]], None] | None) -> SearchResult:
         from tqdm import tqdm

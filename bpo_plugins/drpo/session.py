@@ -65,5 +65,12 @@ class Session:
     def roles_described(self) -> dict[str, str]:
         return {r: role.model for r, role in self.roles.items()}
 
+    async def aclose_clients(self) -> None:
+        """Close the HTTP roles' connections before the job's event loop ends."""
+        from bpo_plugins.backends.http import HTTPBackend
+
+        backends = {id(r.backend): r.backend for r in self.roles.values() if isinstance(r.backend, HTTPBackend)}
+        await asyncio.gather(*(b.aclose() for b in backends.values()), return_exceptions=True)
+
     def close(self) -> None:
         self.cache.close()
