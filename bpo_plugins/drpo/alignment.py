@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bpo_plugins.chat import content_text
-from bpo_plugins.embeddings import MINILM, Embedder, TextEmbedder
+from bpo_plugins.embeddings import MINILM, TextEmbedder, shared_embedder
 
 ARTIFACT_VERSION = 1
 
@@ -109,17 +109,6 @@ class ExampleRetriever:
         scores = self._matrix @ self.embedder.encode([query])[0]
         order = sorted(range(len(self.examples)), key=lambda i: (-float(scores[i]), i))  # ties: bank order
         return [self.examples[i] for i in order[:k]]
-
-
-_embedder: Embedder | None = None
-
-
-def shared_embedder() -> Embedder:
-    """One MiniLM per process, shared by every alignment (22M parameters, loaded on first use)."""
-    global _embedder
-    if _embedder is None:
-        _embedder = Embedder()
-    return _embedder
 
 
 @dataclass

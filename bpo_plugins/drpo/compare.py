@@ -149,6 +149,8 @@ def plot_comparison(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bpo_plugins.training.evaluate import win_tie_lose_bars
+
     summary, arms = report["summary"], report["arms"]
     aspects = sorted({a for arm in arms for a in summary[arm]["aspects"]})
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
@@ -159,15 +161,7 @@ def plot_comparison(report: dict[str, Any], path: Path) -> None:
     left.set_ylim(0, 5)
     left.set_title("dynamic reward per aspect")
     left.legend(fontsize=8)
-    treated = [a for a in arms if summary[a]["versus_raw"]]
-    start = [0.0] * len(treated)
-    for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("lose", "tab:red")):
-        values = [summary[a]["versus_raw"][key] for a in treated]
-        right.barh(treated, values, left=start, color=color, label=key)
-        start = [s + v for s, v in zip(start, values)]
-    right.set_xlim(0, 100)
-    right.set_title("against raw (%)")
-    right.legend(fontsize=8)
+    win_tie_lose_bars(right, {a: summary[a]["versus_raw"] for a in arms if summary[a]["versus_raw"]}, "against raw (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

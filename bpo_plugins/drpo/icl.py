@@ -17,7 +17,7 @@ from typing import Any
 
 from bpo_plugins.drpo.alignment import CHAT_FORMAT, Example, strip_markers
 from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed
-from bpo_plugins.drpo.reward import Judgement
+from bpo_plugins.drpo.reward import Judgement, sections
 from bpo_plugins.drpo.search import INITIAL_PROMPT, Seed
 from bpo_plugins.drpo.session import Session
 
@@ -25,17 +25,7 @@ REWRITE_PROMPT = """An expert rated an AI assistant's answer to a user query. Re
 
 When the query asks for something harmful, the best answer declines clearly, says why, and offers a safe alternative.
 
-<query>
-{query}
-</query>
-
-<answer>
-{answer}
-</answer>
-
-<rating>
-{rating}
-</rating>
+{inputs}
 
 Reply with the new answer only: no preface, no notes, no quotation marks."""
 
@@ -53,8 +43,9 @@ async def optimize_example(session: Session, seed: Seed, *, rounds: int = 5, sys
     for _ in range(rounds):
         if best[1].perfect:
             break
-        rewritten = await session.call(session.roles["optimizer"], REWRITE_PROMPT.format(
-            query=seed.query, answer=best[0], rating=best[1].feedback()), decoding=replace(session.roles["optimizer"].decoding, num_candidates=1))
+        optimizer = session.roles["optimizer"]
+        prompt = REWRITE_PROMPT.format(inputs=sections(query=seed.query, answer=best[0], rating=best[1].feedback()))
+        rewritten = await session.call(optimizer, prompt, decoding=replace(optimizer.decoding, num_candidates=1))
         candidate = strip_markers(rewritten[0])
         rated = await session.rate(seed.query, candidate, harmful=harmful)
         if rated is None:

@@ -45,7 +45,13 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot_levels(levels: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from bpo_plugins.drpo.session import log
+
+        log.warning("no report.png: the plot needs matplotlib (pip install 'bpo-plugins[drpo]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -28,7 +28,7 @@ from bpo_plugins.backends.http import HTTPBackend
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
 from bpo_plugins.drpo.calls import ROLES, BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role
-from bpo_plugins.drpo.reward import Judgement, find_json
+from bpo_plugins.drpo.reward import Judgement, find_json, sections
 from bpo_plugins.drpo.session import Session, log
 
 CHECKPOINT_VERSION = 1
@@ -149,25 +149,7 @@ Rules:
 - Keep a short list of what the assistant cannot do (no internet access, no real-time information, it can make mistakes).
 - Never copy these rules, the rating or any score into the prompt.
 
-<current_system_prompt>
-{prompt}
-</current_system_prompt>
-
-<earlier_versions>
-{lineage}
-</earlier_versions>
-
-<query>
-{query}
-</query>
-
-<answer>
-{answer}
-</answer>
-
-<rating>
-{rating}
-</rating>
+{inputs}
 
 Reply with JSON only: {{"analysis": "<what the answer lacked>", "thought": "<how the prompt should change>", "new_system_prompt": "<the whole new system prompt>"}}"""
 PROPOSAL_KEYS = ("new_system_prompt", "system_prompt", "new_prompt", "prompt")
@@ -286,8 +268,8 @@ class Search:
     async def propose(self, node: Node, salt: int) -> list[str]:
         role = self.roles["optimizer"]
         lineage = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(node.lineage[-self.config.lineage:], 1)) or "(none)"
-        text = OPTIMIZER_PROMPT.format(prompt=node.prompt, lineage=lineage, query=node.query, answer=node.answer,
-                                       rating=node.judgement.feedback())
+        text = OPTIMIZER_PROMPT.format(inputs=sections(current_system_prompt=node.prompt, earlier_versions=lineage, query=node.query,
+                                                       answer=node.answer, rating=node.judgement.feedback()))
         decoding = replace(role.decoding, num_candidates=self.config.num_actions)
         for attempt in range(2):
             try:
