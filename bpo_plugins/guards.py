@@ -26,6 +26,9 @@ MAX_LENGTH_RATIO = 6.0
 # own data: 1% of the 300 reference rewrites in bpo_val.json keep less (3.7% would at 0.4).
 MIN_TERM_RECALL = 0.3
 
+# The intent bar of GuardConfig.strict(): see its calibration in benchmarks/RESULTS.md ("Do no harm").
+STRICT_INTENT_COSINE = 0.7
+
 KEEP_TAG = re.compile(r"<keep>(.*?)</keep>", re.DOTALL)
 
 
@@ -114,6 +117,26 @@ def clean_output(text: str) -> str:
         inner = text[1:-1].strip()
         if _QUOTES[text[0]] not in inner:
             text = inner
+    return _strip_unmatched_quote(text)
+
+
+def _strip_unmatched_quote(text: str) -> str:
+    """A quote mark that opens or closes the whole rewrite with no partner (small models write
+    ``"Tell me about X. What is...``): dropped. Apostrophes inside words are not quote marks."""
+    for open_, close in (('"', '"'), ("“", "”"), ("«", "»")):
+        if open_ == close:
+            if text.count(open_) % 2 == 1:  # an odd count: one straight quote has no partner
+                if text.startswith(open_):
+                    text = text[1:].lstrip()
+                elif text.endswith(open_):
+                    text = text[:-1].rstrip()
+            continue
+        if text.startswith(open_) and close not in text:
+            text = text[1:].lstrip()
+        if text.endswith(close) and open_ not in text:
+            text = text[:-1].rstrip()
+    if text.startswith("'") and not re.search(r"\w'(?!\w)", text[1:]):  # no quote closes after a word
+        text = text[1:].lstrip()
     return text
 
 
@@ -191,6 +214,100 @@ def lost_terms_reason(original: str, output: str, min_recall: float = MIN_TERM_R
     kept = terms & content_terms(output)
     if len(kept) / len(terms) < min_recall:
         return f"the rewrite keeps {len(kept)} of the prompt's {len(terms)} content words (needs {min_recall:.0%})"
+    return None
+
+
+# --- kept what the instruction works on, its numbers and its names -----------------------------
+
+_QUOTED = re.compile(r'"([^"\n]{3,})"|“([^”]{3,})”|«([^»]{3,})»|(?<![\w])\'([^\'\n]{3,})\'(?![\w])|```(.+?)```|`([^`\n]{2,})`', re.DOTALL)
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)]|[A-Ha-h][.)])\s+(.+)$", re.MULTILINE)
+_OPTION = re.compile(r"(?:^|\s)\(?[A-Ha-h]\)\s*([^()\n]+?)(?=\s+\(?[A-Ha-h]\)|$)", re.MULTILINE)
+#: A segment counts as kept when this share of its words is in the rewrite (a typo fixed, a quote restyled).
+PAYLOAD_RECALL = 0.8
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def payload_segments(prompt: str) -> list[str]:
+    """What an instruction works on, which a rewrite must carry over: quoted text, code, list items,
+    answer options, and the data after an instruction line ("Fix the verb in this sentence: ...")."""
+    segments = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(prompt)]
+    segments += [m.group(1) for m in _LIST_ITEM.finditer(prompt)]
+    segments += [m.group(1) for m in _OPTION.finditer(prompt)]
+    head, sep, data = prompt.partition(":")
+    if not sep or "\n" in head.strip() or word_count(head) > 25 or "//" in data[:2]:
+        head, sep, data = prompt.strip().partition("\n")
+    if sep and word_count(data) >= 2 and _is_request(head):
+        segments.append(data)
+    return [s.strip() for s in segments if len(_words(s)) >= 1 and len(s.strip()) >= 3]
+
+
+def payload_lost_reason(original: str, output: str, recall: float = PAYLOAD_RECALL) -> str | None:
+    """Why a rewrite dropped the text the prompt's instruction works on, or None."""
+    kept = Counter(_words(output))
+    for segment in payload_segments(original):
+        words = _words(segment)
+        found = sum(min(n, kept[w]) for w, n in Counter(words).items())
+        if found / len(words) < recall:
+            return f"the rewrite drops {segment[:60]!r}{'...' if len(segment) > 60 else ''} ({found} of {len(words)} words kept)"
+    return None
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,:/]\d+)*(?![\w])")
+# "one" is left out: far more often a pronoun ("program one to") than a count.
+_NUMBER_WORDS = {w: str(n) for n, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen twenty".split()) if w != "one"}
+
+
+def _numbers(text: str) -> set[str]:
+    found = {n.replace(",", "") if re.fullmatch(r"\d{1,3}(?:,\d{3})+", n) else n for n in _NUMBER.findall(text)}
+    return found | {_NUMBER_WORDS[w] for w in _words(text) if w in _NUMBER_WORDS}
+
+
+def numbers_lost_reason(original: str, output: str) -> str | None:
+    """Why a rewrite lost one of the prompt's numbers ("Is 3 bigger than 7?" asked about 5), or None."""
+    lost = sorted(_numbers(original) - _numbers(output))
+    if lost:
+        return f"the rewrite drops the number{'s' if len(lost) > 1 else ''} {', '.join(lost[:5])}"
+    return None
+
+
+_CAPITALISED = re.compile(r"\b[A-Z][\w’'-]*(?!\w)")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;\n]|[.!?:;]['\"”’)\]]|^['\"“‘(\[])\s*$")
+#: Capitalised words that name no particular thing: a rewrite may add these freely.
+GENERIC_NAMES = frozenset(
+    """i i'm i've i'd i'll ai english markdown json csv html sql api url faq pdf tl;dr ok""".split()
+)
+
+
+def names(text: str) -> set[str]:
+    """Lower-cased capitalised words that do not open a sentence: a crude, model-free stand-in for
+    named entities (people, places, products, acronyms)."""
+    found = set()
+    for match in _CAPITALISED.finditer(text):
+        word = re.sub(r"['’]s$", "", match.group(0)).strip("'’-")
+        if len(word) < 2 or _SENTENCE_START.search(text[max(0, match.start() - 3) : match.start()]):
+            continue
+        if text[match.end() : match.end() + 1] == ":":  # a heading the rewrite adds ("Tone:"), not a name
+            continue
+        if word.lower() not in GENERIC_NAMES and word.lower() not in _STOPWORDS:
+            found.add(_stem(word.lower()))
+    return found
+
+
+def entities_reason(original: str, output: str) -> tuple[FallbackReason, str] | None:
+    """A name of the prompt missing from the rewrite, or names the rewrite invents; None when neither."""
+    said = {_stem(w) for w in _words(original)}
+    kept = {_stem(w) for w in _words(output)}
+    lost = sorted(n for n in names(original) if not set(_words(n)) <= kept)
+    if lost:
+        return FallbackReason.ENTITIES_LOST, f"the rewrite drops {', '.join(lost[:5])}"
+    invented = sorted(n for n in names(output) if not set(_words(n)) <= said)
+    if invented:
+        return FallbackReason.ENTITIES_INVENTED, f"the rewrite names {', '.join(invented[:5])}, which the prompt does not"
     return None
 
 
@@ -275,6 +392,20 @@ class GuardConfig:
     check_answered: bool = True
     check_degenerate: bool = True
     min_term_recall: float = MIN_TERM_RECALL  # 0 turns the lost-subject check off
+    check_payload: bool = True
+    check_numbers: bool = True
+    check_entities: bool = False
+    #: Sentence-embedding cosine (MiniLM) a rewrite must keep with the prompt; 0 turns the check off.
+    #: It is the one guard that loads a model (22M parameters), so the Rewriter runs it last.
+    min_intent_cosine: float = 0.0
+
+    @classmethod
+    def strict(cls) -> GuardConfig:
+        """For small optimizers (the bundled bpo-small), whose added names are inventions and whose
+        drifts are real: names kept and none invented, and the MiniLM intent check on. Off by
+        default for THUDM/BPO-class models and API LLMs, whose added names are mostly knowledge
+        (9% of BPO's own reference rewrites add one)."""
+        return cls(check_entities=True, min_intent_cosine=STRICT_INTENT_COSINE)
 
 
 def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig()) -> tuple[FallbackReason, str] | None:
@@ -298,4 +429,10 @@ def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig(
     why = lost_terms_reason(original, output, config.min_term_recall)  # a bar of 0 never fires
     if why:
         return FallbackReason.LOST_TERMS, why
+    if config.check_payload and (why := payload_lost_reason(original, output)):
+        return FallbackReason.PAYLOAD_LOST, why
+    if config.check_numbers and (why := numbers_lost_reason(original, output)):
+        return FallbackReason.NUMBERS_LOST, why
+    if config.check_entities:
+        return entities_reason(original, output)
     return None

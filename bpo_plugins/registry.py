@@ -69,13 +69,21 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     target = converted_folder(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    import contextlib
+    import os
 
-    if not progress:
-        hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bpo_plugins.quiet import quiet_libraries
+
+    with tqdm(total=1, desc="first run only: converting the bundled model to safetensors (~10 s)", disable=not progress,
+              bar_format="{desc} {elapsed}") as bar:
+        # One line of ours instead of transformers' per-tensor GGUF bar, which nothing turns off but this.
+        with quiet_libraries(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update(1)
     # The GGUF tokenizer conversion maps EOS to <|im_start|>; the model stops on the
     # generation config's EOS (<|im_end|>), so make the tokenizer agree with it.
     eos_id = model.generation_config.eos_token_id
@@ -128,9 +136,9 @@ def default_export(entry: LocalModel) -> Path | None:
     if not (folder / MANIFEST).is_file():
         import logging
 
-        logging.getLogger(__name__).warning("building the %s ONNX export of %s once, into %s", precision, entry.name, folder)
         try:
-            export_onnx(entry.name, folder, precision, engine=engine)
+            export_onnx(entry.name, folder, precision, engine=engine,
+                        desc=f"first run only: building the {precision} runtime of {entry.name} (~30 s)")
         except Exception as exc:  # any export failure: the transformers runtime still works
             logging.getLogger(__name__).warning("ONNX export of %s failed (%s); using transformers", entry.name, exc)
             return None

@@ -27,6 +27,16 @@ class FallbackReason(str, Enum):
     ANSWERED = "answered"
     LOST_TERMS = "lost_terms"
     PROTECTED_SPAN_LOST = "protected_span_lost"
+    #: The text the instruction works on (quoted text, code, the data after it, list items) is gone.
+    PAYLOAD_LOST = "payload_lost"
+    #: A number of the prompt is missing from the rewrite.
+    NUMBERS_LOST = "numbers_lost"
+    #: A name of the prompt is missing from the rewrite.
+    ENTITIES_LOST = "entities_lost"
+    #: The rewrite names people, places or things the prompt does not mention.
+    ENTITIES_INVENTED = "entities_invented"
+    #: The rewrite's meaning moved away from the prompt's (sentence-embedding cosine below the bar).
+    MEANING_DRIFT = "meaning_drift"
 
     def __str__(self) -> str:
         return self.value

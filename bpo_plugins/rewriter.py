@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -122,9 +123,13 @@ class Rewriter:
         Loading is deferred to the first rewrite, so constructing a Rewriter is free.
         """
         from bpo_plugins.backends import load_local_backend
+        from bpo_plugins.registry import REGISTRY
 
         if backend not in ("auto", "transformers", "onnx"):
             raise ValueError(f"unknown local backend {backend!r}: use 'auto', 'transformers' or 'onnx'")
+        if str(name_or_path) in REGISTRY:
+            # The bundled optimizers are 135M models: their added names are inventions, their drifts real.
+            options.setdefault("guards", GuardConfig.strict())
 
         def load() -> Backend:
             return load_local_backend(
@@ -377,11 +382,23 @@ class Rewriter:
                 valid.append(restored)
             elif first_failure is None:
                 first_failure = failure
+        if valid and self.guards.min_intent_cosine > 0:
+            valid, drift = self._keep_intent(item.masked.plain, valid)
+            first_failure = first_failure or drift
         if not valid:
             assert first_failure is not None
             return self._fallback(item, mode, first_failure[0], first_failure[1], candidates, tokens)
         chosen = valid[self.selector(item.masked.plain, valid)] if len(valid) > 1 else valid[0]
         return self._result(item, mode, chosen, candidates=tuple(candidates), output_tokens=tokens)
+
+    def _keep_intent(self, prompt: str, candidates: list[str]) -> tuple[list[str], tuple[FallbackReason, str] | None]:
+        """The candidates whose MiniLM cosine with the prompt clears the intent bar (one forward pass)."""
+        from bpo_plugins.embeddings import shared_embedder
+
+        bar = self.guards.min_intent_cosine
+        sims = shared_embedder().cosine(candidates, [prompt] * len(candidates))
+        kept = [c for c, sim in zip(candidates, sims) if sim >= bar]
+        return kept, None if kept else (FallbackReason.MEANING_DRIFT, f"intent cosine {max(sims):.2f} is below {bar}")
 
     def _results(self, items: list[_Item], start: float, strict: bool | None) -> list[RewriteResult]:
         latency = time.perf_counter() - start
@@ -427,8 +444,7 @@ class Rewriter:
             backend.revision,
             [template.user, template.system, template.raw],
             decoding.as_key(),
-            [self.guards.min_length_ratio, self.guards.max_length_ratio, self.guards.check_answered, self.guards.check_degenerate,
-             self.guards.min_term_recall],
+            dataclasses.asdict(self.guards),
             item.masked.text,
             item.masked.spans,
         )

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bpo_plugins.quiet import quiet_libraries
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate
 
@@ -112,22 +111,6 @@ def _merged_source(path: str, adapter: Path | None, workdir: Path) -> str:
     return str(target)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The torch tracer warns about every data-dependent branch of the model: noise to a user."""
-    loggers = [logging.getLogger(name) for name in ("optimum", "transformers")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
-
-
 def _lm_head_nodes(onnx_path: Path) -> list[str]:
     import onnx
 
@@ -145,15 +128,16 @@ def _quantize(onnx_path: Path, precision: str, block_size: int | None, *, keep_l
     bytes read per token, so int8 there buys 1.3x decode speed for 6 points of token agreement.
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     bits = 8 if precision == "int8" else 4
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(onnx_path)), bits=bits, block_size=block_size or BLOCK_SIZE[precision], is_symmetric=True, accuracy_level=4,
-        nodes_to_exclude=_lm_head_nodes(onnx_path) if keep_lm_head else [],
-    )
-    quantizer.process()
+    with quiet_libraries():  # the quantizer module's import turns INFO logging on process-wide
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(onnx_path)), bits=bits, block_size=block_size or BLOCK_SIZE[precision], is_symmetric=True,
+            accuracy_level=4, nodes_to_exclude=_lm_head_nodes(onnx_path) if keep_lm_head else [],
+        )
+        quantizer.process()
     quantized = onnx_path.with_name(f"quantized_{onnx_path.name}")
     # One file: a 135M-7B quantized decoder stays under protobuf's 2 GB limit.
     quantizer.model.save_model_to_file(str(quantized), use_external_data_format=False)
@@ -316,7 +300,7 @@ def genai_pad_token_id(tokenizer: Any) -> int:
 def _build_optimum(source: str, staging: Path, precision: str, device: str, block_size: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
-    with _quiet():
+    with quiet_libraries():
         main_export(source, output=staging, task="text-generation-with-past", device=device,
                     dtype="fp16" if precision == "fp16" else "fp32", do_validation=False)
     if precision in ("int8", "int4"):
@@ -325,11 +309,11 @@ def _build_optimum(source: str, staging: Path, precision: str, device: str, bloc
 
 def _build_genai(source: str, staging: Path, precision: str, device: str, block_size: int | None, workdir: Path) -> None:
     """onnxruntime-genai's builder for fp32/fp16/int4; int8 is its fp32 graph through MatMulNBits 8-bit."""
-    from onnxruntime_genai.models.builder import create_model
-
     builder_precision = "fp32" if precision == "int8" else precision
     # The builder prints every tensor it saves; the export's own progress bar says enough.
-    with _quiet(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with quiet_libraries(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        from onnxruntime_genai.models.builder import create_model  # imports the quantizer: see quiet_libraries
+
         create_model(None, source, str(staging), builder_precision, device, str(workdir / "genai-cache"),
                      **({"int4_block_size": str(block_size)} if precision == "int4" else {}),
                      **({"int4_accuracy_level": "4"} if precision == "int4" and device == "cpu" else {}))
@@ -351,9 +335,10 @@ def _build_genai(source: str, staging: Path, precision: str, device: str, block_
 def export_onnx(
     model: str, out: Path, precision: str = "fp32", device: str = "cpu", *, check: bool = True,
     min_token_agreement: float | None = None, logit_atol: float | None = None, engine: str = "auto",
-    block_size: int | None = None,
+    block_size: int | None = None, desc: str | None = None,
 ) -> Manifest:
-    """Export ``model`` (registry name, folder or hub id) to ``out``; raise ParityError when parity fails."""
+    """Export ``model`` (registry name, folder or hub id) to ``out``; raise ParityError when parity fails.
+    ``desc``: the progress bar's label (default ``export MODEL PRECISION``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device != "cuda":
@@ -367,10 +352,11 @@ def export_onnx(
     from bpo_plugins.templates import pick_local_template
 
     path, template, adapter = _source(model)
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=f"export {model} {precision}", unit="step") as bar:
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=desc or f"export {model} {precision}", unit="step") as bar:
         source = _merged_source(path, adapter, Path(tmp))
         engine = pick_engine(engine, source)
-        bar.set_description(f"export {model} {precision} ({engine})")
+        if desc is None:
+            bar.set_description(f"export {model} {precision} ({engine})")
         staging = Path(tmp) / "export"
         if engine == "genai":
             _build_genai(source, staging, precision, device, block, Path(tmp))

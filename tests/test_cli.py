@@ -96,3 +96,19 @@ def test_bench_writes_figures(tiny_bpo_dir, tmp_path: Path):
 def test_models_lists_the_registry():
     run = bpo("models")
     assert run.returncode == 0 and "bpo-small (default)" in run.stdout
+
+
+def test_first_run_prints_only_progress_and_the_result(tmp_path: Path):
+    """An empty cache: the bundled model is converted and its runtime built, quietly, then the rewrite."""
+    import os
+
+    env = {**os.environ, "BPO_PLUGINS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "bpo_plugins", "optimize", "Tell me about Harry Potter"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.strip().splitlines()) == 1
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert not [line for line in lines if "INFO" in line or "legacy" in line or "Warning" in line], lines[:5]
+    steps = {line.split(":")[1].strip().split(" (")[0] for line in lines if line.startswith("first run only:")}
+    assert steps == {"converting the bundled model to safetensors", "building the int4 runtime of bpo-small"}, lines[:10]
+    assert all(line.startswith(("first run only:", "[fallback")) for line in lines), lines[:10]

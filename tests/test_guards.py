@@ -197,3 +197,84 @@ def test_loop_cut_leaves_varied_text_short_repeats_and_copies_of_the_prompt():
     table = [5, 6, 7] * 12  # the prompt's own repetitive data, copied faithfully
     assert loop_cut([1, 2] + table, prompt=[9] + table + [3]) is None
     assert loop_cut([1, 2] + table, prompt=[9, 3]) == 5
+
+
+# -- meaning kept: payload, numbers, names (issue: rewrites that change the user's meaning) -------------
+
+from bpo_plugins.guards import entities_reason, numbers_lost_reason, payload_lost_reason  # noqa: E402
+
+
+@pytest.mark.parametrize(("original", "output", "reason"), [
+    # The four kinds of meaning change seen in bpo-small's applied rewrites (made-up examples of the same shape).
+    ("Fix the verb in this sentence: 'She go to school'", "Fix the sentence to make it grammatically correct.", FallbackReason.PAYLOAD_LOST),
+    ("Is 3 bigger than 7? Answer yes or no", "Is 5 bigger than 7? Answer yes or no.", FallbackReason.NUMBERS_LOST),
+    ("Translate to French:\nThe cat sleeps on the warm mat.", "Translate a sentence about animals into French.", FallbackReason.PAYLOAD_LOST),
+    ("Which is larger?\nA) 2\nB) 4", "Which number is larger? Explain why.", FallbackReason.PAYLOAD_LOST),
+    ("Summarize this code: `def add(a, b): return a + b`", "Summarize the code `def add(a, b)` in one line.", FallbackReason.PAYLOAD_LOST),
+    ("How many days are in 3 weeks?", "How many days are in a few weeks?", FallbackReason.NUMBERS_LOST),
+])
+def test_rewrites_that_drop_the_payload_or_numbers_fall_back(original, output, reason):
+    failure = check_rewrite(original, output)
+    assert failure is not None and failure[0] is reason, failure
+
+
+@pytest.mark.parametrize(("original", "output", "reason"), [
+    ("What is photosynthesis?", "Explain the Smith-Jones theory of photosynthesis proposed by Dr. Alan Wexley.",
+     FallbackReason.ENTITIES_INVENTED),
+    ("Is it true that the Berlin Wall fell in 1989?", "Is it true that the French Revolution began in 1989?",
+     FallbackReason.ENTITIES_LOST),
+    ("Who painted the Mona Lisa?", "Who painted the famous portrait, and when?", FallbackReason.ENTITIES_LOST),
+])
+def test_strict_guards_catch_lost_and_invented_names(original, output, reason):
+    failure = check_rewrite(original, output, GuardConfig.strict())
+    assert failure is not None and failure[0] is reason, failure
+    assert check_rewrite(original, output, GuardConfig()) is None or failure[0] is not FallbackReason.ENTITIES_INVENTED
+
+
+@pytest.mark.parametrize(("original", "output"), [
+    ("Tell me about Harry Potter", "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes."),
+    ("Fix the verb in this sentence: 'She go to school'", "Correct the verb in the sentence 'She go to school' and explain the rule."),
+    ("Is 3 bigger than 7? Answer yes or no", "Is 3 bigger than 7? Answer with yes or no only."),
+    ("List three uses of copper.", "List three common uses of copper, with one sentence on each."),
+    ("what is the capital of france", "What is the capital of France? Answer in one sentence."),
+])
+def test_faithful_rewrites_pass_the_strict_guards(original, output):
+    assert check_rewrite(original, output, GuardConfig.strict()) is None
+
+
+def test_bpo_reference_rewrites_keep_their_payload_and_numbers(bpo_pairs):
+    # BPO's own reference rewrites: at most 2% flagged by each default meaning guard.
+    for guard in (payload_lost_reason, numbers_lost_reason):
+        flagged = [r["prompt"][:60] for r in bpo_pairs if guard(r["prompt"], r["optimized_prompt"])]
+        assert len(flagged) <= 0.02 * len(bpo_pairs), (guard.__name__, flagged)
+    # Names are checked only for small optimizers: strong ones add knowledge (Huxley for Brave New World).
+    named = [r for r in bpo_pairs if entities_reason(r["prompt"], r["optimized_prompt"])]
+    assert 0.05 < len(named) / len(bpo_pairs) < 0.15
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ('"Tell me about Harry Potter. What is the most interesting fact?', "Tell me about Harry Potter. What is the most interesting fact?"),
+    ('Explain "dark matter".”', 'Explain "dark matter".'),
+    ("“Describe the sea.", "Describe the sea."),
+    ("'Tell me about Harry's wand", "Tell me about Harry's wand"),
+    ("'cool' is a word to define", "'cool' is a word to define"),
+    ('Say "hi" to me', 'Say "hi" to me'),
+])
+def test_unmatched_quote_marks_are_cleaned(raw, clean):
+    assert clean_output(raw) == clean
+
+
+def test_intent_guard_falls_back_on_meaning_drift(script_server):
+    from bpo_plugins import Rewriter
+
+    rewriter = Rewriter.from_openai("script", base_url=script_server.base_url, guards=GuardConfig(min_intent_cosine=0.9))
+    result = rewriter.rewrite("Tell me about Harry Potter")  # the script's rewrite has cosine 0.72 with it
+    assert result.fallback is FallbackReason.MEANING_DRIFT and "intent cosine 0.7" in result.detail
+    assert Rewriter.from_openai("script", base_url=script_server.base_url).rewrite("Tell me about Harry Potter").fallback is None
+
+
+def test_bundled_optimizer_gets_the_strict_guards():
+    from bpo_plugins import Rewriter
+
+    assert Rewriter.from_pretrained("bpo-small").guards == GuardConfig.strict()
+    assert Rewriter.from_pretrained("THUDM/BPO").guards == GuardConfig()  # lazy: nothing is downloaded
