@@ -1,4 +1,4 @@
-"""How the 4-bit quantization block size trades decode speed for fidelity, on bpo-small's GenAI export.
+"""How the 4-bit quantization block size and method trade decode speed for fidelity, on bpo-small's GenAI export.
 
 Smaller blocks keep more scales (more bytes to read per token, more dequantization work). Larger
 blocks round more weights to one scale. For each block size this prints:
@@ -11,6 +11,11 @@ blocks round more weights to one scale. For each block size this prints:
 `export.onnx.BLOCK_SIZE` holds the block size picked from these figures.
 
     python benchmarks/int4_block_size.py --blocks 32 64 128 256 --out benchmarks/results/int4_block_size
+    python benchmarks/int4_block_size.py --blocks 64 --algos default rtn_last hqq --out benchmarks/results/int4_methods
+
+Methods are the GenAI builder's (``rtn_last``: the LM head in int8; its k-quant methods fail on
+SmolLM2's 576-wide layers) and ``hqq`` (onnxruntime's data-free HQQ quantizer on the fp32 graph).
+llama.cpp is timed when llama-cpp-python is installed.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def fidelity(reference, candidate) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--algos", nargs="+", default=["default"], help="int4 methods (export --int4-algo).")
     parser.add_argument("--speed-prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
     parser.add_argument("--fidelity-prompts", type=Path, default=Path("training/results/bpo-small-val_pairs.jsonl"))
     parser.add_argument("--limit", type=int, default=8)
@@ -62,7 +68,7 @@ def main() -> None:
     from bpo_plugins.registry import find_smollm2_gguf
 
     fp32 = export_folder("bpo-small", "genai", "fp32")
-    exports = {block: export_folder("bpo-small", "genai", "int4", block) for block in args.blocks}
+    exports = {(block, algo): export_folder("bpo-small", "genai", "int4", block, algo) for block in args.blocks for algo in args.algos}
     backend = load_export(fp32)
 
     def encode(path: Path, limit: int | None) -> list[list[int]]:
@@ -70,10 +76,17 @@ def main() -> None:
         return [backend.tokenizer(backend.render(row_prompt(r), backend.default_template), add_special_tokens=False)["input_ids"]
                 for r in rows]
 
-    runners = {f"genai int4 block {block}": genai_runner(folder) for block, folder in exports.items()}
-    runners["llama.cpp"] = llama_cpp_runner(find_smollm2_gguf(), backend.tokenizer.eos_token_id)
+    def label(block: int, algo: str) -> str:
+        return f"genai int4 block {block}" + ("" if algo == "default" else f" {algo}")
+
+    runners = {label(*key): genai_runner(folder) for key, folder in exports.items()}
+    try:
+        runners["llama.cpp"] = llama_cpp_runner(find_smollm2_gguf(), backend.tokenizer.eos_token_id)
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp column", flush=True)
     times = interleave(runners, encode(args.speed_prompts, args.limit), args.rounds)
     tok_s = {name: (TOKENS - 1) * len(decode) / sum(decode) for name, (_, decode) in times.items()}
+    llama = tok_s.get("llama.cpp")
 
     fidelity_prompts = encode(args.fidelity_prompts, None)
     fp32_run = _genai_runner(fp32, "cpu")
@@ -81,18 +94,19 @@ def main() -> None:
     forced = [fp32_run(ids, [0] * FIDELITY_STEPS)[1] for ids in fidelity_prompts]
     reference = forced_logits(fp32, fidelity_prompts, forced)
     rows = []
-    for block, folder in exports.items():
-        name = f"genai int4 block {block}"
-        rows.append({"block_size": block, "decode_tok_s": round(tok_s[name], 1),
-                     "x_llama_cpp": round(tok_s[name] / tok_s["llama.cpp"], 2),
+    for (block, algo), folder in exports.items():
+        name = label(block, algo)
+        rows.append({"block_size": block, "method": algo, "decode_tok_s": round(tok_s[name], 1),
+                     "x_llama_cpp": round(tok_s[name] / llama, 2) if llama else None,
                      **fidelity(reference, forced_logits(folder, fidelity_prompts, forced))})
         print(json.dumps(rows[-1]), flush=True)
-    lines = [f"llama.cpp (base Q4_1 GGUF): {tok_s['llama.cpp']:.1f} tok/s in the same interleaved run. "
+    lines = [(f"llama.cpp (base Q4_1 GGUF): {llama:.1f} tok/s in the same interleaved run. " if llama else "") +
              f"Fidelity: {len(fidelity_prompts)} held-out prompts x up to {FIDELITY_STEPS} teacher-forced steps against the GenAI fp32 export.", "",
-             "| block size | decode tok/s | x llama.cpp | top-1 agreement with fp32 | mean KL to fp32 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['block_size']} | {r['decode_tok_s']} | {r['x_llama_cpp']} | {r['top1_agreement']:.1%} | {r['mean_kl']} |" for r in rows]
+             "| block size | method | decode tok/s | x llama.cpp | top-1 agreement with fp32 | mean KL to fp32 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['block_size']} | {r['method']} | {r['decode_tok_s']} | {r['x_llama_cpp'] or '-'} | {r['top1_agreement']:.1%} | {r['mean_kl']} |"
+              for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"llama_cpp_tok_s": round(tok_s["llama.cpp"], 1), "rows": rows}, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps({"llama_cpp_tok_s": llama and round(llama, 1), "rows": rows}, indent=2))
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

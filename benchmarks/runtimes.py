@@ -22,16 +22,17 @@ from pathlib import Path
 BANDWIDTH_BOUND_TOK_S = {"fp32": 37.0, "int8": 150.0, "int4": 270.0}
 
 
-def export_folder(model: str, engine: str, precision: str, block_size: int | None = None) -> Path:
+def export_folder(model: str, engine: str, precision: str, block_size: int | None = None, int4_algo: str = "default") -> Path:
     """The cached export a benchmark runs, rebuilt when the export recipe changes."""
     from bpo_plugins.export.onnx import BLOCK_SIZE, MANIFEST, RECIPE_VERSION, export_onnx
     from bpo_plugins.registry import cache_dir
 
     # The default block size is the default export: one folder, not two copies of the same graph.
     block = f"-b{block_size}" if block_size and block_size != BLOCK_SIZE.get(precision) else ""
-    folder = cache_dir() / "exports" / f"{Path(model).name}-{engine}-{precision}{block}-r{RECIPE_VERSION}"
+    algo = f"-{int4_algo}" if int4_algo != "default" else ""
+    folder = cache_dir() / "exports" / f"{Path(model).name}-{engine}-{precision}{block}{algo}-r{RECIPE_VERSION}"
     if not (folder / MANIFEST).is_file():
-        export_onnx(model, folder, precision, engine=engine, block_size=block_size)
+        export_onnx(model, folder, precision, engine=engine, block_size=block_size, int4_algo=int4_algo)
     return folder
 
 

@@ -77,7 +77,7 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
 
     from bpo_plugins.quiet import quiet_libraries
 
-    with tqdm(total=1, desc="first run only: converting the bundled model to safetensors (~10 s)", disable=not progress,
+    with tqdm(total=1, desc="first run only: converting the bundled model to safetensors (~20 s)", disable=not progress,
               bar_format="{desc} {elapsed}") as bar:
         # One line of ours instead of transformers' per-tensor GGUF bar, which nothing turns off but this.
         with quiet_libraries(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
@@ -138,7 +138,7 @@ def default_export(entry: LocalModel) -> Path | None:
 
         try:
             export_onnx(entry.name, folder, precision, engine=engine,
-                        desc=f"first run only: building the {precision} runtime of {entry.name} (~30 s)")
+                        desc=f"first run only: building the {precision} runtime of {entry.name} (~20 s)")
         except Exception as exc:  # any export failure: the transformers runtime still works
             logging.getLogger(__name__).warning("ONNX export of %s failed (%s); using transformers", entry.name, exc)
             return None

@@ -66,6 +66,7 @@ class Manifest:
     format_version: int = 1
     engine: str = "optimum"
     block_size: int | None = None  # quantization block, for int8/int4
+    int4_algo: str | None = None  # the GenAI builder's int4 method (int4 GenAI exports only)
 
     def template_object(self) -> PromptTemplate:
         return PromptTemplate(**self.template)
@@ -111,6 +112,24 @@ def _merged_source(path: str, adapter: Path | None, workdir: Path) -> str:
     return str(target)
 
 
+def export_merged(model: str, out: Path) -> Path:
+    """A plain Hugging Face folder (LoRA merged, tokenizer included) that vLLM and SGLang serve as it is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, template, adapter = _source(model)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: pick a new folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _merged_source(path, adapter, Path(tmp))
+        # Reload the merged weights to write them where asked, with the tokenizer that goes with them.
+        AutoModelForCausalLM.from_pretrained(source).save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    if template is not None:  # the template the checkpoint was trained with, for Rewriter.from_openai users
+        (out / "bpo_template.json").write_text(json.dumps(asdict(template), indent=2))
+    return out
+
+
 def _lm_head_nodes(onnx_path: Path) -> list[str]:
     import onnx
 
@@ -118,7 +137,7 @@ def _lm_head_nodes(onnx_path: Path) -> list[str]:
     return [node.name for node in graph.node if "logits" in node.output]
 
 
-def _quantize(onnx_path: Path, precision: str, block_size: int | None, *, keep_lm_head: bool = True) -> None:
+def _quantize(onnx_path: Path, precision: str, block_size: int | None, *, keep_lm_head: bool = True, hqq: bool = False) -> None:
     """Weight-only block quantization (MatMulNBits) of every MatMul, the LM head optionally kept fp32.
 
     Weight-only, because dynamic int8 (per-tensor activation quantization) wrecks small LLMs with
@@ -131,11 +150,14 @@ def _quantize(onnx_path: Path, precision: str, block_size: int | None, *, keep_l
 
     bits = 8 if precision == "int8" else 4
     with quiet_libraries():  # the quantizer module's import turns INFO logging on process-wide
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+        block = block_size or BLOCK_SIZE[precision]
         quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(onnx_path)), bits=bits, block_size=block_size or BLOCK_SIZE[precision], is_symmetric=True,
+            onnx.load(str(onnx_path)), bits=bits, block_size=block, is_symmetric=True,
             accuracy_level=4, nodes_to_exclude=_lm_head_nodes(onnx_path) if keep_lm_head else [],
+            # HQQ (half-quadratic, data-free) fits each block's scale and zero point to its weights.
+            algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if hqq else None,
         )
         quantizer.process()
     quantized = onnx_path.with_name(f"quantized_{onnx_path.name}")
@@ -307,18 +329,28 @@ def _build_optimum(source: str, staging: Path, precision: str, device: str, bloc
         _quantize(staging / "model.onnx", precision, block_size)
 
 
-def _build_genai(source: str, staging: Path, precision: str, device: str, block_size: int | None, workdir: Path) -> None:
+#: The GenAI builder's int4 methods: round-to-nearest (``default``, ``rtn``), ``rtn_last`` (the LM head
+#: int8), and k-quant variants, ``k_quant_mixed`` keeping the most sensitive MatMuls in int8 (these fail on
+#: SmolLM2's 576-wide layers); ``hqq`` is ours: the builder's fp32 graph through onnxruntime's HQQ quantizer.
+INT4_ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last", "hqq")
+INT4_ALGO = "default"
+
+
+def _build_genai(source: str, staging: Path, precision: str, device: str, block_size: int | None, workdir: Path,
+                 int4_algo: str = INT4_ALGO) -> None:
     """onnxruntime-genai's builder for fp32/fp16/int4; int8 is its fp32 graph through MatMulNBits 8-bit."""
-    builder_precision = "fp32" if precision == "int8" else precision
+    ours = precision == "int8" or (precision == "int4" and int4_algo == "hqq")  # builder fp32, then our quantizer
+    builder_precision = "fp32" if ours else precision
     # The builder prints every tensor it saves; the export's own progress bar says enough.
     with quiet_libraries(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         from onnxruntime_genai.models.builder import create_model  # imports the quantizer: see quiet_libraries
 
         create_model(None, source, str(staging), builder_precision, device, str(workdir / "genai-cache"),
                      **({"int4_block_size": str(block_size)} if precision == "int4" else {}),
-                     **({"int4_accuracy_level": "4"} if precision == "int4" and device == "cpu" else {}))
-        if precision == "int8":
-            _quantize(staging / "model.onnx", "int8", block_size, keep_lm_head=False)
+                     **({"int4_accuracy_level": "4"} if precision == "int4" and device == "cpu" else {}),
+                     **({"int4_algo_config": int4_algo} if builder_precision == "int4" and int4_algo != "default" else {}))
+        if ours:
+            _quantize(staging / "model.onnx", precision, block_size, keep_lm_head=False, hqq=int4_algo == "hqq")
             for leftover in staging.glob("model.onnx.data"):
                 leftover.unlink()
     for name in ("config.json", "generation_config.json"):  # the source config travels with every export
@@ -335,7 +367,7 @@ def _build_genai(source: str, staging: Path, precision: str, device: str, block_
 def export_onnx(
     model: str, out: Path, precision: str = "fp32", device: str = "cpu", *, check: bool = True,
     min_token_agreement: float | None = None, logit_atol: float | None = None, engine: str = "auto",
-    block_size: int | None = None, desc: str | None = None,
+    block_size: int | None = None, desc: str | None = None, int4_algo: str = INT4_ALGO,
 ) -> Manifest:
     """Export ``model`` (registry name, folder or hub id) to ``out``; raise ParityError when parity fails.
     ``desc``: the progress bar's label (default ``export MODEL PRECISION``)."""
@@ -346,6 +378,8 @@ def export_onnx(
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise ValueError(f"block size {block_size}: MatMulNBits takes a power of two, 16 or more")
     block = (block_size or BLOCK_SIZE[precision]) if precision in BLOCK_SIZE else None
+    if int4_algo not in INT4_ALGOS:
+        raise ValueError(f"unknown int4 method {int4_algo!r}: use one of {', '.join(INT4_ALGOS)}")
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -359,7 +393,7 @@ def export_onnx(
             bar.set_description(f"export {model} {precision} ({engine})")
         staging = Path(tmp) / "export"
         if engine == "genai":
-            _build_genai(source, staging, precision, device, block, Path(tmp))
+            _build_genai(source, staging, precision, device, block, Path(tmp), int4_algo)
         else:
             _build_optimum(source, staging, precision, device, block)
         bar.update(2)
@@ -375,7 +409,7 @@ def export_onnx(
         size = sum(p.stat().st_size for p in staging.glob("*.onnx*")) / 2**20
         manifest = Manifest(source=model, precision=precision, device=device, template=asdict(template), parity=parity,
                             size_mb=round(size, 2), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), engine=engine,
-                            block_size=block)
+                            block_size=block, int4_algo=int4_algo if engine == "genai" and precision == "int4" else None)
         (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
         if parity.get("passed") is False:
             raise ParityError(f"{precision} export of {model} failed parity: {json.dumps(parity)}")

@@ -175,3 +175,25 @@ def test_every_runtime_stops_the_same_loop_at_the_same_token(onnx_fp32, tiny_bpo
     source = Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=96, cache_size=0).rewrite(LOOPING_PROMPT)
     assert exported.loops_cut == source.loops_cut == 1
     assert exported.candidates == source.candidates and exported.output_tokens == source.output_tokens
+
+
+def test_export_merged_is_a_plain_folder_that_rewrites_like_the_adapter(tmp_path):
+    """What vLLM and SGLang serve: the LoRA merged into its base, greedy output unchanged."""
+    import json
+    import subprocess
+    import sys
+
+    from bpo_plugins import Rewriter
+
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "bpo_plugins", "export", "merged", "--model", "bpo-small", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "adapter_config.json").exists() and json.loads((out / "bpo_template.json").read_text())["name"] == "bpo-chat"
+    prompt = "Tell me about Harry Potter"
+    adapter = Rewriter.from_pretrained("bpo-small", backend="transformers", max_new_tokens=24).rewrite(prompt)
+    merged = Rewriter.from_pretrained(out, backend="transformers", template="bpo-chat", max_new_tokens=24).rewrite(prompt)
+    assert merged.candidates == adapter.candidates
+    again = subprocess.run([sys.executable, "-m", "bpo_plugins", "export", "merged", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -260,6 +260,20 @@ def test_openai_backend_against_real_local_model(model_server):
     assert result.rewritten == result.original if result.fallback else result.rewritten != result.original
 
 
+def test_bpo_checkpoint_on_a_server_gets_the_raw_inst_template_through_completions(model_server):
+    """vLLM or SGLang serving THUDM/BPO: the exact [INST] format on /v1/completions, not a chat template."""
+    rewriter = Rewriter.from_openai("THUDM/BPO", base_url=model_server.base_url, max_new_tokens=16, cache_size=0)
+    assert rewriter.template is BPO
+    result = rewriter.rewrite("Tell me about Harry Potter")
+    sent = model_server.received()[-1]
+    assert sent["path"] == "/v1/completions" and "messages" not in sent["body"]
+    assert sent["body"]["prompt"] == BPO.render_raw("Tell me about Harry Potter") and sent["body"]["max_tokens"] == 16
+    assert result.candidates and result.candidates[0]  # the real model completed the raw prompt
+    chat = Rewriter.from_openai("smollm2", base_url=model_server.base_url, max_new_tokens=8, cache_size=0)
+    chat.rewrite("Tell me about Harry Potter")
+    assert model_server.received()[-1]["path"] == "/v1/chat/completions"  # other models keep the chat endpoint
+
+
 # --- THUDM/BPO path ----------------------------------------------------------------------------
 
 

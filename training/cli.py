@@ -93,6 +93,7 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json, eval_report.md, eval_plot.png and the call cache.")] = Path("runs/eval"),
     model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = ["bpo-small"],  # noqa: B006
     adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto (the fastest installed runtime) | transformers (fp32) | onnx.")] = "auto",
     template: Annotated[str | None, typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Items per set.")] = None,
     target_model: Annotated[str | None, typer.Option("--target-model", help="Target LLM for the judge figures.")] = None,
@@ -132,7 +133,7 @@ def evaluate(
     proxy: dict[str, dict] = {}
     rewrites: dict[tuple[str, str], list[str]] = {}
     for name in model:
-        rewriter = Rewriter.from_pretrained(name, adapter=adapter, template=template, max_new_tokens=max_new_tokens, mode=mode)
+        rewriter = Rewriter.from_pretrained(name, backend=backend, adapter=adapter, template=template, max_new_tokens=max_new_tokens, mode=mode)
         for set_name, items in data.items():
             with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
                 figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)
@@ -152,7 +153,8 @@ def evaluate(
                                    progress=bar.update)
             judged.append({**row, "optimizer": name})
     if drpo:
-        rewriter = Rewriter.from_pretrained(model[0], adapter=adapter, template=template, max_new_tokens=max_new_tokens, mode=mode)
+        rewriter = Rewriter.from_pretrained(model[0], backend=backend, adapter=adapter, template=template, max_new_tokens=max_new_tokens,
+                                            mode=mode)
         _compare_arms(data, alignment, arm_list, rewriter, target, judge, prompt, out, answer_tokens)
     report = {"proxy": proxy, "judge": judged}
     (out / "eval.json").write_text(json.dumps(report, indent=2))

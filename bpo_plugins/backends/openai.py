@@ -36,13 +36,18 @@ class OpenAIBackend(HTTPBackend):
     def requests(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> list[dict[str, Any]]:
         request: dict[str, Any] = {
             "model": self.model_id,
-            "messages": template.messages(prompt),
             "max_tokens": decoding.max_new_tokens,
             "temperature": decoding.temperature if decoding.do_sample else 0.0,
             "n": decoding.num_candidates,  # one request: vLLM shares the prompt's prefill across samples
         }
         if decoding.do_sample and decoding.top_p < 1.0:
             request["top_p"] = decoding.top_p
+        if template.raw is not None:
+            # A BPO checkpoint on vLLM or SGLang: BPO's exact [INST] format through /v1/completions, as it
+            # was trained (the server adds BOS); a chat endpoint would wrap it in another template.
+            request["prompt"] = template.render_raw(prompt)
+        else:
+            request["messages"] = template.messages(prompt)
         if decoding.stop:
             request["stop"] = list(decoding.stop)[:4]  # OpenAI takes at most 4
         if timeout_s is not None:
@@ -50,12 +55,15 @@ class OpenAIBackend(HTTPBackend):
         return [request]
 
     def send(self, request: dict[str, Any]) -> Any:
-        return self._client.chat.completions.create(**request)
+        endpoint = self._client.completions if "prompt" in request else self._client.chat.completions
+        return endpoint.create(**request)
 
     async def asend(self, request: dict[str, Any]) -> Any:
-        return await self._aclient.chat.completions.create(**request)
+        endpoint = self._aclient.completions if "prompt" in request else self._aclient.chat.completions
+        return await endpoint.create(**request)
 
     def generation(self, responses: Sequence[Any]) -> Generation:
-        texts = [choice.message.content or "" for r in responses for choice in r.choices]
+        # Completions choices carry .text, chat choices .message.content.
+        texts = [(choice.text if hasattr(choice, "text") else choice.message.content) or "" for r in responses for choice in r.choices]
         return Generation(texts=texts, output_tokens=sum(r.usage.completion_tokens for r in responses if r.usage),
                           input_tokens=sum(r.usage.prompt_tokens for r in responses if r.usage))
