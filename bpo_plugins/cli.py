@@ -89,10 +89,13 @@ def optimize(
     base_url: BaseUrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 instead of falling back to the original.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generate call.")] = 8,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Prompts per generate call (default: by runtime).")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before falling back.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     cache: Annotated[Path | None, typer.Option("--cache", help="SQLite file for a persistent greedy cache.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Rewrite --file on Ray Data: an actor pool, one loaded model per actor.")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="A running Ray cluster (default: a local one).")] = None,
+    actors: Annotated[int, typer.Option("--actors", min=1, help="With --ray: actors, each holding one model.")] = 2,
 ) -> None:
     """Rewrite TEXT (or stdin, or a --file batch) with a BPO optimizer."""
     if mode not in MODES:
@@ -101,17 +104,26 @@ def optimize(
         raise UsageError("give exactly one of TEXT, '-' (stdin) or --file")
     if file is not None and out is None:
         raise UsageError("--file needs --out for the results")
+    if ray and file is None:
+        raise UsageError("--ray rewrites a --file")
     if text == "-":
         text = sys.stdin.read()
     from bpo_plugins import Rewriter
 
-    rewriter = Rewriter.from_spec(
-        model, backend=backend, base_url=base_url, mode=mode, strict=strict, timeout_s=timeout, max_new_tokens=max_new_tokens, cache_path=cache
-    )
+    spec = {"model": model, "backend": backend, "base_url": base_url, "mode": mode, "timeout_s": timeout, "max_new_tokens": max_new_tokens}
     if file is not None:
         assert out is not None
-        _optimize_file(rewriter, file, out, batch_size)
+        rows, done = read_rows(file), _done_rows(out)
+        if ray:
+            outcomes = _ray_outcomes(spec, rows[done:], batch_size, ray_address, actors)
+            how = {"engine": "ray", "actors": actors}
+        else:
+            rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
+            outcomes = _local_outcomes(rewriter, rows[done:], batch_size)
+            how = {"engine": "local", "batch_size": batch_size or file_batch_size(rewriter)}
+        _write_file(rows, done, outcomes, file, out, how)
         return
+    rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
     assert text is not None
     result = rewriter.rewrite(text, context=context)
     if as_json:
@@ -122,25 +134,61 @@ def optimize(
         typer.secho(f"[fallback: {result.fallback.value}] {result.detail}", err=True, fg=typer.colors.YELLOW)
 
 
-def _optimize_file(rewriter: Any, file: Path, out: Path, batch_size: int) -> None:
+def file_batch_size(rewriter: Any) -> int:
+    """Prompts per call for a file: an HTTP server's concurrency (it batches them itself); a local
+    runtime's batch only where batching measured faster than one prompt at a time (Backend.batch_speedup)."""
+    from bpo_plugins.backends.http import HTTPBackend
+    from bpo_plugins.batching import gains_from_batching
+
+    if isinstance(rewriter.backend, HTTPBackend):
+        return rewriter.backend.max_concurrency
+    return 8 if gains_from_batching(rewriter) else 1
+
+
+#: One output row's outcome: (rewritten, fallback reason or None, detail or None).
+Outcome = tuple[str, str | None, str | None]
+
+
+def _local_outcomes(rewriter: Any, rows: list[dict[str, Any]], batch_size: int | None) -> Any:
+    batch_size = batch_size or file_batch_size(rewriter)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        for result in rewriter.rewrite_batch([row_prompt(r) for r in chunk], contexts=[r.get("context") for r in chunk]):
+            yield result.rewritten, result.fallback and result.fallback.value, result.detail
+
+
+def _ray_outcomes(spec: dict[str, Any], rows: list[dict[str, Any]], batch_size: int | None, address: str | None, actors: int) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray needs Ray Data: pip install 'bpo-plugins[ray]'") from None
+    from bpo_plugins.ray_data import rewrite_dataset
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    items = [{"prompt": row_prompt(r), "context": r.get("context") or ""} for r in rows]
+    for out in rewrite_dataset(ray.data.from_items(items), actors=actors, batch_size=batch_size, **spec).iter_rows():
+        yield out["rewritten"], out["fallback"], out["detail"]
+
+
+def _write_file(rows: list[dict[str, Any]], done: int, outcomes: Any, file: Path, out: Path, how: dict[str, Any]) -> None:
+    """Append each row with its outcome to ``out`` as it comes (a rerun resumes after the last whole line)."""
+    import time
+
     from tqdm import tqdm
 
-    rows = read_rows(file)
-    done = _done_rows(out)
     reasons: Counter[str] = Counter()
-    latencies: list[float] = []
+    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(rows), initial=done, desc="rewriting", unit="prompt") as bar:
-        for start in range(done, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            results = rewriter.rewrite_batch([row_prompt(r) for r in chunk], contexts=[r.get("context") for r in chunk])
-            for row, result in zip(chunk, results):
-                reasons[result.fallback.value if result.fallback else "rewritten"] += 1
-                latencies.append(result.latency_s / len(chunk))
-                sink.write(json.dumps({**row, "rewritten": result.rewritten, "fallback": result.fallback and result.fallback.value, "detail": result.detail}, ensure_ascii=False) + "\n")
+        for row, (rewritten, fallback, detail) in zip(rows[done:], outcomes):
+            reasons[fallback or "rewritten"] += 1
+            sink.write(json.dumps({**row, "rewritten": rewritten, "fallback": fallback, "detail": detail}, ensure_ascii=False) + "\n")
             sink.flush()
-            bar.update(len(chunk))
-    stats = {"input": str(file), "rows": len(rows), "resumed_from": done, "outcomes": dict(reasons), "mean_latency_s": sum(latencies) / max(len(latencies), 1)}
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    stats = {"input": str(file), "rows": len(rows), "resumed_from": done, **how, "outcomes": dict(reasons),
+             "seconds": round(seconds, 2), "prompts_per_s": round((len(rows) - done) / seconds, 3) if seconds else None}
     stats_path = out.with_suffix(".stats.json")
     stats_path.write_text(json.dumps(stats, indent=2))
     typer.echo(f"wrote {len(rows) - done} rows to {out} ({dict(reasons)}); figures in {stats_path}", err=True)

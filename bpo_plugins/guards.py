@@ -27,7 +27,7 @@ MAX_LENGTH_RATIO = 6.0
 MIN_TERM_RECALL = 0.3
 
 # The intent bar of GuardConfig.strict(): see its calibration in benchmarks/RESULTS.md ("Do no harm").
-STRICT_INTENT_COSINE = 0.7
+STRICT_INTENT_COSINE = 0.8
 
 KEEP_TAG = re.compile(r"<keep>(.*?)</keep>", re.DOTALL)
 

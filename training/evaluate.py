@@ -106,6 +106,8 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
         figures["intent_cosine"] = _mean(sims)
     applied = [r for r in rows if r["fallback"] is None and r["rewritten"].strip() != r["prompt"].strip()]
     figures["applied_share"] = _mean([r in applied for r in rows])
+    # What users get: prompts whose applied rewrite adds more than 10% (expanded_share counts raw outputs).
+    figures["expanded_applied_share"] = _mean([r in applied and (r["expansion"] or 0) > 1.1 for r in rows])
     if applied:
         # Meaning drift: applied rewrites whose MiniLM cosine with the prompt is below DRIFT_COSINE.
         sims = embedder.cosine([r["rewritten"] for r in applied], [r["prompt"] for r in applied])
