@@ -237,3 +237,25 @@ def test_eval_end_to_end_with_local_target_and_judge(tiny_bpo_dir, model_server,
     calls = len((out / "calls.jsonl").read_text().splitlines())
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)  # resumes from the call cache
     assert rerun.returncode == 0 and len((out / "calls.jsonl").read_text().splitlines()) == calls
+
+
+def test_two_process_training_under_accelerate_launch(tiny_bpo_dir, tmp_path: Path):
+    """`bpo train` unchanged under `accelerate launch`: 2 CPU processes (gloo), weights in step, one checkpoint."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"data": [str(_tiny_pairs(tmp_path))], "base_model": str(tiny_bpo_dir), "out": str(tmp_path / "ddp"),
+                                  "lora": False, "max_steps": 15, "learning_rate": 3e-3, "batch_size": 2, "val_fraction": 0.25,
+                                  "max_length": 128, "epochs": 1}))
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bpo_plugins.cli", "train", "--config", str(config)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((tmp_path / "ddp" / "train_figures.json").read_text())
+    assert figures["world_size"] == 2
+    first, second = figures["param_checksum_by_rank"]
+    assert first == second  # DDP kept both ranks' weights identical
+    losses = [row["loss"] for row in figures["log_history"] if "loss" in row]
+    assert losses[-1] < losses[0]
+    assert len(list((tmp_path / "ddp").glob("*.safetensors"))) == 1 and (tmp_path / "ddp" / "README.md").is_file()

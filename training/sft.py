@@ -123,7 +123,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     pairs = read_pairs(config.data, exclude=config.exclude)
     train_pairs, val_pairs = split_pairs(pairs, config.val_fraction, config.seed)
     train_rows = augment(train_pairs, config.keep_as_is_fraction, config.seed)
-    (out / "val_pairs.jsonl").write_text("".join(json.dumps(p.to_bpo()) + "\n" for p in val_pairs))
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
@@ -162,6 +161,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         remove_unused_columns=False,
         disable_tqdm=False,
         group_by_length=True,  # batches of like lengths: less padding, much less CPU time
+        # Without it, ranks launched by `accelerate launch` on CPU-only hosts each train alone (world size 1).
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data or None,
                       data_collator=Collator(tokenizer.pad_token_id))
@@ -181,8 +182,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if val_data:
         figures["val_loss"] = round(trainer.evaluate()["eval_loss"], 4)
     figures["log_history"] = trainer.state.log_history
-
-    trainer.model.save_pretrained(out)
+    # Under `accelerate launch` (DDP, DeepSpeed) every rank trains; their weights must agree, and one writes.
+    checksum = torch.tensor([float(sum(p.detach().double().sum() for p in trainer.model.parameters()))])
+    figures["world_size"] = trainer.args.world_size
+    figures["param_checksum_by_rank"] = [round(float(c), 6) for c in trainer.accelerator.gather(checksum)]
+    trainer.save_model(str(out))  # every rank: ZeRO-3 gathers its shards here; the main process writes
+    if not trainer.is_world_process_zero():
+        return figures
+    (out / "val_pairs.jsonl").write_text("".join(json.dumps(p.to_bpo()) + "\n" for p in val_pairs))
     tokenizer.save_pretrained(out)
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     (out / "train_figures.json").write_text(json.dumps(figures, indent=2))
