@@ -166,6 +166,7 @@ def _ray_outcomes(spec: dict[str, Any], rows: list[dict[str, Any]], batch_size: 
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar says enough; Ray Data logs each stage
     items = [{"prompt": row_prompt(r), "context": r.get("context") or ""} for r in rows]
     for out in rewrite_dataset(ray.data.from_items(items), actors=actors, batch_size=batch_size, **spec).iter_rows():
         yield out["rewritten"], out["fallback"], out["detail"]
