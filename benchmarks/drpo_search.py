@@ -174,7 +174,7 @@ def main() -> None:
         f"| requests, uninterrupted search | {r['uninterrupted_requests']} |",
         f"| requests, killed in level 2 + resumed | {r['requests_before_kill']} + {r['killed_plus_resumed_requests'] - r['requests_before_kill']} = {r['killed_plus_resumed_requests']} |",
         f"| re-paid after the resume | {r['repaid_requests']}: the {r['in_flight_at_kill']} calls in flight at the kill, no finished one |",
-        f"| resumed run: calls answered by the cache | {r['resumed_run_cached_calls']} |",
+        f"| calls answered by the cache over the resumed search (counts restored from the checkpoint) | {r['resumed_run_cached_calls']} |",
         f"| finished search run again: cache hit rate | {100 * again['hit_rate']:.0f}% ({again['requests_sent']} requests sent) |",
         "",
     ])

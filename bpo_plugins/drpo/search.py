@@ -361,6 +361,8 @@ class Search:
                 final = await self._final_check(beam, seen)
             except BudgetExhausted as exc:
                 stopped = f"budget during the final check: {exc}"
+            except _NoChild as exc:
+                stopped = str(exc)
         if stopped:
             self.session.warn(f"search stopped early ({stopped}); returning the best prompt so far")
         winner = final["winner"] if final else max(beam, key=lambda n: n.path_mean).prompt
