@@ -215,6 +215,7 @@ class Search:
         self.roles, self.ledger, self.call, self.skips = self.session.roles, self.session.ledger, self.session.call, self.session.skips
         self.retriever = ExampleRetriever(self.examples, embedder)
         self.progress = progress
+        self.last_failure: str | None = None  # the latest call that failed for good, for the error a user sees
 
     # -- identity and checkpoint ----------------------------------------------------------------
 
@@ -261,6 +262,7 @@ class Search:
             judgement = await self.session.rate(seed.query, answer, harmful=seed.source == "malicious")
         except CallFailed as exc:
             self.skips[f"call_failed:{str(exc).split(' ', 1)[0]}"] += 1
+            self.last_failure = str(exc)
             log.info("evaluation skipped: %s", exc)
             return None
         return None if judgement is None else (answer, judgement)
@@ -372,7 +374,8 @@ class Search:
         seed = self.queries[0]
         result = await self.evaluate(self.config.initial_prompt, seed)
         if result is None:
-            raise DRPOError(f"the initial prompt could not be evaluated ({dict(self.skips)}): check the base and judge models")
+            why = self.last_failure or dict(self.skips)
+            raise DRPOError(f"the initial prompt could not be evaluated ({why}): check the base and judge models")
         root = Node(self.config.initial_prompt, [result[1].reward], [], seed.query, result[0], result[1])
         rng = random.Random(self.config.seed)
         return {
