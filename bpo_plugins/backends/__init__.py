@@ -44,7 +44,8 @@ def load_local_backend(
     return TransformersBackend.load(name_or_path, revision=revision, device=device, dtype=dtype, adapter=adapter)
 
 
-def load_backend(model: str, *, backend: str = "auto", base_url: str | None = None, max_retries: int = 2) -> Backend:
+def load_backend(model: str, *, backend: str = "auto", base_url: str | None = None, max_retries: int = 2,
+                 api_key: str | None = None) -> Backend:
     """Any model a command line names, loaded. ``auto`` picks an OpenAI-compatible server when
     ``base_url`` is given; a local model for a registry name, a folder or a hub id (``org/name``);
     Anthropic for ``claude-*``; else OpenAI's API (``gpt-4o-mini``). Or name the backend outright."""
@@ -59,9 +60,9 @@ def load_backend(model: str, *, backend: str = "auto", base_url: str | None = No
     if backend == "openai":
         from bpo_plugins.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(model, base_url=base_url, max_retries=max_retries)
+        return OpenAIBackend(model, base_url=base_url, api_key=api_key, max_retries=max_retries)
     if backend == "anthropic":
         from bpo_plugins.backends.anthropic import AnthropicBackend
 
-        return AnthropicBackend(model, base_url=base_url, max_retries=max_retries)
+        return AnthropicBackend(model, base_url=base_url, api_key=api_key, max_retries=max_retries)
     return load_local_backend(model, backend=backend)

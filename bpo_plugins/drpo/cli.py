@@ -15,7 +15,7 @@ CapOption = Annotated[list[str] | None, typer.Option(help="ROLE=N (base, metrics
 PriceOption = Annotated[list[str] | None, typer.Option("--price", help="ROLE=IN/OUT dollars per million tokens, or IN/OUT for every role. Repeatable.")]
 
 
-def _backend(spec: str) -> Any:
+def _backend(spec: str, dry_run: bool = False) -> Any:
     from bpo_plugins.backends import load_backend
 
     model, url = spec, None
@@ -25,7 +25,8 @@ def _backend(spec: str) -> Any:
             url = scheme[1:] + rest
     if not model:
         raise ValueError(f"no model name in {spec!r}: use MODEL or MODEL@URL")
-    return load_backend(model, base_url=url, max_retries=0)  # the DRPO caller retries with backoff itself
+    # The DRPO caller retries with backoff itself. A dry run sends nothing, so it needs no API key.
+    return load_backend(model, base_url=url, max_retries=0, api_key="dry-run" if dry_run else None)
 
 
 def _per_role(values: list[str] | None, what: str, parse: Any) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def _per_role(values: list[str] | None, what: str, parse: Any) -> dict[str, Any]
 
 
 def _session_parts(base: str | None, judge: str | None, optimizer: str | None, metrics: str | None, prices: list[str] | None,
-                   max_calls: list[str] | None, max_tokens: list[str] | None, max_cost: list[str] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+                   max_calls: list[str] | None, max_tokens: list[str] | None, max_cost: list[str] | None,
+                   dry_run: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     from bpo_plugins.drpo.calls import Caps, Price
 
     if not base or not judge:
@@ -56,9 +58,9 @@ def _session_parts(base: str | None, judge: str | None, optimizer: str | None, m
     tokens = _per_role(max_tokens, "--max-tokens", int)
     cost = _per_role(max_cost, "--max-cost", float)
     caps = {r: Caps(calls.get(r), tokens.get(r), cost.get(r)) for r in {*calls, *tokens, *cost}}
-    backends = {"base": _backend(base), "judge": _backend(judge)}
-    backends["optimizer"] = _backend(optimizer) if optimizer else backends["judge"]
-    backends["metrics"] = _backend(metrics) if metrics else backends["judge"]
+    backends = {"base": _backend(base, dry_run), "judge": _backend(judge, dry_run)}
+    backends["optimizer"] = _backend(optimizer, dry_run) if optimizer else backends["judge"]
+    backends["metrics"] = _backend(metrics, dry_run) if metrics else backends["judge"]
     return backends, price, caps
 
 
@@ -97,7 +99,7 @@ def search(
         raise ValueError(f"unknown --format {prompt_format!r}: use chat or raw")
     config = SearchConfig(beam_width=beam_width, num_actions=num_actions, depth=depth, max_extensions=max_extensions,
                           holdout=holdout, format=prompt_format, seed=seed, initial_prompt=initial_prompt)
-    backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost)
+    backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost, dry_run)
     roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
                           answer_tokens=answer_tokens, num_actions=num_actions, prompt_format=FORMATS[prompt_format])
     runner = Search(roles, out, config=config, seeds=read_seeds(seeds) if seeds else None,
