@@ -4,7 +4,7 @@
 
 For each local runtime of bpo-small the same prompts are rewritten one at a time and in batches of 8,
 taking turns round by round (this machine's speed drifts); caches are off. The file path's choice
-(``bpo_plugins.cli.file_batch_size``: batch only where ``Backend.batch_speedup`` says batching pays)
+(``bpo_plugins.batching.file_batch_size``: batch only where ``Backend.batch_speedup`` says batching pays)
 must be at least as fast as the single stream. Figures go to ``benchmarks/results/file_throughput.{json,md}``.
 """
 
@@ -29,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from bpo_plugins import Rewriter
-    from bpo_plugins.cli import file_batch_size, read_rows, row_prompt
+    from bpo_plugins.batching import file_batch_size
+    from bpo_plugins.cli import read_rows, row_prompt
 
     prompts = [row_prompt(r) for r in read_rows(args.prompts)[: args.limit]]
     rewriters = {b: Rewriter.from_pretrained("bpo-small", backend=b, cache_size=0, max_new_tokens=96).warmup() for b in args.backends}

@@ -22,6 +22,16 @@ def gains_from_batching(rewriter: Rewriter) -> bool:
     return rewriter.backend.batch_speedup >= MIN_BATCH_SPEEDUP
 
 
+def file_batch_size(rewriter: Rewriter) -> int:
+    """Prompts per call for bulk rewriting: an HTTP server's concurrency (it batches them itself); a
+    local runtime's batch only where batching measured faster than one prompt at a time."""
+    from bpo_plugins.backends.http import HTTPBackend
+
+    if isinstance(rewriter.backend, HTTPBackend):
+        return rewriter.backend.max_concurrency
+    return 8 if gains_from_batching(rewriter) else 1
+
+
 @dataclass
 class _Pending:
     prompts: list[str] = field(default_factory=list)

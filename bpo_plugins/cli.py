@@ -118,9 +118,12 @@ def optimize(
             outcomes = _ray_outcomes(spec, rows[done:], batch_size, ray_address, actors)
             how = {"engine": "ray", "actors": actors}
         else:
+            from bpo_plugins.batching import file_batch_size
+
             rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
-            outcomes = _local_outcomes(rewriter, rows[done:], batch_size)
-            how = {"engine": "local", "batch_size": batch_size or file_batch_size(rewriter)}
+            batch = batch_size or file_batch_size(rewriter)
+            outcomes = _local_outcomes(rewriter, rows[done:], batch)
+            how = {"engine": "local", "batch_size": batch}
         _write_file(rows, done, outcomes, file, out, how)
         return
     rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
@@ -134,23 +137,11 @@ def optimize(
         typer.secho(f"[fallback: {result.fallback.value}] {result.detail}", err=True, fg=typer.colors.YELLOW)
 
 
-def file_batch_size(rewriter: Any) -> int:
-    """Prompts per call for a file: an HTTP server's concurrency (it batches them itself); a local
-    runtime's batch only where batching measured faster than one prompt at a time (Backend.batch_speedup)."""
-    from bpo_plugins.backends.http import HTTPBackend
-    from bpo_plugins.batching import gains_from_batching
-
-    if isinstance(rewriter.backend, HTTPBackend):
-        return rewriter.backend.max_concurrency
-    return 8 if gains_from_batching(rewriter) else 1
-
-
 #: One output row's outcome: (rewritten, fallback reason or None, detail or None).
 Outcome = tuple[str, str | None, str | None]
 
 
-def _local_outcomes(rewriter: Any, rows: list[dict[str, Any]], batch_size: int | None) -> Any:
-    batch_size = batch_size or file_batch_size(rewriter)
+def _local_outcomes(rewriter: Any, rows: list[dict[str, Any]], batch_size: int) -> Any:
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         for result in rewriter.rewrite_batch([row_prompt(r) for r in chunk], contexts=[r.get("context") for r in chunk]):

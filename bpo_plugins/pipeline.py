@@ -88,7 +88,7 @@ class AlignmentPipeline:
 
     @staticmethod
     def _prompts(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[tuple[int, Any]]:
-        """(conversation index, its last user prompt) for every conversation that has one, on copies."""
+        """(conversation index, its last user prompt) for every conversation that has one."""
         found = []
         for i, messages in enumerate(conversations):
             prompt = last_user_prompt(messages)

@@ -23,7 +23,7 @@ class RewriteBatch:
     """The actor's callable: a Rewriter loaded in ``__init__``, a pandas batch rewritten per call."""
 
     def __init__(self, spec: dict[str, Any], prompt_column: str, context_column: str, batch_size: int | None) -> None:
-        from bpo_plugins.cli import file_batch_size
+        from bpo_plugins.batching import file_batch_size
         from bpo_plugins.rewriter import Rewriter
 
         self.rewriter = Rewriter.from_spec(**spec).warmup()
