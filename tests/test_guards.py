@@ -228,7 +228,8 @@ def test_rewrites_that_drop_the_payload_or_numbers_fall_back(original, output, r
 def test_strict_guards_catch_lost_and_invented_names(original, output, reason):
     failure = check_rewrite(original, output, GuardConfig.strict())
     assert failure is not None and failure[0] is reason, failure
-    assert check_rewrite(original, output, GuardConfig()) is None or failure[0] is not FallbackReason.ENTITIES_INVENTED
+    default = check_rewrite(original, output, GuardConfig())  # names are checked for small optimizers only
+    assert default is None or default[0] not in (FallbackReason.ENTITIES_LOST, FallbackReason.ENTITIES_INVENTED)
 
 
 @pytest.mark.parametrize(("original", "output"), [
