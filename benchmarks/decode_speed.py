@@ -61,7 +61,9 @@ def genai_runner(folder: Path) -> Runner:
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    from bpo_plugins.backends.genai import load_genai_model
+
+    model = load_genai_model(folder, "cpu")
 
     def run(ids: list[int]) -> tuple[float, float]:
         params = og.GeneratorParams(model)

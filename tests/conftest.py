@@ -206,3 +206,14 @@ async def ticks_during(awaitable, interval: float = 0.01):
     finally:
         task.cancel()
     return result, ticks, time.perf_counter() - start
+
+
+def prefix_reuse_runs(backend, template, prompts, decoding):
+    """(warm, cold) texts per prompt: one after another on the live prefix cache, then each from a fresh one."""
+    warm = [backend.generate([p], template, decoding, None).generations[0].texts for p in prompts]
+    cold = []
+    for p in prompts:
+        backend.forget_prefix()
+        cold.append(backend.generate([p], template, decoding, None).generations[0].texts)
+    return warm, cold
+

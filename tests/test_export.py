@@ -15,6 +15,7 @@ pytest.importorskip("optimum.onnxruntime")
 
 from bpo_plugins import FallbackReason, ModelLoadError, Rewriter
 from bpo_plugins.export.onnx import MANIFEST, ParityError, export_onnx
+from tests.conftest import prefix_reuse_runs
 
 ENGINES = ["optimum", pytest.param("genai", marks=pytest.mark.skipif(
     __import__("importlib").util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed"))]
@@ -197,3 +198,32 @@ def test_export_merged_is_a_plain_folder_that_rewrites_like_the_adapter(tmp_path
     assert merged.candidates == adapter.candidates
     again = subprocess.run([sys.executable, "-m", "bpo_plugins", "export", "merged", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize("runtime", ["transformers", "genai"])
+def test_rewrites_reuse_the_template_prefix_and_match_a_cold_start(runtime, tiny_bpo_dir, tmp_path):
+    """The template's KV cache is computed once per model; greedy rewrites are the same as from a cold cache."""
+    from bpo_plugins.decoding import Decoding
+
+    if runtime == "genai":
+        pytest.importorskip("onnxruntime_genai")
+        export_onnx(str(tiny_bpo_dir), tmp_path / "g", "fp32", engine="genai")
+        source = tmp_path / "g"
+    else:
+        source = tiny_bpo_dir
+    backend = Rewriter.from_pretrained(source, cache_size=0).backend
+    template = backend.default_template
+    prefix = backend.template_prefix(template, template.raw is not None)
+    assert len(prefix) >= 20  # "[INST] You are an expert prompt engineer..." minus its last token
+    prompts = ["Explain gravity", "Tell me about cats, please", "Write a haiku about the sea", "\nLeading newline"]
+    greedy = Decoding(max_new_tokens=12)
+    warm, cold = prefix_reuse_runs(backend, template, prompts, greedy)
+    assert warm == cold and all(texts[0] for texts in warm)
+    # A sampled call in between builds a generator for its own search options; greedy still matches after it.
+    backend.generate(["Explain gravity"], template, Decoding(do_sample=True, temperature=0.9, max_new_tokens=12), None)
+    assert backend.generate([prompts[1]], template, greedy, None).generations[0].texts == cold[1]
+    if runtime == "genai":
+        cache = backend._prefix_cache
+        assert cache.hits >= len(prompts) - 1 and cache.misses >= len(prompts)
+    else:
+        assert backend._prefix_kv is not None and backend._prefix_kv[0] == prefix

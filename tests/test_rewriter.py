@@ -10,7 +10,7 @@ import pytest
 
 from bpo_plugins import FallbackReason, RewriteError, Rewriter
 from bpo_plugins.templates import BPO, PROMPT_ENGINEER
-from tests.conftest import ticks_during
+from tests.conftest import prefix_reuse_runs, ticks_during
 
 # --- the bundled optimizer --------------------------------------------------------------------
 
@@ -357,3 +357,12 @@ def test_a_loop_is_stopped_while_decoding_and_cut_to_one_copy(tiny_bpo_dir):
     tail = stopped[-40:]
     assert free_text.startswith(stopped.rstrip()) and free_text.count(tail) >= 3 and stopped.count(tail) == 1
     assert result.to_dict()["loops_cut"] == 1
+
+
+def test_default_runtime_reuses_the_template_prefix_with_identical_greedy_rewrites(bundled_rewriter):
+    from bpo_plugins.decoding import Decoding
+
+    backend = bundled_rewriter.backend
+    prompts = ["Tell me about Harry Potter", "How can I improve my time management skills?", "Write a haiku about autumn"]
+    warm, cold = prefix_reuse_runs(backend, bundled_rewriter.template, prompts, Decoding(max_new_tokens=48, stop_loops=True))
+    assert warm == cold and all(texts[0].strip() for texts in warm)

@@ -7,6 +7,7 @@ only runs one generation call for a batch of prompts and reports what came out.
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,3 +62,11 @@ class Backend(ABC):
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "model": self.model_id, "revision": self.revision}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)

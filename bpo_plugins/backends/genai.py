@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.backends.base import BatchOutput
+from bpo_plugins.backends.base import BatchOutput, usable_cores
 from bpo_plugins.backends.transformers import LocalBackend, TokenStream, batch_output, folder_revision
 from bpo_plugins.decoding import Decoding, loop_cut
 from bpo_plugins.result import ModelLoadError
@@ -31,6 +31,29 @@ def genai_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def load_genai_model(folder: str | Path, device: str | None = None) -> Any:
+    """An ``og.Model`` for an export folder, on CUDA where GenAI has it, with a thread per usable core."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise ModelLoadError(INSTALL_HINT) from exc
+    if device == "cuda" and not og.is_cuda_available():
+        raise ModelLoadError("--device cuda needs onnxruntime-genai-cuda and a GPU (pip install 'bpo-plugins[gpu]')")
+    try:
+        config = og.Config(str(folder))
+        # GenAI's sessions run one intra-op thread unless told otherwise; on 2 cores, two threads
+        # decode 1.6x and prefill 1.9x faster (benchmarks/RESULTS.md, "GenAI threads").
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": usable_cores()}}}}))
+        if device == "cuda" or (device is None and og.is_cuda_available()):
+            config.clear_providers()
+            config.append_provider("cuda")
+        elif device == "cpu":
+            config.clear_providers()
+        return og.Model(config)
+    except Exception as exc:  # onnxruntime-genai raises plain RuntimeError/OSError for broken folders
+        raise ModelLoadError(f"cannot load the GenAI export in {folder}: {exc}") from exc
 
 
 class GenAIBackend(LocalBackend):
@@ -46,39 +69,27 @@ class GenAIBackend(LocalBackend):
         # GenAI masks every occurrence of its configured pad id, so a batch can only be padded with an
         # id its prompts never contain (the export picks one; see export.onnx.genai_pad_token_id).
         self.pad_token_id = pad_token_id
+        self._prefix_cache = KVPrefixCache(model)
 
     @classmethod
     def load_export(cls, folder: str | Path, *, model_id: str, template: PromptTemplate | None, device: str | None = None) -> GenAIBackend:
-        try:
-            import onnxruntime_genai as og
-        except ImportError as exc:
-            raise ModelLoadError(INSTALL_HINT) from exc
         from transformers import AutoTokenizer
 
         folder = Path(folder)
-        if device == "cuda" and not og.is_cuda_available():
-            raise ModelLoadError("--device cuda needs onnxruntime-genai-cuda and a GPU (pip install 'bpo-plugins[gpu]')")
+        model = load_genai_model(folder, device)
         try:
-            config = og.Config(str(folder))
-            if device == "cuda" or (device is None and og.is_cuda_available()):
-                config.clear_providers()
-                config.append_provider("cuda")
-            elif device == "cpu":
-                config.clear_providers()
-            model = og.Model(config)
             tokenizer = AutoTokenizer.from_pretrained(folder)
             pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
-        except Exception as exc:  # onnxruntime-genai raises plain RuntimeError/OSError for broken folders
+        except Exception as exc:  # a folder with a broken tokenizer or config
             raise ModelLoadError(f"cannot load the GenAI export in {folder}: {exc}") from exc
         return cls(model, tokenizer, pad_token_id=int(pad), model_id=model_id, revision=folder_revision(folder),
                    template=template)
 
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
-        streamer: TokenStream | None = None,
+        streamer: TokenStream | None = None, prefix: Sequence[int] = (),
     ) -> BatchOutput:
         import numpy as np
-        import onnxruntime_genai as og
 
         n = decoding.num_candidates
         rows = [ids for ids in self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] for _ in range(n)]
@@ -86,26 +97,12 @@ class GenAIBackend(LocalBackend):
         if len(rows) > 1 and any(pad in ids for ids in rows):
             # Padding would mask real tokens of these prompts: run every row (candidates too) alone.
             single = replace(decoding, num_candidates=1)
-            parts = [self.generate_texts([text], single, timeout_s, add_special_tokens) for text in texts for _ in range(n)]
+            parts = [self.generate_texts([text], single, timeout_s, add_special_tokens, prefix=prefix) for text in texts for _ in range(n)]
             return batch_output([part.generations[0].texts[0] for part in parts],
                                 [part.generations[0].output_tokens for part in parts], n,
                                 elapsed=sum(part.stats["generate_s"] for part in parts),
                                 timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
                                 cut=[part.generations[0].loops_cut > 0 for part in parts])
-        width = max(len(ids) for ids in rows)
-        # GenAI masks pad tokens itself and expects batches padded on the right.
-        batch = np.full((len(rows), width), pad, dtype=np.int32)
-        for i, ids in enumerate(rows):
-            batch[i, : len(ids)] = ids
-        params = og.GeneratorParams(self.model)
-        options: dict[str, Any] = {
-            "max_length": width + decoding.max_new_tokens,
-            "batch_size": len(rows),
-            "do_sample": decoding.do_sample,
-        }
-        if decoding.do_sample:
-            options.update(temperature=decoding.temperature, top_p=decoding.top_p)
-        params.set_search_options(**options)
         banned = self._banned(decoding.banned_words) or []
         eos = {self.tokenizer.eos_token_id, pad}
         out: list[list[int]] = [[] for _ in rows]
@@ -115,8 +112,9 @@ class GenAIBackend(LocalBackend):
         deadline = None if timeout_s is None else start + timeout_s
         timed_out = False
         with self._lock:
-            generator = og.Generator(self.model, params)
-            generator.append_tokens(batch)
+            generator = self._prefix_cache.resume(rows[0], tuple(prefix), decoding) if len(rows) == 1 else None
+            if generator is None:
+                generator = self._new_generator(rows, decoding)
             if streamer is not None:
                 streamer.put(np.asarray(rows[0]))
             while not generator.is_done() and not all(finished):
@@ -146,6 +144,23 @@ class GenAIBackend(LocalBackend):
         return batch_output(decoded, [len(ids) for ids in out], n, elapsed=elapsed, timed_out=timed_out,
                             input_tokens=sum(len(ids) for ids in rows), cut=cut)
 
+    def forget_prefix(self) -> None:
+        self._prefix_cache.clear()
+
+    def _new_generator(self, rows: list[list[int]], decoding: Decoding) -> Any:
+        """A generator holding ``rows`` (padded on the right, as GenAI expects), ready to decode."""
+        import numpy as np
+        import onnxruntime_genai as og
+
+        width = max(len(ids) for ids in rows)
+        batch = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
+        for i, ids in enumerate(rows):
+            batch[i, : len(ids)] = ids
+        generator = og.Generator(self.model, search_params(self.model, decoding, max_length=width + decoding.max_new_tokens,
+                                                          batch_size=len(rows)))
+        generator.append_tokens(batch)
+        return generator
+
     @staticmethod
     def _mask_banned(generator: Any, out: list[list[int]], banned: list[list[int]]) -> None:
         """Forbid the last token of a banned sequence wherever the rest of it was just generated
@@ -160,3 +175,68 @@ class GenAIBackend(LocalBackend):
                     changed = True
         if changed:
             generator.set_logits(logits)
+
+
+def search_params(model: Any, decoding: Decoding, *, max_length: int, batch_size: int) -> Any:
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    options: dict[str, Any] = {"max_length": max_length, "batch_size": batch_size, "do_sample": decoding.do_sample}
+    if decoding.do_sample:
+        options.update(temperature=decoding.temperature, top_p=decoding.top_p)
+    params.set_search_options(**options)
+    return params
+
+
+class KVPrefixCache:
+    """One live batch-1 generator whose KV cache already holds the template's prefix.
+
+    Every rewrite starts with the same 40-50 tokens (the chat header, BPO's instruction). Instead of
+    prefilling them on each call, the generator is rewound to the end of the prefix and only the
+    user's prompt is appended. The prefix is always prefilled alone, on a cold start too, so a rewrite
+    computes the same numbers whether the cache was warm or not: greedy outputs are identical.
+    """
+
+    #: The live generator's KV buffer is preallocated at this length (fp32, about 12 MB per 256
+    #: tokens on bpo-small); longer rewrites start cold.
+    MAX_LENGTH = 2048
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._key: tuple[Any, ...] | None = None
+        self._generator: Any = None
+        self.hits = 0
+        self.misses = 0
+
+    def resume(self, ids: Sequence[int], prefix: tuple[int, ...], decoding: Decoding) -> Any:
+        """A generator holding ``ids`` whose first ``len(prefix)`` KV entries came from the cache;
+        None when ``ids`` does not start with ``prefix`` or will not fit."""
+        import numpy as np
+        import onnxruntime_genai as og
+
+        if not prefix or len(ids) <= len(prefix) or tuple(ids[: len(prefix)]) != prefix:
+            return None
+        if len(ids) + decoding.max_new_tokens > self.MAX_LENGTH:
+            return None
+        # Search options are fixed when a generator is made: one per decoding mode, the last one kept.
+        key = (prefix, decoding.do_sample, decoding.temperature, decoding.top_p)
+        try:
+            if key != self._key:
+                self.clear()  # free the old KV buffer before allocating the new one
+                params = search_params(self.model, decoding, max_length=self.MAX_LENGTH, batch_size=1)
+                self._generator = og.Generator(self.model, params)
+                self._generator.append_tokens(np.asarray([prefix], dtype=np.int32))
+                self._key = key
+                self.misses += 1
+            else:
+                self._generator.rewind_to(len(prefix))
+                self.hits += 1
+            self._generator.append_tokens(np.asarray([ids[len(prefix) :]], dtype=np.int32))
+        except Exception:
+            self.clear()  # a half-appended generator must never be resumed
+            raise
+        return self._generator
+
+    def clear(self) -> None:
+        self._key = self._generator = None
+

@@ -7,10 +7,10 @@ token accounting are the transformers backend's; this file only loads sessions w
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from bpo_plugins.backends.base import usable_cores
 from bpo_plugins.backends.genai import GenAIBackend
 from bpo_plugins.backends.transformers import TransformersBackend, folder_revision
 from bpo_plugins.result import ModelLoadError
@@ -61,7 +61,7 @@ class OnnxBackend(TransformersBackend):
         provider, io_binding = best_provider(device)
         options = onnxruntime.SessionOptions()
         # Decode is one small matmul chain per token: one thread per physical core, no spinning.
-        options.intra_op_num_threads = max(1, (os.cpu_count() or 2))
+        options.intra_op_num_threads = usable_cores()
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -74,4 +74,5 @@ class OnnxBackend(TransformersBackend):
             raise ModelLoadError(f"cannot load the ONNX export in {folder}: {exc}") from exc
         return cls(model, tokenizer, model_id=manifest.source,
                    revision=folder_revision(folder), template=manifest.template_object(),
-                   prompt_lookup_tokens=None)  # ORT sessions cannot roll back their KV cache for drafts
+                   # ORT sessions cannot roll back their KV cache for drafts, nor start from a DynamicCache.
+                   prompt_lookup_tokens=None, reuse_prefix=False)

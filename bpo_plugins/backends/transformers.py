@@ -62,15 +62,37 @@ class LocalBackend(Backend):
             tokenizer.pad_token = tokenizer.eos_token
         self._lock = threading.Lock()
         self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
+        self._prefix_ids: dict[tuple[PromptTemplate, bool], tuple[int, ...]] = {}
 
     def render(self, prompt: str, template: PromptTemplate) -> str:
         return template.render(prompt, self.tokenizer)
+
+    def forget_prefix(self) -> None:
+        """Free the template prefix's KV cache, where the runtime keeps one; the next rewrite rebuilds it."""
 
     def generate(
         self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
     ) -> BatchOutput:
         # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
-        return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, template.raw is not None)
+        special = template.raw is not None
+        return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, special,
+                                   prefix=self.template_prefix(template, special))
+
+    def template_prefix(self, template: PromptTemplate, add_special_tokens: bool) -> tuple[int, ...]:
+        """The token ids every rewrite with ``template`` starts with: the chat header and BPO's instruction.
+
+        Runtimes that can keep a KV cache (:class:`KVPrefixCache`) compute them once per loaded model.
+        The last token of the rendered prefix is left out: BPE may merge it with the prompt's first
+        characters, and a prefix that is not a prefix of the prompt's ids would change its tokens.
+        """
+        key = (template, add_special_tokens)
+        if key not in self._prefix_ids:
+            marker = "\uE000"  # a private-use character: no template or tokenizer treats it specially
+            rendered = self.render(marker, template)
+            head = rendered.split(marker)[0] if rendered.count(marker) == 1 else ""
+            ids = self.tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"] if head else []
+            self._prefix_ids[key] = tuple(ids[:-1])
+        return self._prefix_ids[key]
 
     def chat(self, messages: Sequence[dict[str, str]], decoding: Decoding, timeout_s: float | None = None) -> BatchOutput:
         """Answer one chat conversation (what ``bpo serve`` exposes as /v1/chat/completions)."""
@@ -103,12 +125,13 @@ class LocalBackend(Backend):
     @abstractmethod
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
-        streamer: TokenStream | None = None,
+        streamer: TokenStream | None = None, prefix: Sequence[int] = (),
     ) -> BatchOutput:
         """Continue each fully rendered text with ``decoding.num_candidates`` generations.
 
         With ``streamer`` (one text, one candidate) each new token id is also ``put`` to it as it
-        is sampled, the prompt's ids first, as transformers' streamers expect.
+        is sampled, the prompt's ids first, as transformers' streamers expect. ``prefix`` is the
+        ids a text is known to start with (:meth:`template_prefix`); a runtime may reuse their KV cache.
         """
 
     def _banned(self, words: tuple[str, ...]) -> list[list[int]] | None:
@@ -137,6 +160,7 @@ class TransformersBackend(LocalBackend):
         revision: str = "",
         template: PromptTemplate | None = None,
         prompt_lookup_tokens: int | None = 10,
+        reuse_prefix: bool = True,
     ) -> None:
         super().__init__(tokenizer, model_id=model_id, revision=revision, template=template)
         self.model = model.eval() if hasattr(model, "eval") else model  # ORT models have no eval()
@@ -145,6 +169,9 @@ class TransformersBackend(LocalBackend):
         # A rewrite copies long spans of its input: draft tokens from n-gram matches in the prompt,
         # verified in one forward pass (prompt-lookup decoding). Exact for greedy, batch size 1 only.
         self.prompt_lookup_tokens = prompt_lookup_tokens
+        # Batch-1 rewrites start from the template prefix's KV cache (computed once; see template_prefix).
+        self.reuse_prefix = reuse_prefix
+        self._prefix_kv: tuple[tuple[int, ...], Any] | None = None
 
     @classmethod
     def load(
@@ -191,7 +218,7 @@ class TransformersBackend(LocalBackend):
 
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
-        streamer: TokenStream | None = None,
+        streamer: TokenStream | None = None, prefix: Sequence[int] = (),
     ) -> BatchOutput:
         import torch
 
@@ -199,6 +226,7 @@ class TransformersBackend(LocalBackend):
             self.model.device
         )
         n = decoding.num_candidates
+        reuse = self.reuse_prefix and len(texts) == 1 and n == 1 and _starts_with(batch["input_ids"][0].tolist(), prefix)
         kwargs: dict[str, Any] = {
             "max_new_tokens": decoding.max_new_tokens,
             "do_sample": decoding.do_sample,
@@ -226,6 +254,8 @@ class TransformersBackend(LocalBackend):
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
+            if reuse:
+                kwargs["past_key_values"] = self._prefix_kv_copy(tuple(prefix))
             output = self.model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start
         # Prompt-lookup drafts can be accepted past max_new_tokens (transformers 4.57): clip to the budget.
@@ -236,6 +266,31 @@ class TransformersBackend(LocalBackend):
         return batch_output(decoded, [len(row) for row in rows], n, elapsed=elapsed,
                             timed_out=timeout_s is not None and elapsed >= timeout_s,
                             input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])
+
+
+    def forget_prefix(self) -> None:
+        self._prefix_kv = None
+
+    def _prefix_kv_copy(self, prefix: tuple[int, ...]) -> Any:
+        """A private copy of the prefix's KV cache (generate extends the cache it is given).
+
+        The prefix is prefilled alone on a cold start too, so a rewrite computes the same numbers
+        whether the cache was warm or not: greedy outputs are identical.
+        """
+        import copy
+
+        import torch
+        from transformers import DynamicCache
+
+        if self._prefix_kv is None or self._prefix_kv[0] != prefix:
+            cache = DynamicCache()
+            self.model(input_ids=torch.tensor([prefix], device=self.model.device), past_key_values=cache, use_cache=True)
+            self._prefix_kv = (prefix, cache)
+        return copy.deepcopy(self._prefix_kv[1])
+
+
+def _starts_with(ids: Sequence[int], prefix: Sequence[int]) -> bool:
+    return 0 < len(prefix) < len(ids) and list(ids[: len(prefix)]) == list(prefix)
 
 
 class GenerationCancelled(Exception):
