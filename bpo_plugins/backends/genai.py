@@ -112,7 +112,8 @@ class GenAIBackend(LocalBackend):
         deadline = None if timeout_s is None else start + timeout_s
         timed_out = False
         with self._lock:
-            generator = self._prefix_cache.resume(rows[0], tuple(prefix), decoding) if len(rows) == 1 else None
+            reuse = self.reuse_prefix and len(rows) == 1
+            generator = self._prefix_cache.resume(rows[0], tuple(prefix), decoding) if reuse else None
             if generator is None:
                 generator = self._new_generator(rows, decoding)
             if streamer is not None:

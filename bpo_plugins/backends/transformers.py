@@ -63,6 +63,8 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
         self._prefix_ids: dict[tuple[PromptTemplate, bool], tuple[int, ...]] = {}
+        #: Start batch-1 rewrites from the template prefix's KV cache, where the runtime can keep one.
+        self.reuse_prefix = True
 
     def render(self, prompt: str, template: PromptTemplate) -> str:
         return template.render(prompt, self.tokenizer)
@@ -169,7 +171,6 @@ class TransformersBackend(LocalBackend):
         # A rewrite copies long spans of its input: draft tokens from n-gram matches in the prompt,
         # verified in one forward pass (prompt-lookup decoding). Exact for greedy, batch size 1 only.
         self.prompt_lookup_tokens = prompt_lookup_tokens
-        # Batch-1 rewrites start from the template prefix's KV cache (computed once; see template_prefix).
         self.reuse_prefix = reuse_prefix
         self._prefix_kv: tuple[tuple[int, ...], Any] | None = None
 
