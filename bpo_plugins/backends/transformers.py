@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+#: Tokens of prompt plus rewrite the GPU path's static KV cache holds; longer inputs decode on a dynamic cache.
+STATIC_CACHE_LEN = 2048
+
+
 def folder_revision(folder: Path) -> str:
     """A cheap fingerprint of local weights, so a cache never serves a retrained model's rewrites."""
     digest = hashlib.sha256()
@@ -163,6 +167,7 @@ class TransformersBackend(LocalBackend):
         template: PromptTemplate | None = None,
         prompt_lookup_tokens: int | None = 10,
         reuse_prefix: bool = True,
+        static_cache_len: int | None = None,
     ) -> None:
         super().__init__(tokenizer, model_id=model_id, revision=revision, template=template)
         self.model = model.eval() if hasattr(model, "eval") else model  # ORT models have no eval()
@@ -173,6 +178,14 @@ class TransformersBackend(LocalBackend):
         self.prompt_lookup_tokens = prompt_lookup_tokens
         self.reuse_prefix = reuse_prefix
         self._prefix_kv: tuple[tuple[int, ...], Any] | None = None
+        # With a length, decode runs on a preallocated StaticCache (one per batch size, reused across
+        # calls so the compiled decode step is reused too), compiled by transformers on CUDA.
+        # Prompt-lookup drafts and the DynamicCache prefix need a dynamic cache: they are off then.
+        self.static_cache_len = static_cache_len
+        if static_cache_len:
+            self.prompt_lookup_tokens = None
+            self.reuse_prefix = False
+        self._static_caches: dict[int, Any] = {}
 
     @classmethod
     def load(
@@ -193,6 +206,8 @@ class TransformersBackend(LocalBackend):
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:  # pragma: no cover - torch and transformers are core dependencies
             raise ModelLoadError(f"the transformers backend needs torch and transformers: {exc}") from exc
+        if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device} needs a GPU and a CUDA build of torch; this one has none (torch {torch.__version__})")
         source = str(name_or_path)
         local = Path(source).expanduser()
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -215,6 +230,12 @@ class TransformersBackend(LocalBackend):
             rev = folder_revision(local) + ("" if adapter is None else "+" + folder_revision(Path(adapter)))
         else:
             rev = revision or getattr(model.config, "_commit_hash", None) or "main"
+        if device.startswith("cuda"):
+            # Batch-1 decode on a GPU is bound by reading the weights once per token: a static KV cache
+            # lets transformers compile the decode step into CUDA graphs (no per-token Python or kernel
+            # launch overhead).
+            return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template,
+                       static_cache_len=STATIC_CACHE_LEN)
         return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template)
 
     def generate_texts(
@@ -257,6 +278,8 @@ class TransformersBackend(LocalBackend):
         with self._lock, torch.inference_mode():
             if reuse:
                 kwargs["past_key_values"] = self._prefix_kv_copy(tuple(prefix))
+            elif self.static_cache_len and start_at + decoding.max_new_tokens <= self.static_cache_len:
+                kwargs.update(self.static_cache_kwargs(len(texts) * n))
             output = self.model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start
         # Prompt-lookup drafts can be accepted past max_new_tokens (transformers 4.57): clip to the budget.
@@ -271,6 +294,20 @@ class TransformersBackend(LocalBackend):
 
     def forget_prefix(self) -> None:
         self._prefix_kv = None
+
+    def static_cache_kwargs(self, rows: int) -> dict[str, Any]:
+        """generate() arguments for a decode on this batch size's StaticCache, compiled where transformers can."""
+        from transformers import StaticCache
+        from transformers.generation import CompileConfig
+
+        cache = self._static_caches.get(rows)
+        if cache is None:
+            cache = self._static_caches[rows] = StaticCache(config=self.model.config, max_cache_len=self.static_cache_len)
+        else:
+            cache.reset()
+        if self.model.device.type != "cuda":  # transformers compiles the decode step on CUDA only
+            return {"past_key_values": cache}
+        return {"past_key_values": cache, "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}
 
     def _prefix_kv_copy(self, prefix: tuple[int, ...]) -> Any:
         """A private copy of the prefix's KV cache (generate extends the cache it is given).
