@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.backends.base import Backend, BatchOutput
+from bpo_plugins.backends.base import Backend, BatchOutput, Generation
 from bpo_plugins.cache import RewriteCache, cache_key
 from bpo_plugins.decoding import Decoding, check_mode, decoding_for
 from bpo_plugins.guards import GuardConfig, Masked, check_rewrite, check_text, clean_output, mask_protected, word_count
@@ -231,6 +231,26 @@ class Rewriter:
             output = self._run(lambda: self.backend.generate(texts, self.template, decoding, self.timeout_s))
             self._finish(pending, output, mode)
         return self._results(items, start, strict)
+
+    def plan(self, prompt: str, *, mode: Mode | None = None) -> tuple[str | None, Decoding]:
+        """What an engine outside this process (vLLM in a Ray Data pipeline) must generate for ``prompt``:
+        the text to put in the template and the decoding. The text is None where no generation is
+        needed (empty, too long, or a rewrite already cached); :meth:`check` then answers alone."""
+        items, _, decoding = self._prepare([prompt], None, mode, ())
+        return (items[0].masked.text if items[0].result is None else None), decoding
+
+    def check(self, prompts: Sequence[str], outputs: Sequence[Sequence[str]], *, mode: Mode | None = None) -> list[RewriteResult]:
+        """Results for rewrites generated elsewhere, one list of candidate texts per prompt: the same
+        input checks, output cleaning, guards, fallbacks and cache as :meth:`rewrite_batch`."""
+        if len(outputs) != len(prompts):
+            raise ValueError("check takes one list of generated texts per prompt")
+        start = time.perf_counter()
+        items, mode, _ = self._prepare(prompts, None, mode, ())
+        pending = [(item, texts) for item, texts in zip(items, outputs) if item.result is None]
+        if pending:
+            generations = [Generation(texts=list(texts) or [""]) for _, texts in pending]
+            self._finish([item for item, _ in pending], BatchOutput(generations=generations), mode)
+        return self._results(items, start, None)
 
     async def arewrite(
         self,

@@ -52,3 +52,48 @@ def test_cli_ray_run_matches_local_output_and_resumes(tiny_bpo_dir: Path, tmp_pa
     assert distributed.read_text() == local.read_text()
     stats = json.loads(distributed.with_suffix(".stats.json").read_text())
     assert stats["engine"] == "ray" and stats["resumed_from"] == 3 and stats["rows"] == len(PROMPTS)
+
+
+class EngineStandIn:
+    """What Ray Data's vLLM stage does to a row (vLLM needs a GPU): generate from "prompt" with
+    "sampling_params" into "generated_text", here with the same weights on transformers."""
+
+    def __init__(self, folder: str) -> None:
+        from bpo_plugins.backends.transformers import TransformersBackend
+
+        self.backend = TransformersBackend.load(folder, device="cpu")
+
+    def __call__(self, row: dict) -> dict:
+        from bpo_plugins.decoding import Decoding
+
+        params = row["sampling_params"]
+        assert params["temperature"] == 0.0  # greedy
+        output = self.backend.generate_texts([row["prompt"]], Decoding(max_new_tokens=params["max_tokens"]), None, True)
+        return {**row, "generated_text": output.generations[0].texts[0]}
+
+
+def test_vllm_path_rows_match_the_local_rewriter(local_ray, tiny_bpo_dir: Path, tiny_rewriter):
+    """The preprocess and postprocess around Ray's vLLM stage: BPO's raw template in, the core's checks out."""
+    from bpo_plugins.ray_data import VLLMRows
+
+    rows = VLLMRows(str(tiny_bpo_dir), template="bpo", max_new_tokens=8)
+    items = [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS)]
+    ds = ray.data.from_items(items).map(rows.preprocess).map(EngineStandIn, fn_constructor_args=(str(tiny_bpo_dir),), concurrency=1)
+    out = sorted(ds.map(rows.postprocess).take_all(), key=lambda r: r["id"])
+    assert [r["prompt"] for r in out] == PROMPTS and set(out[0]) == {"prompt", "id", "rewritten", "fallback", "detail"}
+    local = [tiny_rewriter.rewrite(p) for p in PROMPTS]
+    assert [(r["rewritten"], r["fallback"]) for r in out] == [(x.rewritten, x.fallback and x.fallback.value) for x in local]
+    assert out[2]["fallback"] == "empty_input"
+    request = rows.preprocess({"prompt": "Explain tides"})
+    assert request["prompt"].startswith("[INST] You are an expert prompt engineer") and request["prompt"].endswith("Explain tides [/INST]")
+    with pytest.raises(ValueError, match="greedy and stable"):
+        VLLMRows(str(tiny_bpo_dir), mode="aggressive")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM is GPU-only and not installed here")
+def test_rewrite_dataset_vllm_on_a_gpu_worker(local_ray, tiny_bpo_dir: Path, tiny_rewriter):
+    from bpo_plugins.ray_data import rewrite_dataset_vllm
+
+    out = rewrite_dataset_vllm(ray.data.from_items([{"prompt": p} for p in PROMPTS]), model_source=str(tiny_bpo_dir),
+                               template="bpo", max_new_tokens=8).take_all()
+    assert sorted(r["prompt"] for r in out) == sorted(PROMPTS) and all("fallback" in r for r in out)
