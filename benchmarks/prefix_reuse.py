@@ -1,20 +1,22 @@
-"""Rewrite latency with the template prefix's KV cache, against today's path, in one run (bpo-small).
+"""Rewrite latency of the default runtime, step by step from what shipped, in one run (bpo-small).
 
     python benchmarks/prefix_reuse.py --limit 80
 
-Every rewrite starts with the same ~46 tokens (SmolLM2's chat header and BPO's instruction). The
-default runtime now prefills them once per loaded model and rewinds to them (``KVPrefixCache``), and
-runs one GenAI thread per usable core. For each Vicuna prompt, greedy rewrites through the Rewriter
-(guards on, caches off) take turns across the arms, so this machine's drifting speed hits them alike:
+Every rewrite starts with the same ~46 tokens (SmolLM2's chat header and BPO's instruction), and a
+rewrite copies spans of its prompt. The default runtime now runs a GenAI thread per usable core,
+prefills the template prefix once per loaded model and rewinds to it (``KVPrefixCache``), and
+drafts tokens from the prompt (prompt lookup) in greedy batch-1 decoding. For each Vicuna prompt,
+greedy rewrites through the Rewriter (strict guards on, caches off) take turns across the arms, so
+this machine's drifting speed hits them alike:
 
-- ``before``: GenAI int4 as it shipped, one intra-op thread, the whole prompt prefilled;
-- ``threads``: a thread per core, the whole prompt prefilled;
-- ``threads + prefix KV``: the default now.
+- ``shipped``: GenAI int4 as it shipped, one intra-op thread, the whole prompt prefilled;
+- int8 (the default now) with each step added: threads, the prefix KV cache, prompt lookup;
+- int4 with all of them (the faster, opt-in export).
 
-It also checks that reuse changes nothing: each rewrite from a warm cache is compared with the same
-rewrite from a cold one (cache dropped first), and with the whole-prompt prefill. The transformers
-runtime (``--transformers N``, fewer prompts: it is 4x slower) gets the same with and without reuse.
-Figures go to ``benchmarks/results/prefix_reuse.{json,md}``.
+It also checks what reuse changes: each default rewrite from a warm cache is compared with the same
+rewrite from a cold one (cache dropped first), with the whole-prompt prefill, and without drafts.
+The transformers runtime (``--transformers N``, fewer prompts: it is slower) gets the prefix
+comparison too. Figures go to ``benchmarks/results/prefix_reuse.{json,md}``.
 """
 
 from __future__ import annotations
@@ -54,33 +56,50 @@ def summary(seconds: dict[str, list[float]], baseline: str) -> dict[str, dict[st
 
 
 def identity(rewriter, prompts: list[str]) -> dict[str, int]:
-    """How many greedy rewrites from a warm cache equal a cold start, and the whole-prompt prefill."""
+    """How many greedy rewrites from a warm cache equal a cold start, the whole-prompt prefill, and no drafts."""
     backend = rewriter.backend
     warm = [rewriter.rewrite(p).candidates for p in prompts]
     cold = []
     for p in prompts:
         backend.forget_prefix()
         cold.append(rewriter.rewrite(p).candidates)
-    backend.reuse_prefix = False
-    whole = [rewriter.rewrite(p).candidates for p in prompts]
-    backend.reuse_prefix = True
-    return {"prompts": len(prompts), "warm_equals_cold": sum(w == c for w, c in zip(warm, cold)),
-            "warm_equals_whole_prompt_prefill": sum(w == h for w, h in zip(warm, whole))}
+    whole = [configured(rewriter, reuse=False)(p).candidates for p in prompts]
+    figures = {"prompts": len(prompts), "warm_equals_cold": sum(w == c for w, c in zip(warm, cold)),
+               "warm_equals_whole_prompt_prefill": sum(w == h for w, h in zip(warm, whole))}
+    if backend.name == "onnx-genai":
+        plain = [configured(rewriter, lookup=0)(p).candidates for p in prompts]
+        figures["drafts_equal_no_drafts"] = sum(w == x for w, x in zip(warm, plain))
+    return figures
 
 
-def one_thread_backend(default):
-    """The default GenAI backend as it shipped: the export's own session options (one intra-op thread)."""
+def configured(rewriter, *, reuse: bool = True, lookup: int | None = None) -> Callable[[str], object]:
+    """``rewriter.rewrite`` with the prefix cache and prompt lookup set for the call (arms share a backend)."""
+    backend = rewriter.backend
+    default_lookup = backend.prompt_lookup_tokens
+
+    def run(prompt: str) -> object:
+        backend.reuse_prefix, backend.prompt_lookup_tokens = reuse, default_lookup if lookup is None else lookup
+        try:
+            return rewriter.rewrite(prompt)
+        finally:
+            backend.reuse_prefix, backend.prompt_lookup_tokens = True, default_lookup
+
+    return run
+
+
+def shipped_backend():
+    """The default GenAI runtime as it shipped: int4, the export's own session options (one intra-op thread)."""
     import onnxruntime_genai as og
+    from runtimes import export_folder
 
     from bpo_plugins.backends.genai import GenAIBackend
-    from bpo_plugins.registry import default_export, resolve
 
-    folder = default_export(resolve("bpo-small"))
-    backend = GenAIBackend(og.Model(str(folder)), default.backend.tokenizer, pad_token_id=default.backend.pad_token_id,
-                           model_id=default.backend.model_id, revision=default.backend.revision,
-                           template=default.backend.default_template)
-    backend.reuse_prefix = False
-    return backend
+    folder = export_folder("bpo-small", "genai", "int4")
+    backend = GenAIBackend.load_export(folder, model_id="bpo-small", template=None)
+    shipped = GenAIBackend(og.Model(str(folder)), backend.tokenizer, pad_token_id=backend.pad_token_id, model_id="bpo-small",
+                           revision=backend.revision, template=backend.default_template)
+    shipped.reuse_prefix, shipped.prompt_lookup_tokens = False, 0
+    return shipped, backend
 
 
 def main() -> None:
@@ -96,39 +115,34 @@ def main() -> None:
 
     prompts = [row_prompt(r) for r in read_rows(args.prompts)[: args.limit]]
     default = Rewriter.default(cache_size=0).warmup()
-    before = Rewriter(one_thread_backend(default), guards=default.guards, cache_size=0)
+    shipped, int4 = shipped_backend()
     arms = {
-        "before (1 thread, whole prompt)": before.rewrite,
-        "threads, whole prompt": lambda p: _without_reuse(default, p),
-        "threads + prefix KV (default)": default.rewrite,
+        "shipped: int4, 1 thread, whole prompt": Rewriter(shipped, guards=default.guards, cache_size=0).rewrite,
+        "int8, threads, whole prompt": configured(default, reuse=False, lookup=0),
+        "int8, threads + prefix KV": configured(default, lookup=0),
+        "int8, threads + prefix KV + prompt lookup (default)": default.rewrite,
+        "int4, threads + prefix KV + prompt lookup": Rewriter(int4, guards=default.guards, cache_size=0).rewrite,
     }
     figures: dict[str, object] = {"prompts": len(prompts), "runtime": default.backend.name,
                                   "prefix_tokens": len(default.backend.template_prefix(default.template, default.template.raw is not None)),
-                                  "default_runtime": summary(take_turns(prompts, arms), "before (1 thread, whole prompt)"),
+                                  "draft_tokens": default.backend.prompt_lookup_tokens,
+                                  "default_runtime": summary(take_turns(prompts, arms), "shipped: int4, 1 thread, whole prompt"),
                                   "default_runtime_identity": identity(default, prompts)}
     if args.transformers:
         torch_rewriter = Rewriter.from_pretrained("bpo-small", backend="transformers", cache_size=0).warmup()
         few = prompts[: args.transformers]
-        torch_arms = {"transformers, whole prompt": lambda p: _without_reuse(torch_rewriter, p),
+        torch_arms = {"transformers, whole prompt": configured(torch_rewriter, reuse=False),
                       "transformers + prefix KV": torch_rewriter.rewrite}
         figures["transformers"] = summary(take_turns(few, torch_arms), "transformers, whole prompt")
         figures["transformers_identity"] = identity(torch_rewriter, few)
     write(figures, args.out)
 
 
-def _without_reuse(rewriter, prompt: str) -> object:
-    rewriter.backend.reuse_prefix = False
-    try:
-        return rewriter.rewrite(prompt)
-    finally:
-        rewriter.backend.reuse_prefix = True
-
-
 def write(figures: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
-    lines = [f"# Template prefix KV reuse ({figures['prompts']} Vicuna prompts, greedy, guards on, turns taken)", "",
-             f"The prefix is {figures['prefix_tokens']} tokens.", "",
+    lines = [f"# Rewrite latency, default runtime step by step ({figures['prompts']} Vicuna prompts, greedy, guards on, turns taken)", "",
+             f"The prefix is {figures['prefix_tokens']} tokens; prompt lookup drafts up to {figures['draft_tokens']} tokens a step.", "",
              "| runtime | p50 s | p95 s | mean s | x faster (p50) |", "|---|---|---|---|---|"]
     for section in ("default_runtime", "transformers"):
         for name, row in figures.get(section, {}).items():
@@ -137,9 +151,11 @@ def write(figures: dict, out: Path) -> None:
     for section in ("default_runtime_identity", "transformers_identity"):
         if section in figures:
             same = figures[section]
+            drafts = (f"; = no drafts on {same['drafts_equal_no_drafts']}/{same['prompts']}"
+                      if "drafts_equal_no_drafts" in same else "")
             lines.append(f"- {section.replace('_identity', '').replace('_', ' ')}: warm cache = cold start on "
                          f"{same['warm_equals_cold']}/{same['prompts']} greedy rewrites; = whole-prompt prefill on "
-                         f"{same['warm_equals_whole_prompt_prefill']}/{same['prompts']}.")
+                         f"{same['warm_equals_whole_prompt_prefill']}/{same['prompts']}{drafts}.")
     lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))

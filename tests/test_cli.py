@@ -110,5 +110,5 @@ def test_first_run_prints_only_progress_and_the_result(tmp_path: Path):
     lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert not [line for line in lines if "INFO" in line or "legacy" in line or "Warning" in line], lines[:5]
     steps = {line.split(":")[1].strip().split(" (")[0] for line in lines if line.startswith("first run only:")}
-    assert steps == {"converting the bundled model to safetensors", "building the int4 runtime of bpo-small"}, lines[:10]
+    assert steps == {"converting the bundled model to safetensors", "building the int8 runtime of bpo-small"}, lines[:10]
     assert all(line.startswith(("first run only:", "[fallback")) for line in lines), lines[:10]

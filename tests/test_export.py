@@ -225,5 +225,17 @@ def test_rewrites_reuse_the_template_prefix_and_match_a_cold_start(runtime, tiny
     if runtime == "genai":
         cache = backend._prefix_cache
         assert cache.hits >= len(prompts) - 1 and cache.misses >= len(prompts)
+        # Greedy batch-1 rewrites draft from the prompt (prompt lookup); drafts change no token here.
+        assert backend.prompt_lookup_tokens > 0
+        backend.prompt_lookup_tokens = 0
+        assert [backend.generate([p], template, greedy, None).generations[0].texts for p in prompts] == warm
     else:
         assert backend._prefix_kv is not None and backend._prefix_kv[0] == prefix
+
+
+def test_prompt_lookup_drafts_what_followed_the_longest_matching_ngram():
+    from bpo_plugins.backends.genai import _lookup
+
+    assert _lookup([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" was followed by "4 5"
+    assert _lookup([1, 2, 3, 4, 5, 9, 7, 3], 3) == [4, 5, 9]  # no 2- or 3-gram match: the last token alone
+    assert _lookup([1, 2, 3], 4) == [] and _lookup([], 4) == []

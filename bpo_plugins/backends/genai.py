@@ -70,6 +70,8 @@ class GenAIBackend(LocalBackend):
         # id its prompts never contain (the export picks one; see export.onnx.genai_pad_token_id).
         self.pad_token_id = pad_token_id
         self._prefix_cache = KVPrefixCache(model)
+        #: Draft tokens per step of greedy batch-1 decoding (prompt lookup); 0 turns it off.
+        self.prompt_lookup_tokens = 5
 
     @classmethod
     def load_export(cls, folder: str | Path, *, model_id: str, template: PromptTemplate | None, device: str | None = None) -> GenAIBackend:
@@ -104,13 +106,9 @@ class GenAIBackend(LocalBackend):
                                 timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
                                 cut=[part.generations[0].loops_cut > 0 for part in parts])
         banned = self._banned(decoding.banned_words) or []
-        eos = {self.tokenizer.eos_token_id, pad}
-        out: list[list[int]] = [[] for _ in rows]
-        finished = [False] * len(rows)
-        cut = [False] * len(rows)
+        rows_out = _Outputs(rows, decoding, {self.tokenizer.eos_token_id, pad}, streamer)
         start = time.perf_counter()
         deadline = None if timeout_s is None else start + timeout_s
-        timed_out = False
         with self._lock:
             reuse = self.reuse_prefix and len(rows) == 1
             generator = self._prefix_cache.resume(rows[0], tuple(prefix), decoding) if reuse else None
@@ -118,32 +116,58 @@ class GenAIBackend(LocalBackend):
                 generator = self._new_generator(rows, decoding)
             if streamer is not None:
                 streamer.put(np.asarray(rows[0]))
-            while not generator.is_done() and not all(finished):
-                if banned:
-                    self._mask_banned(generator, out, banned)
-                generator.generate_next_token()
-                for i, token in enumerate(generator.get_next_tokens().tolist()):
-                    if finished[i]:
-                        continue
-                    if token in eos:
-                        finished[i] = True
-                        continue
-                    out[i].append(int(token))
-                    if streamer is not None:
-                        streamer.put(np.asarray([token]))
-                    if decoding.stop_loops and (at := loop_cut(out[i], rows[i])) is not None:
-                        del out[i][at:]
-                        cut[i] = True
-                    finished[i] = cut[i] or len(out[i]) >= decoding.max_new_tokens
-                if deadline is not None and time.perf_counter() >= deadline:
-                    timed_out = True
-                    break
+            if len(rows) == 1 and not decoding.do_sample and not banned and self.prompt_lookup_tokens:
+                timed_out = self._decode_with_drafts(generator, rows_out, deadline)
+            else:
+                timed_out = self._decode(generator, rows_out, banned, deadline)
         if streamer is not None:
             streamer.end()
         elapsed = time.perf_counter() - start
-        decoded = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return batch_output(decoded, [len(ids) for ids in out], n, elapsed=elapsed, timed_out=timed_out,
-                            input_tokens=sum(len(ids) for ids in rows), cut=cut)
+        decoded = self.tokenizer.batch_decode(rows_out.out, skip_special_tokens=True)
+        return batch_output(decoded, [len(ids) for ids in rows_out.out], n, elapsed=elapsed, timed_out=timed_out,
+                            input_tokens=sum(len(ids) for ids in rows), cut=rows_out.cut)
+
+    def _decode(self, generator: Any, rows: _Outputs, banned: list[list[int]], deadline: float | None) -> bool:
+        """GenAI's own search, a token per step for the whole batch; True when the deadline cut it."""
+        while not generator.is_done() and not all(rows.finished):
+            if banned:
+                self._mask_banned(generator, rows.out, banned)
+            generator.generate_next_token()
+            for i, token in enumerate(generator.get_next_tokens().tolist()):
+                rows.take(i, int(token))
+            if deadline is not None and time.perf_counter() >= deadline:
+                return True
+        return False
+
+    def _decode_with_drafts(self, generator: Any, rows: _Outputs, deadline: float | None) -> bool:
+        """Greedy prompt-lookup decoding at batch 1: a rewrite copies spans of its prompt, so after each
+        token the span that followed the same n-gram in the prompt is appended as a draft and checked in
+        the same forward pass; the longest agreeing run is kept and the rest rewound.
+
+        Each step computes the argmax over ``get_output("logits")`` itself, so warm and cold starts
+        take the same path and give the same rewrite.
+        """
+        import numpy as np
+
+        context = list(rows.prompts[0])
+        token = int(np.argmax(generator.get_logits()[0, -1]))
+        while not rows.take(0, token):
+            draft = _lookup(context + rows.out[0], self.prompt_lookup_tokens or 0)
+            generator.append_tokens(np.asarray([[token, *draft]], dtype=np.int32))
+            predicted = np.argmax(generator.get_output("logits")[0], axis=-1).tolist()
+            kept = 0
+            while kept < len(draft) and predicted[kept] == draft[kept]:
+                kept += 1
+            if kept < len(draft):
+                generator.rewind_to(generator.token_count() - (len(draft) - kept))
+            finished = False
+            for accepted in draft[:kept]:
+                if (finished := rows.take(0, accepted)):
+                    break
+            if finished or (deadline is not None and time.perf_counter() >= deadline):
+                return not finished
+            token = predicted[kept]
+        return False
 
     def forget_prefix(self) -> None:
         self._prefix_cache.clear()
@@ -241,3 +265,44 @@ class KVPrefixCache:
     def clear(self) -> None:
         self._key = self._generator = None
 
+
+
+class _Outputs:
+    """The tokens each row of a batch has generated, and whether it is done (end of sequence, a loop
+    cut, or its token budget)."""
+
+    def __init__(self, prompts: list[list[int]], decoding: Decoding, eos: set[int], streamer: TokenStream | None) -> None:
+        self.prompts, self.decoding, self.eos, self.streamer = prompts, decoding, eos, streamer
+        self.out: list[list[int]] = [[] for _ in prompts]
+        self.finished = [False] * len(prompts)
+        self.cut = [False] * len(prompts)
+
+    def take(self, i: int, token: int) -> bool:
+        """Add row ``i``'s next token; True once the row is finished."""
+        import numpy as np
+
+        if self.finished[i]:
+            return True
+        if token in self.eos:
+            self.finished[i] = True
+            return True
+        out = self.out[i]
+        out.append(token)
+        if self.streamer is not None:
+            self.streamer.put(np.asarray([token]))
+        if self.decoding.stop_loops and (at := loop_cut(out, self.prompts[i])) is not None:
+            del out[at:]
+            self.cut[i] = True
+        self.finished[i] = self.cut[i] or len(out) >= self.decoding.max_new_tokens
+        return self.finished[i]
+
+
+def _lookup(tokens: list[int], size: int, max_ngram: int = 3) -> list[int]:
+    """Up to ``size`` tokens that followed the latest ``max_ngram``..1 tokens where they occurred
+    before (the first such place); none when the tail never occurred."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n):
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + size]
+    return []
