@@ -87,7 +87,8 @@ def run(command: list[str]) -> None:
 def level_walls(url: str, folder: Path, latency: float, depth: int, rounds: int) -> list[float]:
     """Wall seconds of each level past the root, from the checkpoint's modification times."""
     from bpo_plugins.backends import load_backend
-    from bpo_plugins.drpo.search import Search, SearchConfig, Seed, default_roles
+    from bpo_plugins.drpo.search import Search, SearchConfig, Seed
+    from bpo_plugins.drpo.session import default_roles
 
     walls: list[float] = []
     for round_ in range(rounds):

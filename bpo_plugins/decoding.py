@@ -20,8 +20,7 @@ class Decoding:
     #: Stop a row whose tail starts repeating and cut the repeats (see :func:`loop_cut`). On for
     #: rewrites (the Rewriter's ``stop_loops``), off for answers, which may repeat on purpose.
     stop_loops: bool = False
-    #: Strings that end a generation (DRPO's ``<END>``). Servers stop on them; local runtimes
-    #: generate on and the caller cuts the text (a stop string is a prompt-format matter).
+    #: Strings that end a generation (DRPO's ``<END>``): every backend stops there and leaves them out.
     stop: tuple[str, ...] = ()
 
     def as_key(self) -> dict[str, object]:
@@ -29,6 +28,12 @@ class Decoding:
 
     def capped(self, max_new_tokens: int) -> Decoding:
         return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, max_new_tokens)))
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first of ``stops`` it contains (what servers return for a stop sequence)."""
+    at = min((text.index(stop) for stop in stops if stop and stop in text), default=len(text))
+    return text[:at]
 
 
 #: A tail repeating with period p is a loop once it covers max(LOOP_MIN_TOKENS, 2p) tokens: short

@@ -25,8 +25,8 @@ from bpo_plugins.drpo import Alignment, load_alignment
 from bpo_plugins.drpo.calls import Caps
 from bpo_plugins.drpo.icl import read_examples
 from bpo_plugins.drpo.reward import AspectChoice, corrected_for_refusal, find_json, read_aspect_choice, read_judgement
-from bpo_plugins.drpo.search import Search, SearchConfig, Seed, default_roles
-from bpo_plugins.drpo.session import Session
+from bpo_plugins.drpo.search import Search, SearchConfig, Seed
+from bpo_plugins.drpo.session import Session, default_roles
 from tests.conftest import Server, start_server
 
 METRICS = "Decide which aspects matter most"
@@ -125,6 +125,7 @@ def test_dry_run_projects_calls_per_role_and_calls_nothing(model_server: Server,
     assert rows["base"][1] == "21" and rows["judge"][1] == "21" and rows["optimizer"][1] == "4"
     assert rows["base"][4] == "unpriced" and float(rows["judge"][4]) > 0 and "(cap calls 3)" in done.stdout
     assert _requests(model_server, llms) == before
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing either
 
 
 def test_search_end_to_end_writes_artifact_and_report(model_server: Server, llms: Server, files, tmp_path: Path):

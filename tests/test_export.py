@@ -239,3 +239,25 @@ def test_prompt_lookup_drafts_what_followed_the_longest_matching_ngram():
     assert _lookup([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]  # "2 3" was followed by "4 5"
     assert _lookup([1, 2, 3, 4, 5, 9, 7, 3], 3) == [4, 5, 9]  # no 2- or 3-gram match: the last token alone
     assert _lookup([1, 2, 3], 4) == [] and _lookup([], 4) == []
+
+
+@pytest.mark.parametrize("runtime", ["transformers", "genai"])
+def test_local_runtimes_stop_at_stop_strings(runtime, tiny_bpo_dir, tmp_path):
+    """DRPO's <END>, a server request's "stop": generation ends there and the text leaves it out."""
+    from dataclasses import replace
+
+    from bpo_plugins.decoding import Decoding
+
+    if runtime == "genai":
+        pytest.importorskip("onnxruntime_genai")
+        export_onnx(str(tiny_bpo_dir), tmp_path / "g", "fp32", engine="genai")
+        tiny_bpo_dir = tmp_path / "g"
+    backend = Rewriter.from_pretrained(tiny_bpo_dir, cache_size=0).backend
+    template, free = backend.default_template, Decoding(max_new_tokens=24)
+    full = backend.generate(["Explain gravity"], template, free, None).generations[0]
+    words = full.texts[0].split()
+    assert len(words) >= 4
+    stop = words[len(words) // 2]
+    stopped = backend.generate(["Explain gravity"], template, replace(free, stop=(stop,)), None).generations[0]
+    assert stopped.texts[0] == full.texts[0][: full.texts[0].index(stop)]
+    assert stopped.output_tokens < full.output_tokens

@@ -66,9 +66,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
-def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embedder, *, batch_size: int = 8,
+def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embedder, *, batch_size: int | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Rewrite every item and measure it; return (figures, per-item rows)."""
+    """Rewrite every item and measure it; return (figures, per-item rows).
+
+    Prompts go in the batches ``bpo optimize --file`` uses for this runtime (one at a time where
+    batching does not pay), so the figures are those of the path users run.
+    """
+    from bpo_plugins.batching import file_batch_size
+
+    batch_size = batch_size or file_batch_size(rewriter)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]

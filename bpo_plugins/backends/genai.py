@@ -20,7 +20,7 @@ from typing import Any
 
 from bpo_plugins.backends.base import BatchOutput, usable_cores
 from bpo_plugins.backends.transformers import LocalBackend, TokenStream, batch_output, folder_revision
-from bpo_plugins.decoding import Decoding, loop_cut
+from bpo_plugins.decoding import Decoding, cut_at_stop, loop_cut
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate
 
@@ -106,7 +106,7 @@ class GenAIBackend(LocalBackend):
                                 timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
                                 cut=[part.generations[0].loops_cut > 0 for part in parts])
         banned = self._banned(decoding.banned_words) or []
-        rows_out = _Outputs(rows, decoding, {self.tokenizer.eos_token_id, pad}, streamer)
+        rows_out = _Outputs(rows, decoding, {self.tokenizer.eos_token_id, pad}, streamer, self.tokenizer)
         start = time.perf_counter()
         deadline = None if timeout_s is None else start + timeout_s
         with self._lock:
@@ -123,7 +123,7 @@ class GenAIBackend(LocalBackend):
         if streamer is not None:
             streamer.end()
         elapsed = time.perf_counter() - start
-        decoded = self.tokenizer.batch_decode(rows_out.out, skip_special_tokens=True)
+        decoded = [cut_at_stop(t, decoding.stop) for t in self.tokenizer.batch_decode(rows_out.out, skip_special_tokens=True)]
         return batch_output(decoded, [len(ids) for ids in rows_out.out], n, elapsed=elapsed, timed_out=timed_out,
                             input_tokens=sum(len(ids) for ids in rows), cut=rows_out.cut)
 
@@ -268,11 +268,14 @@ class KVPrefixCache:
 
 
 class _Outputs:
-    """The tokens each row of a batch has generated, and whether it is done (end of sequence, a loop
-    cut, or its token budget)."""
+    """The tokens each row of a batch has generated, and whether it is done (end of sequence, a stop
+    string, a loop cut, or its token budget)."""
 
-    def __init__(self, prompts: list[list[int]], decoding: Decoding, eos: set[int], streamer: TokenStream | None) -> None:
-        self.prompts, self.decoding, self.eos, self.streamer = prompts, decoding, eos, streamer
+    def __init__(self, prompts: list[list[int]], decoding: Decoding, eos: set[int], streamer: TokenStream | None,
+                 tokenizer: Any) -> None:
+        self.prompts, self.decoding, self.eos, self.streamer, self.tokenizer = prompts, decoding, eos, streamer, tokenizer
+        # A stop string spans at most as many tokens as it has characters: decode that much of the tail.
+        self.stop_window = max((len(stop) for stop in decoding.stop), default=0) + 1
         self.out: list[list[int]] = [[] for _ in prompts]
         self.finished = [False] * len(prompts)
         self.cut = [False] * len(prompts)
@@ -293,8 +296,14 @@ class _Outputs:
         if self.decoding.stop_loops and (at := loop_cut(out, self.prompts[i])) is not None:
             del out[at:]
             self.cut[i] = True
-        self.finished[i] = self.cut[i] or len(out) >= self.decoding.max_new_tokens
+        self.finished[i] = self.cut[i] or len(out) >= self.decoding.max_new_tokens or self._stopped(out)
         return self.finished[i]
+
+    def _stopped(self, out: list[int]) -> bool:
+        if not self.decoding.stop:
+            return False
+        tail = self.tokenizer.decode(out[-self.stop_window :], skip_special_tokens=True)
+        return any(stop in tail for stop in self.decoding.stop)
 
 
 def _lookup(tokens: list[int], size: int, max_ngram: int = 3) -> list[int]:

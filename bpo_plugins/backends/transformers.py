@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
-from bpo_plugins.decoding import Decoding, loop_cut
+from bpo_plugins.decoding import Decoding, cut_at_stop, loop_cut
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate, pick_local_template
 
@@ -270,6 +270,8 @@ class TransformersBackend(LocalBackend):
         if decoding.stop_loops:
             prompts = [[t for t in row if t != pad] for row in batch["input_ids"].tolist() for _ in range(n)]
             kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, pad)
+        if decoding.stop:
+            kwargs.update(stop_strings=list(decoding.stop), tokenizer=self.tokenizer)
         if streamer is not None:
             kwargs["streamer"] = streamer
         elif self.prompt_lookup_tokens and len(texts) == 1 and n == 1 and not decoding.do_sample and not banned:
@@ -286,7 +288,7 @@ class TransformersBackend(LocalBackend):
         rows = [[t for t in row if t != pad] for row in output[:, start_at : start_at + decoding.max_new_tokens].tolist()]
         cuts = [loop_cut(row, prompt) for row, prompt in zip(rows, prompts)] if decoding.stop_loops else [None] * len(rows)
         rows = [row if at is None else row[:at] for row, at in zip(rows, cuts)]
-        decoded = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        decoded = [cut_at_stop(text, decoding.stop) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
         return batch_output(decoded, [len(row) for row in rows], n, elapsed=elapsed,
                             timed_out=timeout_s is not None and elapsed >= timeout_s,
                             input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])

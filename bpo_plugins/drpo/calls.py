@@ -18,7 +18,7 @@ from typing import Any
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.backends.http import HTTPBackend
 from bpo_plugins.cache import RewriteCache, cache_key
-from bpo_plugins.decoding import Decoding
+from bpo_plugins.decoding import Decoding, cut_at_stop
 from bpo_plugins.templates import PromptTemplate
 
 ROLES = ("base", "metrics", "judge", "optimizer")
@@ -234,12 +234,8 @@ class Caller:
         prompt_chars = len(user) + len(system or "")
         self.ledger.record(role, generation.input_tokens or -(-prompt_chars // CHARS_PER_TOKEN),
                            generation.output_tokens or -(-sum(map(len, generation.texts)) // CHARS_PER_TOKEN))
+        # Backends stop at the stop strings; a server that ignores "stop" must not leak the rest.
         texts = [cut_at_stop(text, decoding.stop) for text in generation.texts]
         self.cache.put(key, {"texts": texts})
         return texts
 
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    """Local runtimes do not stop on strings: cut where the first stop string begins."""
-    cut = min((text.index(s) for s in stops if s in text), default=len(text))
-    return text[:cut]

@@ -93,7 +93,8 @@ def search(
 ) -> None:
     """Search a system prompt for --base by DRPO's beam search; resumes from --out's checkpoint."""
     from bpo_plugins.drpo.icl import read_examples
-    from bpo_plugins.drpo.search import FORMATS, Search, SearchConfig, default_roles, read_seeds
+    from bpo_plugins.drpo.search import FORMATS, Search, SearchConfig, read_seeds
+    from bpo_plugins.drpo.session import default_roles
 
     if prompt_format not in FORMATS:
         raise ValueError(f"unknown --format {prompt_format!r}: use chat or raw")
@@ -103,7 +104,8 @@ def search(
     roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
                           answer_tokens=answer_tokens, num_actions=num_actions, prompt_format=FORMATS[prompt_format])
     runner = Search(roles, out, config=config, seeds=read_seeds(seeds) if seeds else None,
-                    examples=read_examples(examples) if examples else None, caps=caps, concurrency=concurrency, retries=retries)
+                    examples=read_examples(examples) if examples else None, caps=caps, concurrency=concurrency, retries=retries,
+                    dry_run=dry_run)
     if dry_run:
         _print_plan(runner.plan(), caps)
         return
@@ -150,8 +152,8 @@ def icl(
     """Build an in-context example bank: answer, judge, rewrite from feedback, keep the best."""
     from bpo_plugins.drpo import icl_examples
     from bpo_plugins.drpo.icl import optimize_examples
-    from bpo_plugins.drpo.search import Seed, default_roles, read_seeds
-    from bpo_plugins.drpo.session import Session
+    from bpo_plugins.drpo.search import Seed, read_seeds
+    from bpo_plugins.drpo.session import Session, default_roles
 
     seeds = read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]
     backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost)

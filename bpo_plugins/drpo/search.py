@@ -23,11 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.backends.base import Backend
 from bpo_plugins.backends.http import HTTPBackend
-from bpo_plugins.decoding import Decoding
 from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
-from bpo_plugins.drpo.calls import ROLES, BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role
+from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role
 from bpo_plugins.drpo.reward import Judgement, find_json, sections
 from bpo_plugins.drpo.session import Session, log
 
@@ -163,22 +161,6 @@ def read_proposal(text: str) -> str | None:
     return value.strip().strip('"').strip() if value else None
 
 
-def default_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
-                  prices: Mapping[str, Price] | None = None, answer_tokens: int = 512, num_actions: int = 3,
-                  prompt_format: PromptFormat = FORMATS["chat"]) -> dict[str, Role]:
-    """DRPO's decoding per role: the base model greedy (as its search ran) and stopping at ``<END>``;
-    the optimizer sampling ``num_actions`` proposals in one call."""
-    prices = prices or {}
-    decodings = {
-        "base": Decoding(max_new_tokens=answer_tokens, stop=prompt_format.stop),
-        "metrics": Decoding(max_new_tokens=512),
-        "judge": Decoding(max_new_tokens=768),
-        "optimizer": Decoding(do_sample=True, temperature=0.9, num_candidates=num_actions, max_new_tokens=1024),
-    }
-    backends = {"base": base, "metrics": metrics or judge, "judge": judge, "optimizer": optimizer}
-    return {r: Role(r, backends[r], decodings[r], prices.get(r, Price())) for r in ROLES}
-
-
 @dataclass
 class SearchResult:
     alignment: Alignment
@@ -188,14 +170,17 @@ class SearchResult:
 
 
 class Search:
-    """One DRPO search, writing ``checkpoint.json``, ``calls.sqlite``, the artifact and the report to ``out``."""
+    """One DRPO search, writing ``checkpoint.json``, ``calls.sqlite``, the artifact and the report to ``out``.
+
+    With ``dry_run`` it is built only to :meth:`plan`: nothing is created on disk.
+    """
 
     def __init__(
         self, roles: Mapping[str, Role], out: str | Path, *, config: SearchConfig = SearchConfig(),
         examples: Sequence[Example] | None = None, seeds: Sequence[Seed] | None = None,
         caps: Mapping[str, Caps] | None = None, known_aspects: Mapping[str, Any] | None = None,
         cache_path: str | Path | None = None, concurrency: int = 8, retries: int = 4, backoff_s: float = 1.0,
-        progress: bool = True, embedder: Any = None,
+        progress: bool = True, embedder: Any = None, dry_run: bool = False,
     ) -> None:
         from bpo_plugins.drpo import icl_examples
 
@@ -209,8 +194,8 @@ class Search:
         self.queries = ordered[: len(ordered) - config.holdout][: config.depth + config.max_extensions + 1]
         if config.prompt_format.raw and isinstance(roles["base"].backend, HTTPBackend):
             raise ValueError("the raw prompt format needs a local base model (no chat template over HTTP); use the chat format")
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.session = Session(roles, cache_path or self.out / "calls.sqlite", caps=caps, known_aspects=known_aspects,
+        # The call cache's SQLite file creates ``out``; a dry run keeps calls in memory (it makes none).
+        self.session = Session(roles, None if dry_run else cache_path or self.out / "calls.sqlite", caps=caps, known_aspects=known_aspects,
                                concurrency=concurrency, retries=retries, backoff_s=backoff_s)
         self.roles, self.ledger, self.call, self.skips = self.session.roles, self.session.ledger, self.session.call, self.session.skips
         self.retriever = ExampleRetriever(self.examples, embedder)

@@ -10,8 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bpo_plugins.backends.base import Backend
 from bpo_plugins.cache import RewriteCache
-from bpo_plugins.drpo.calls import ROLES, Caller, Caps, Ledger, Role
+from bpo_plugins.decoding import Decoding
+from bpo_plugins.drpo.alignment import FORMATS, PromptFormat
+from bpo_plugins.drpo.calls import ROLES, Caller, Caps, Ledger, Price, Role
 from bpo_plugins.drpo.reward import AspectChoice, Judgement, choose_aspects, judge
 
 log = logging.getLogger("bpo_plugins.drpo")
@@ -20,7 +23,7 @@ log = logging.getLogger("bpo_plugins.drpo")
 class Session:
     """Roles, a SQLite call cache, a budget ledger, and counted skips and warnings for one job."""
 
-    def __init__(self, roles: Mapping[str, Role], cache_path: str | Path, *, caps: Mapping[str, Caps] | None = None,
+    def __init__(self, roles: Mapping[str, Role], cache_path: str | Path | None, *, caps: Mapping[str, Caps] | None = None,
                  known_aspects: Mapping[str, Any] | None = None, concurrency: int = 8, retries: int = 4,
                  backoff_s: float = 1.0) -> None:
         from bpo_plugins.drpo import metrics_cache
@@ -74,3 +77,19 @@ class Session:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def default_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
+                  prices: Mapping[str, Price] | None = None, answer_tokens: int = 512, num_actions: int = 3,
+                  prompt_format: PromptFormat = FORMATS["chat"]) -> dict[str, Role]:
+    """DRPO's decoding per role: the base model greedy (as its search ran) and stopping at ``<END>``;
+    the optimizer sampling ``num_actions`` proposals in one call."""
+    prices = prices or {}
+    decodings = {
+        "base": Decoding(max_new_tokens=answer_tokens, stop=prompt_format.stop),
+        "metrics": Decoding(max_new_tokens=512),
+        "judge": Decoding(max_new_tokens=768),
+        "optimizer": Decoding(do_sample=True, temperature=0.9, num_candidates=num_actions, max_new_tokens=1024),
+    }
+    backends = {"base": base, "metrics": metrics or judge, "judge": judge, "optimizer": optimizer}
+    return {r: Role(r, backends[r], decodings[r], prices.get(r, Price())) for r in ROLES}

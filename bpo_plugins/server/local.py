@@ -14,6 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bpo_plugins.backends.transformers import LocalBackend, TokenStream
-from bpo_plugins.decoding import Decoding
+from bpo_plugins.decoding import Decoding, cut_at_stop
 from bpo_plugins.server import openai_api as api
 from bpo_plugins.server.asgi import BodyLimit, Endpoint
 from bpo_plugins.server.openai_api import RequestError
@@ -51,10 +52,10 @@ def stop_strings(body: dict[str, Any]) -> list[str]:
     return stops
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to its first stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text, False) if cut < 0 else (text[:cut], True)
+    cut = cut_at_stop(text, stops)
+    return cut, len(cut) < len(text)
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -102,7 +103,8 @@ class LocalModelAPI:
 
     async def generate(self, request: Request, body: dict[str, Any], text: str, *, add_special_tokens: bool, chat: bool) -> Response:
         backend = self._backend()
-        decoding, stops = request_decoding(body), stop_strings(body)
+        stops = stop_strings(body)
+        decoding = replace(request_decoding(body), stop=tuple(stops))  # the backend stops there, not at max_tokens
         model = str(body.get("model") or self.model_name)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -118,7 +120,7 @@ class LocalModelAPI:
             frames = self.chat_frames(pieces, tokens, decoding, model, include_usage) if chat else self.completion_frames(pieces, tokens, decoding, model)
             return StreamingResponse(frames, media_type="text/event-stream", headers=api.SSE_HEADERS)
         output = await asyncio.to_thread(backend.generate_texts, [text], decoding, None, add_special_tokens)
-        cuts = [cut_at_stop(t, stops) for t in output.generations[0].texts]
+        cuts = [split_at_stop(t, stops) for t in output.generations[0].texts]
         prompt_tokens, completion_tokens = int(output.stats["input_tokens"]), int(output.stats["output_tokens"])
         per_candidate = completion_tokens // decoding.num_candidates  # backends count tokens per prompt: for n > 1, the mean
         finishes = ["stop" if found else finish_reason(per_candidate, decoding) for _, found in cuts]
@@ -135,7 +137,7 @@ class LocalModelAPI:
                 piece = await asyncio.to_thread(next, pieces, sentinel)
                 if piece is sentinel:
                     break
-                pending, stopped = cut_at_stop(pending + str(piece), stops)
+                pending, stopped = split_at_stop(pending + str(piece), stops)
                 keep = 0 if stopped else held_back(pending, stops)
                 out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
                 if out:
