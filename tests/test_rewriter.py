@@ -366,3 +366,17 @@ def test_default_runtime_reuses_the_template_prefix_with_identical_greedy_rewrit
     prompts = ["Tell me about Harry Potter", "How can I improve my time management skills?", "Write a haiku about autumn"]
     warm, cold = prefix_reuse_runs(backend, bundled_rewriter.template, prompts, Decoding(max_new_tokens=48, stop_loops=True))
     assert warm == cold and all(texts[0].strip() for texts in warm)
+
+
+def test_prompt_lookup_never_drafts_past_the_token_budget(bundled_rewriter):
+    """A cold generator has room for the prompt plus max_new_tokens: drafts near the end must fit."""
+    from bpo_plugins.decoding import Decoding
+
+    backend, template = bundled_rewriter.backend, bundled_rewriter.template
+    prompt = "Repeat exactly: the cat sat on the mat, the cat sat on the mat, the cat sat on the mat"
+    backend.reuse_prefix = False
+    try:
+        for budget in range(1, 24):
+            assert backend.generate([prompt], template, Decoding(max_new_tokens=budget), None).generations[0].output_tokens <= budget
+    finally:
+        backend.reuse_prefix = True

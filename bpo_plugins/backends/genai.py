@@ -152,7 +152,9 @@ class GenAIBackend(LocalBackend):
         context = list(rows.prompts[0])
         token = int(np.argmax(generator.get_logits()[0, -1]))
         while not rows.take(0, token):
-            draft = _lookup(context + rows.out[0], self.prompt_lookup_tokens or 0)
+            # No draft past the token budget: the generator has room for exactly that many tokens.
+            room = rows.decoding.max_new_tokens - len(rows.out[0])
+            draft = _lookup(context + rows.out[0], min(self.prompt_lookup_tokens or 0, room))
             generator.append_tokens(np.asarray([[token, *draft]], dtype=np.int32))
             predicted = np.argmax(generator.get_output("logits")[0], axis=-1).tolist()
             kept = 0
