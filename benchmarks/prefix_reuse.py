@@ -88,18 +88,20 @@ def configured(rewriter, *, reuse: bool = True, lookup: int | None = None) -> Ca
 
 
 def shipped_backend():
-    """The default GenAI runtime as it shipped: int4, the export's own session options (one intra-op thread)."""
+    """The default GenAI runtime as it shipped (int4, the export's own session options: one intra-op
+    thread, no prefix cache, no drafts), and the int4 export as it runs now."""
     import onnxruntime_genai as og
     from runtimes import export_folder
 
     from bpo_plugins.backends.genai import GenAIBackend
+    from bpo_plugins.backends.onnx import load_export
 
-    folder = export_folder("bpo-small", "genai", "int4")
-    backend = GenAIBackend.load_export(folder, model_id="bpo-small", template=None)
-    shipped = GenAIBackend(og.Model(str(folder)), backend.tokenizer, pad_token_id=backend.pad_token_id, model_id="bpo-small",
-                           revision=backend.revision, template=backend.default_template)
+    int4 = load_export(export_folder("bpo-small", "genai", "int4"))  # with the template its manifest names
+    shipped = GenAIBackend(og.Model(str(export_folder("bpo-small", "genai", "int4"))), int4.tokenizer,
+                           pad_token_id=int4.pad_token_id, model_id="bpo-small", revision=int4.revision,
+                           template=int4.default_template)
     shipped.reuse_prefix, shipped.prompt_lookup_tokens = False, 0
-    return shipped, backend
+    return shipped, int4
 
 
 def main() -> None:
@@ -126,6 +128,7 @@ def main() -> None:
     figures: dict[str, object] = {"prompts": len(prompts), "runtime": default.backend.name,
                                   "prefix_tokens": len(default.backend.template_prefix(default.template, default.template.raw is not None)),
                                   "draft_tokens": default.backend.prompt_lookup_tokens,
+                                  "templates": {"default": default.template.name, "int4": int4.default_template.name},
                                   "default_runtime": summary(take_turns(prompts, arms), "shipped: int4, 1 thread, whole prompt"),
                                   "default_runtime_identity": identity(default, prompts)}
     if args.transformers:
@@ -144,6 +147,8 @@ def write(figures: dict, out: Path) -> None:
     lines = [f"# Rewrite latency, default runtime step by step ({figures['prompts']} Vicuna prompts, greedy, guards on, turns taken)", "",
              f"The prefix is {figures['prefix_tokens']} tokens; prompt lookup drafts up to {figures['draft_tokens']} tokens a step.", "",
              "| runtime | p50 s | p95 s | mean s | x faster (p50) |", "|---|---|---|---|---|"]
+    templates = ", ".join(f"{k}: {v}" for k, v in figures["templates"].items())
+    lines[2:2] = [f"Templates: {templates}.", ""]
     for section in ("default_runtime", "transformers"):
         for name, row in figures.get(section, {}).items():
             lines.append(f"| {name} | {row['p50_s']} | {row['p95_s']} | {row['mean_s']} | {row['x_faster_p50']} |")

@@ -57,8 +57,8 @@ def load_genai_model(folder: str | Path, device: str | None = None) -> Any:
 
 
 class GenAIBackend(LocalBackend):
-    # Batch 8 over batch 1 on the int4 export, 2 cores: 0.99x (benchmarks/RESULTS.md). Its batch-1
-    # decode is already fast and prefill is compute-bound, so callers should not wait to batch.
+    # Batch 8 over batch 1 on the int8 export, 2 cores: 0.86x (benchmarks/RESULTS.md): one prompt at
+    # a time gets the template's KV cache and prompt lookup, so callers should not wait to batch.
     batch_speedup = 1.0
     name = "onnx-genai"
 
