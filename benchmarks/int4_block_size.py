@@ -1,4 +1,5 @@
-"""How the 4-bit quantization block size and method trade decode speed for fidelity, on bpo-small's GenAI export.
+"""How the quantization block size and method trade decode speed for fidelity, on bpo-small's GenAI export
+(4-bit by default, ``--precision int8`` for 8-bit).
 
 Smaller blocks keep more scales (more bytes to read per token, more dequantization work). Larger
 blocks round more weights to one scale. For each block size this prints:
@@ -12,6 +13,7 @@ blocks round more weights to one scale. For each block size this prints:
 
     python benchmarks/int4_block_size.py --blocks 32 64 128 256 --out benchmarks/results/int4_block_size
     python benchmarks/int4_block_size.py --blocks 64 --algos default rtn_last hqq --out benchmarks/results/int4_methods
+    python benchmarks/int4_block_size.py --precision int8 --blocks 32 64 128 --out benchmarks/results/int8_block_size
 
 Methods are the GenAI builder's (``rtn_last``: the LM head in int8; its k-quant methods fail on
 SmolLM2's 576-wide layers) and ``hqq`` (onnxruntime's data-free HQQ quantizer on the fp32 graph).
@@ -56,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--algos", nargs="+", default=["default"], help="int4 methods (export --int4-algo).")
+    parser.add_argument("--precision", choices=["int4", "int8"], default="int4")
     parser.add_argument("--speed-prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
     parser.add_argument("--fidelity-prompts", type=Path, default=Path("training/results/bpo-small-val_pairs.jsonl"))
     parser.add_argument("--limit", type=int, default=8)
@@ -68,7 +71,8 @@ def main() -> None:
     from bpo_plugins.registry import find_smollm2_gguf
 
     fp32 = export_folder("bpo-small", "genai", "fp32")
-    exports = {(block, algo): export_folder("bpo-small", "genai", "int4", block, algo) for block in args.blocks for algo in args.algos}
+    algos = args.algos if args.precision == "int4" else ["default"]
+    exports = {(block, algo): export_folder("bpo-small", "genai", args.precision, block, algo) for block in args.blocks for algo in algos}
     backend = load_export(fp32)
 
     def encode(path: Path, limit: int | None) -> list[list[int]]:
@@ -77,7 +81,7 @@ def main() -> None:
                 for r in rows]
 
     def label(block: int, algo: str) -> str:
-        return f"genai int4 block {block}" + ("" if algo == "default" else f" {algo}")
+        return f"genai {args.precision} block {block}" + ("" if algo == "default" else f" {algo}")
 
     runners = {label(*key): genai_runner(folder) for key, folder in exports.items()}
     try:
