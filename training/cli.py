@@ -169,8 +169,7 @@ def _compare_arms(data: dict, alignment, arms: list[str], rewriter, target, judg
     from tqdm import tqdm
 
     from bpo_plugins.drpo.compare import arm_conversations, compare_arms, comparison_markdown, write_comparison
-    from bpo_plugins.drpo.session import default_roles
-    from bpo_plugins.drpo.session import Session
+    from bpo_plugins.drpo.session import Session, default_roles
 
     session = Session(default_roles(target, judge, judge, answer_tokens=answer_tokens), out / "calls.sqlite")
     for set_name, items in data.items():
