@@ -44,7 +44,7 @@ def load_genai_model(folder: str | Path, device: str | None = None) -> Any:
     try:
         config = og.Config(str(folder))
         # GenAI's sessions run one intra-op thread unless told otherwise; on 2 cores, two threads
-        # decode 1.6x and prefill 1.9x faster (benchmarks/RESULTS.md, "GenAI threads").
+        # decode 1.6x and prefill 1.9x faster (benchmarks/RESULTS.md, "a GenAI thread per core").
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": usable_cores()}}}}))
         if device == "cuda" or (device is None and og.is_cuda_available()):
             config.clear_providers()
