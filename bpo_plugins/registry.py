@@ -105,11 +105,11 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
 
 
 def default_runtime() -> tuple[str, str] | None:
-    """(engine, precision) of the fastest installed runtime for bundled models; None without onnxruntime.
+    """(engine, precision) of the default runtime for bundled models; None without onnxruntime.
 
     Measured on bpo-small (benchmarks/RESULTS.md): GenAI int8 (block 64) decodes about 8x faster
-    than transformers and 1.25x llama.cpp, and rewrites 350 held-out prompts within 2 points of fp32 on fallback and
-    expansion. int4 decodes faster still, but expands 6 points fewer prompts than fp32, so it is
+    than transformers and 1.25x llama.cpp, and rewrites 350 held-out prompts within 2 points of
+    fp32 on fallback and expansion. int4 decodes faster still, but expands 6 points fewer prompts than fp32, so it is
     opt-in (``bpo export onnx --precision int4``). Without onnxruntime-genai, the optimum graph with
     int8 weights is about 3x faster than transformers.
     """
