@@ -93,7 +93,7 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json, eval_report.md, eval_plot.png and the call cache.")] = Path("runs/eval"),
     model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = ["bpo-small"],  # noqa: B006
     adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto (the fastest installed runtime) | transformers (fp32) | onnx.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="auto (the default runtime: GenAI int8) | transformers (fp32) | onnx.")] = "auto",
     template: Annotated[str | None, typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Items per set.")] = None,
     target_model: Annotated[str | None, typer.Option("--target-model", help="Target LLM for the judge figures.")] = None,
