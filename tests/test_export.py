@@ -261,3 +261,12 @@ def test_local_runtimes_stop_at_stop_strings(runtime, tiny_bpo_dir, tmp_path):
     stopped = backend.generate(["Explain gravity"], template, replace(free, stop=(stop,)), None).generations[0]
     assert stopped.texts[0] == full.texts[0][: full.texts[0].index(stop)]
     assert stopped.output_tokens < full.output_tokens
+    # A server answers requests on threads: stop strings and padded batches share one fast tokenizer,
+    # which raises "Already borrowed" if two threads use it at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [(["Explain gravity"], replace(free, stop=(stop,))), (["Explain gravity", "Tell me about cats"], free)] * 6
+    with ThreadPoolExecutor(6) as pool:
+        outputs = list(pool.map(lambda call: backend.generate(call[0], template, call[1], None), calls))
+    assert all(out.generations[0].texts[0] == (stopped.texts[0] if len(call[0]) == 1 else full.texts[0])
+               for call, out in zip(calls, outputs))

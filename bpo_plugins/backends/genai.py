@@ -94,7 +94,8 @@ class GenAIBackend(LocalBackend):
         import numpy as np
 
         n = decoding.num_candidates
-        rows = [ids for ids in self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] for _ in range(n)]
+        with self._lock:
+            rows = [ids for ids in self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] for _ in range(n)]
         pad = self.pad_token_id
         if len(rows) > 1 and any(pad in ids for ids in rows):
             # Padding would mask real tokens of these prompts: run every row (candidates too) alone.
@@ -106,10 +107,10 @@ class GenAIBackend(LocalBackend):
                                 timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
                                 cut=[part.generations[0].loops_cut > 0 for part in parts])
         banned = self._banned(decoding.banned_words) or []
-        rows_out = _Outputs(rows, decoding, {self.tokenizer.eos_token_id, pad}, streamer, self.tokenizer)
         start = time.perf_counter()
         deadline = None if timeout_s is None else start + timeout_s
         with self._lock:
+            rows_out = _Outputs(rows, decoding, {self.tokenizer.eos_token_id, pad}, streamer, self.tokenizer)
             reuse = self.reuse_prefix and len(rows) == 1
             generator = self._prefix_cache.resume(rows[0], tuple(prefix), decoding) if reuse else None
             if generator is None:
@@ -123,7 +124,8 @@ class GenAIBackend(LocalBackend):
         if streamer is not None:
             streamer.end()
         elapsed = time.perf_counter() - start
-        decoded = [cut_at_stop(t, decoding.stop) for t in self.tokenizer.batch_decode(rows_out.out, skip_special_tokens=True)]
+        with self._lock:
+            decoded = [cut_at_stop(t, decoding.stop) for t in self.tokenizer.batch_decode(rows_out.out, skip_special_tokens=True)]
         return batch_output(decoded, [len(ids) for ids in rows_out.out], n, elapsed=elapsed, timed_out=timed_out,
                             input_tokens=sum(len(ids) for ids in rows), cut=rows_out.cut)
 

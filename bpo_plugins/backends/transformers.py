@@ -64,7 +64,9 @@ class LocalBackend(Backend):
         self.default_template = template or pick_local_template(model_id, bool(tokenizer.chat_template))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self._lock = threading.Lock()
+        # Held for each generation and for every use of the tokenizer: a fast tokenizer is one Rust
+        # object that refuses concurrent use ("Already borrowed"). Re-entrant: generation tokenizes too.
+        self._lock = threading.RLock()
         self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
         self._prefix_ids: dict[tuple[PromptTemplate, bool], tuple[int, ...]] = {}
         #: Start batch-1 rewrites from the template prefix's KV cache, where the runtime can keep one.
@@ -96,7 +98,8 @@ class LocalBackend(Backend):
             marker = "\uE000"  # a private-use character: no template or tokenizer treats it specially
             rendered = self.render(marker, template)
             head = rendered.split(marker)[0] if rendered.count(marker) == 1 else ""
-            ids = self.tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"] if head else []
+            with self._lock:
+                ids = self.tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"] if head else []
             self._prefix_ids[key] = tuple(ids[:-1])
         return self._prefix_ids[key]
 
@@ -146,7 +149,8 @@ class LocalBackend(Backend):
             ids: list[list[int]] = []
             for word in words:
                 for variant in (word, " " + word):
-                    tokens = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
+                    with self._lock:
+                        tokens = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
                     if tokens and tokens not in ids:
                         ids.append(tokens)
             self._banned_ids[words] = ids or None
@@ -244,9 +248,9 @@ class TransformersBackend(LocalBackend):
     ) -> BatchOutput:
         import torch
 
-        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
-            self.model.device
-        )
+        with self._lock:
+            batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        batch = batch.to(self.model.device)
         n = decoding.num_candidates
         reuse = self.reuse_prefix and len(texts) == 1 and n == 1 and _starts_with(batch["input_ids"][0].tolist(), prefix)
         kwargs: dict[str, Any] = {
@@ -270,7 +274,7 @@ class TransformersBackend(LocalBackend):
         if decoding.stop_loops:
             prompts = [[t for t in row if t != pad] for row in batch["input_ids"].tolist() for _ in range(n)]
             kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, pad)
-        if decoding.stop:
+        if decoding.stop:  # StopStringCriteria tokenizes with it, inside the lock below
             kwargs.update(stop_strings=list(decoding.stop), tokenizer=self.tokenizer)
         if streamer is not None:
             kwargs["streamer"] = streamer
@@ -288,7 +292,8 @@ class TransformersBackend(LocalBackend):
         rows = [[t for t in row if t != pad] for row in output[:, start_at : start_at + decoding.max_new_tokens].tolist()]
         cuts = [loop_cut(row, prompt) for row, prompt in zip(rows, prompts)] if decoding.stop_loops else [None] * len(rows)
         rows = [row if at is None else row[:at] for row, at in zip(rows, cuts)]
-        decoded = [cut_at_stop(text, decoding.stop) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        with self._lock:
+            decoded = [cut_at_stop(text, decoding.stop) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
         return batch_output(decoded, [len(row) for row in rows], n, elapsed=elapsed,
                             timed_out=timeout_s is not None and elapsed >= timeout_s,
                             input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])
