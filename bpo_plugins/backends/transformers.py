@@ -298,7 +298,6 @@ class TransformersBackend(LocalBackend):
                             timed_out=timeout_s is not None and elapsed >= timeout_s,
                             input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])
 
-
     def forget_prefix(self) -> None:
         self._prefix_kv = None
 
