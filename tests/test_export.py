@@ -200,18 +200,21 @@ def test_export_merged_is_a_plain_folder_that_rewrites_like_the_adapter(tmp_path
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
-@pytest.mark.parametrize("runtime", ["transformers", "genai"])
-def test_rewrites_reuse_the_template_prefix_and_match_a_cold_start(runtime, tiny_bpo_dir, tmp_path):
+@pytest.fixture(scope="module", params=["transformers", ENGINES[1]])
+def tiny_local_backend(request, tiny_bpo_dir, tmp_path_factory):
+    """The tiny model loaded on transformers, and as a GenAI fp32 export (built once for the module)."""
+    source = tiny_bpo_dir
+    if request.param == "genai":
+        source = tmp_path_factory.mktemp("genai") / "fp32"
+        export_onnx(str(tiny_bpo_dir), source, "fp32", engine="genai")
+    return Rewriter.from_pretrained(source, cache_size=0).backend
+
+
+def test_rewrites_reuse_the_template_prefix_and_match_a_cold_start(tiny_local_backend):
     """The template's KV cache is computed once per model; greedy rewrites are the same as from a cold cache."""
     from bpo_plugins.decoding import Decoding
 
-    if runtime == "genai":
-        pytest.importorskip("onnxruntime_genai")
-        export_onnx(str(tiny_bpo_dir), tmp_path / "g", "fp32", engine="genai")
-        source = tmp_path / "g"
-    else:
-        source = tiny_bpo_dir
-    backend = Rewriter.from_pretrained(source, cache_size=0).backend
+    backend = tiny_local_backend
     template = backend.default_template
     prefix = backend.template_prefix(template, template.raw is not None)
     assert len(prefix) >= 20  # "[INST] You are an expert prompt engineer..." minus its last token
@@ -222,13 +225,15 @@ def test_rewrites_reuse_the_template_prefix_and_match_a_cold_start(runtime, tiny
     # A sampled call in between builds a generator for its own search options; greedy still matches after it.
     backend.generate(["Explain gravity"], template, Decoding(do_sample=True, temperature=0.9, max_new_tokens=12), None)
     assert backend.generate([prompts[1]], template, greedy, None).generations[0].texts == cold[1]
-    if runtime == "genai":
+    if backend.name == "onnx-genai":
         cache = backend._prefix_cache
         assert cache.hits >= len(prompts) - 1 and cache.misses >= len(prompts)
         # Greedy batch-1 rewrites draft from the prompt (prompt lookup); drafts change no token here.
-        assert backend.prompt_lookup_tokens > 0
-        backend.prompt_lookup_tokens = 0
-        assert [backend.generate([p], template, greedy, None).generations[0].texts for p in prompts] == warm
+        drafts, backend.prompt_lookup_tokens = backend.prompt_lookup_tokens, 0
+        try:
+            assert drafts > 0 and [backend.generate([p], template, greedy, None).generations[0].texts for p in prompts] == warm
+        finally:
+            backend.prompt_lookup_tokens = drafts
     else:
         assert backend._prefix_kv is not None and backend._prefix_kv[0] == prefix
 
@@ -241,18 +246,13 @@ def test_prompt_lookup_drafts_what_followed_the_longest_matching_ngram():
     assert _lookup([1, 2, 3], 4) == [] and _lookup([], 4) == []
 
 
-@pytest.mark.parametrize("runtime", ["transformers", "genai"])
-def test_local_runtimes_stop_at_stop_strings(runtime, tiny_bpo_dir, tmp_path):
+def test_local_runtimes_stop_at_stop_strings(tiny_local_backend):
     """DRPO's <END>, a server request's "stop": generation ends there and the text leaves it out."""
     from dataclasses import replace
 
     from bpo_plugins.decoding import Decoding
 
-    if runtime == "genai":
-        pytest.importorskip("onnxruntime_genai")
-        export_onnx(str(tiny_bpo_dir), tmp_path / "g", "fp32", engine="genai")
-        tiny_bpo_dir = tmp_path / "g"
-    backend = Rewriter.from_pretrained(tiny_bpo_dir, cache_size=0).backend
+    backend = tiny_local_backend
     template, free = backend.default_template, Decoding(max_new_tokens=24)
     full = backend.generate(["Explain gravity"], template, free, None).generations[0]
     words = full.texts[0].split()
