@@ -12,14 +12,15 @@ import threading
 from typing import Any
 
 
-def uvicorn_server(app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> Any:
+def uvicorn_server(app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning", drain_s: float = 5) -> Any:
     import uvicorn
 
     # No access log: request lines are noise for a local helper, and the gateway counts requests in metrics.
     # Keep idle client connections 75 s (nginx's default), well past the 5-20 s that clients and
     # load balancers keep theirs, so a client never reuses a connection the server just closed.
+    # On SIGTERM in-flight requests and streams get drain_s seconds to finish.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=75)
+                            timeout_graceful_shutdown=int(drain_s), timeout_keep_alive=75)
     return uvicorn.Server(config)
 
 

@@ -1,4 +1,5 @@
-"""Pure ASGI pieces the servers share: a body-size limit, gateway keys, and disconnect-aware endpoints.
+"""Pure ASGI pieces the servers share: a body-size limit, gateway keys, disconnect-aware endpoints and
+per-request timing headers.
 
 Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, which hides client disconnects: an
 endpoint here is cancelled the moment its client hangs up, before the first token or mid-stream,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
@@ -16,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bpo_plugins.server import anthropic_api
 from bpo_plugins.server.openai_api import RequestError
 
 log = logging.getLogger("bpo_plugins.server")
@@ -63,15 +66,19 @@ class BodyLimit:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = RequestError(413, f"the request body is over the limit of {self.max_bytes} bytes", code="body_too_large")
+        if scope["path"].startswith("/v1/messages"):
+            return await anthropic_api.from_request_error(error)(scope, receive, send)
         await error.response()(scope, receive, send)
 
 
 class GatewayKeys:
-    """Rejects requests without one of ``keys`` (``Authorization: Bearer`` or ``X-BPO-Key``), so a
-    deployment is no open relay. Health, readiness and metrics stay open for probes and scrapers.
+    """Rejects requests without one of ``keys`` (``Authorization: Bearer``, ``X-API-Key`` as Anthropic
+    clients send it, or ``X-BPO-Key``), so a deployment is no open relay. Health, readiness and
+    metrics stay open for probes and scrapers.
 
-    A key that came in ``Authorization`` is the gateway's, not the upstream's: the scope is marked so
-    the proxy sends the upstream key instead. Keys are compared in constant time and never logged.
+    A key that came in ``Authorization`` or ``X-API-Key`` is the gateway's, not the upstream's: the
+    scope says which header held it (``gateway_key_in``) so the proxy sends the upstream key instead.
+    Keys are compared in constant time and never logged. Anthropic routes get Anthropic's error shape.
     """
 
     OPEN_PATHS = ("/health", "/ready", "/metrics")
@@ -86,11 +93,16 @@ class GatewayKeys:
         headers = dict(scope["headers"])
         bearer = headers.get(b"authorization", b"")
         bearer = bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b""
+        state = scope.setdefault("state", {})
         if self._known(headers.get(b"x-bpo-key", b"")):
-            scope.setdefault("state", {})["gateway_key_in_authorization"] = False
+            state["gateway_key_in"] = None
         elif self._known(bearer):
-            scope.setdefault("state", {})["gateway_key_in_authorization"] = True
+            state["gateway_key_in"] = "authorization"
+        elif self._known(headers.get(b"x-api-key", b"").strip()):
+            state["gateway_key_in"] = "x-api-key"
         else:
+            if scope["path"].startswith("/v1/messages"):
+                return await anthropic_api.error_response(401, "missing or unknown gateway key")(scope, receive, send)
             error = RequestError(401, "missing or unknown gateway key", type="authentication_error", code="invalid_api_key")
             return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
@@ -147,3 +159,39 @@ class Endpoint:
                         await cleanup()
                     except Exception:  # noqa: BLE001 - a failed close must not mask the real outcome
                         log.debug("cleanup failed", exc_info=True)
+
+
+class Timings:
+    """The outermost layer: every response's headers say what the gateway itself cost.
+
+    - ``X-BPO-Overhead-Ms``: from the first byte of the request to the response headers, less the
+      upstream's time and the rewrite's (the gateway's own work: parsing, routing, relaying);
+    - ``X-BPO-Rewrite-Ms``: the rewrite's time (0 when none ran);
+    - ``X-BPO-Cache``: ``hit``, ``miss`` or ``off`` for the rewrite cache.
+
+    Handlers report into the request's state (``bpo_upstream_s``, ``bpo_rewrite_s``, ``bpo_cache``).
+    Streams carry the headers too: they go out before the first byte.
+    """
+
+    def __init__(self, app: ASGIApp, observe: Callable[[float], None] | None = None) -> None:
+        self.app, self.observe = app, observe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                rewrite = state.get("bpo_rewrite_s", 0.0)
+                overhead = max(0.0, time.perf_counter() - start - rewrite - state.get("bpo_upstream_s", 0.0))
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), (b"x-bpo-overhead-ms", b"%.3f" % (overhead * 1000)),
+                                      (b"x-bpo-rewrite-ms", b"%.3f" % (rewrite * 1000)),
+                                      (b"x-bpo-cache", state.get("bpo_cache", "off").encode())]
+                if self.observe is not None:
+                    self.observe(overhead)
+            await send(message)
+
+        await self.app(scope, receive, stamped)

@@ -16,8 +16,9 @@
     rewrite = false
 
 Secrets come from the environment only: ``BPO_UPSTREAM_API_KEY`` (sent upstream when the client
-sends no key of its own, or sent a gateway key) and ``BPO_GATEWAY_KEYS`` (comma-separated keys
-clients must present). A config file that holds either is refused, so keys stay out of repositories.
+sends no key of its own, or sent a gateway key), ``BPO_UPSTREAM_ANTHROPIC_API_KEY`` (the same for
+``/v1/messages``) and ``BPO_GATEWAY_KEYS`` (comma-separated keys clients must present). A config file
+that holds any of them is refused, so keys stay out of repositories.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, get_type_hints
 from bpo_plugins.result import MODES
 
 ENV_PREFIX = "BPO_PROXY_"
-SECRET_FIELDS = ("upstream_api_key", "gateway_keys")
+SECRET_FIELDS = ("upstream_api_key", "upstream_anthropic_api_key", "gateway_keys")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class Treatment:
 class GatewayConfig:
     upstream: str = "https://api.openai.com/v1"
     upstream_api_key: str | None = field(default=None, repr=False)
+    #: Where ``/v1/messages`` goes, as the ``anthropic`` client takes it (``https://api.anthropic.com``,
+    #: no ``/v1``); None sends it to ``upstream``.
+    anthropic_upstream: str | None = None
+    upstream_anthropic_api_key: str | None = field(default=None, repr=False)
     gateway_keys: tuple[str, ...] = field(default=(), repr=False)
     #: The BPO optimizer: a registry name, folder or hub id, or a model on ``optimizer_base_url``.
     optimizer: str = "bpo-small"
@@ -74,15 +79,29 @@ class GatewayConfig:
     batch: str = "auto"
     batch_window_ms: float = 5.0
     max_batch: int = 8
-    #: A SQLite file for the greedy rewrite cache, shared by workers and restarts.
+    #: A SQLite file for the greedy rewrite cache, shared by workers and restarts on one host.
     cache_path: str | None = None
+    #: ``redis://HOST:PORT/DB`` (Redis or Valkey; ``?ttl_s=`` and ``?timeout_ms=`` optional): the greedy
+    #: rewrite cache shared by every worker and replica.
+    cache_url: str | None = field(default=None, repr=False)  # it may hold a password
+    #: Worker processes on one port (uvicorn's process manager); each loads the optimizer once.
+    workers: int = 1
+    #: Seconds a shutdown waits for in-flight requests and streams to finish.
+    drain_timeout_s: float = 30.0
     default: Treatment = Treatment()
     models: tuple[tuple[str, Treatment], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.upstream.startswith(("http://", "https://")):
             raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
-        for name in ("rewrite_timeout_s", "connect_timeout_s", "upstream_timeout_s", "max_body_bytes", "max_connections", "max_batch"):
+        if self.anthropic_upstream is not None and not self.anthropic_upstream.startswith(("http://", "https://")):
+            raise ValueError(f"anthropic_upstream must be an http(s) URL, got {self.anthropic_upstream!r}")
+        if self.cache_path and self.cache_url:
+            raise ValueError("give cache_path (SQLite, one host) or cache_url (Redis, every host), not both")
+        if self.cache_url is not None and not self.cache_url.startswith(("redis://", "rediss://", "valkey://", "valkeys://", "unix://")):
+            raise ValueError("cache_url must be a redis://HOST:PORT/DB URL")
+        for name in ("rewrite_timeout_s", "connect_timeout_s", "upstream_timeout_s", "max_body_bytes", "max_connections", "max_batch",
+                     "workers", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.batch not in ("auto", "on", "off"):
@@ -143,7 +162,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a table of settings")
     secrets = [k for k in SECRET_FIELDS if k in data]
     if secrets:
-        raise ValueError(f"{path}: {', '.join(secrets)} must come from the environment (BPO_UPSTREAM_API_KEY, BPO_GATEWAY_KEYS), not a file")
+        raise ValueError(f"{path}: {', '.join(secrets)} must come from the environment (BPO_UPSTREAM_API_KEY, "
+                         "BPO_UPSTREAM_ANTHROPIC_API_KEY, BPO_GATEWAY_KEYS), not a file")
     return data
 
 
@@ -161,6 +181,8 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
             values[name] = _coerce(name, env[ENV_PREFIX + name.upper()])
     if env.get("BPO_UPSTREAM_API_KEY"):
         values["upstream_api_key"] = env["BPO_UPSTREAM_API_KEY"]
+    if env.get("BPO_UPSTREAM_ANTHROPIC_API_KEY"):
+        values["upstream_anthropic_api_key"] = env["BPO_UPSTREAM_ANTHROPIC_API_KEY"]
     if env.get("BPO_GATEWAY_KEYS"):
         values["gateway_keys"] = _coerce("gateway_keys", env["BPO_GATEWAY_KEYS"])
     values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
