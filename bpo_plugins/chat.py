@@ -1,7 +1,8 @@
-"""The user's prompt inside an OpenAI-style message list: found, and replaced in place.
+"""The user's prompt inside a message list (OpenAI chat, Responses items, Anthropic Messages):
+found, and replaced in place.
 
-Shared by every edge that sees raw chat payloads (the gateway, the LiteLLM guardrail), so each
-finds the prompt the same way and refuses the same shapes.
+:mod:`bpo_plugins.requests` reads every request shape through this module, so each edge finds the
+prompt the same way and refuses the same shapes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+__all__ = ["UserPrompt", "content_text", "last_user_prompt"]
+
+#: Content part types that carry the user's text: chat ``text``, Responses ``input_text``; Anthropic ``text``.
+_TEXT_PARTS = ("text", "input_text")
 
 
 def content_text(content: Any) -> str:
@@ -28,16 +34,25 @@ class UserPrompt:
     replace: Callable[[str], None]
 
 
-def last_user_prompt(messages: Sequence[Any]) -> UserPrompt | str:
-    """The last user message's text, or why there is none to rewrite (``no_user_message``,
-    ``unsupported_content`` for content that is not one text: images with several text parts, say)."""
+def last_user_prompt(messages: Sequence[Any]) -> tuple[UserPrompt | None, str | None]:
+    """The last user message's text, or None and why there is none to rewrite.
+
+    Reasons: ``no_user_message``; ``no_text`` (the last user turn holds only tool results, images or
+    other blocks: an agent's tool loop, where an earlier prompt must not be rewritten again);
+    ``unsupported_content`` (several text parts: which one is the prompt is a guess).
+    """
     user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
     if user is None:
-        return "no_user_message"
+        return None, "no_user_message"
     content = user.get("content")
     if isinstance(content, str):
-        return UserPrompt(content, lambda text: user.__setitem__("content", text))
-    parts = [p for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)] if isinstance(content, list) else []
+        return UserPrompt(content, lambda text: user.__setitem__("content", text)), None
+    if not isinstance(content, list):
+        return None, "unsupported_content"
+    parts = [p for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+             and p.get("type", "text") in _TEXT_PARTS]
+    if not parts:
+        return None, "no_text"
     if len(parts) != 1:
-        return "unsupported_content"
-    return UserPrompt(parts[0]["text"], lambda text: parts[0].__setitem__("text", text))
+        return None, "unsupported_content"
+    return UserPrompt(parts[0]["text"], lambda text: parts[0].__setitem__("text", text)), None

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.drpo.calls import DRPOError
-from bpo_plugins.export.onnx import ParityError
+from bpo_plugins.inputs import UsageError, read_prompt_rows, row_prompt, usage_errors
+from bpo_plugins.onnx_export import ParityError
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
 
 app = typer.Typer(
@@ -34,30 +35,6 @@ BackendOption = Annotated[
 BaseUrlOption = Annotated[
     str | None, typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
 ]
-PROMPT_FIELDS = ("prompt", "instruction", "text", "question")
-
-
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """JSONL (or a JSON array) of rows with a prompt field and an optional context."""
-    from bpo_plugins.training.data import read_rows as parse_rows
-
-    rows = list(parse_rows(path))  # FileNotFoundError / ValueError name the file and line
-    for number, row in enumerate(rows, 1):
-        if not any(isinstance(row.get(f), str) for f in PROMPT_FIELDS):
-            raise UsageError(f"{path}: row {number} has no string 'prompt' field")
-        if row.get("context") is not None and not isinstance(row["context"], str):
-            raise UsageError(f"{path}: row {number}: 'context' must be a string")
-    return rows
-
-
-def row_prompt(row: dict[str, Any]) -> str:
-    return next(row[f] for f in PROMPT_FIELDS if isinstance(row.get(f), str))
-
-
 def _done_rows(out: Path) -> int:
     """Rows already written by an earlier, interrupted run (a torn last line is rewritten)."""
     if not out.is_file():
@@ -113,20 +90,22 @@ def optimize(
     spec = {"model": model, "backend": backend, "base_url": base_url, "mode": mode, "timeout_s": timeout, "max_new_tokens": max_new_tokens}
     if file is not None:
         assert out is not None
-        rows, done = read_rows(file), _done_rows(out)
+        rows, done = read_prompt_rows(file), _done_rows(out)
         if ray:
             outcomes = _ray_outcomes(spec, rows[done:], batch_size, ray_address, actors)
             how = {"engine": "ray", "actors": actors}
         else:
             from bpo_plugins.batching import file_batch_size
 
-            rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
+            with usage_errors():  # the flags are checked, and the model loaded, here
+                rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
             batch = batch_size or file_batch_size(rewriter)
             outcomes = _local_outcomes(rewriter, rows[done:], batch)
             how = {"engine": "local", "batch_size": batch}
         _write_file(rows, done, outcomes, file, out, how)
         return
-    rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
+    with usage_errors():
+        rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
     assert text is not None
     result = rewriter.rewrite(text, context=context)
     if as_json:
@@ -201,10 +180,11 @@ def bench(
     """Time rewrites: latency p50/p95, decode tokens/s and peak memory, written to JSON."""
     from bpo_plugins.bench import run_benchmark
 
-    rows = read_rows(prompts)[:limit]
+    rows = read_prompt_rows(prompts)[:limit]
     from bpo_plugins import Rewriter
 
-    rewriter = Rewriter.from_spec(model, backend=backend, base_url=base_url, mode=mode, max_new_tokens=max_new_tokens, cache_size=0)
+    with usage_errors():
+        rewriter = Rewriter.from_spec(model, backend=backend, base_url=base_url, mode=mode, max_new_tokens=max_new_tokens, cache_size=0)
     figures = run_benchmark(rewriter, [row_prompt(r) for r in rows], batch_size=batch_size)
     figures.update(prompts_file=str(prompts), model=model, backend=rewriter.backend.name, mode=mode)
     out.write_text(json.dumps(figures, indent=2))
@@ -222,12 +202,15 @@ def serve(
 ) -> None:
     """Serve a local model (any local runtime) over an OpenAI-compatible API, streaming included."""
     from bpo_plugins.backends import load_local_backend
-    from bpo_plugins.backends.transformers import LocalBackend
+    from bpo_plugins.backends.local import LocalBackend
+    from bpo_plugins.spec import resolve_spec
 
     build_app = _server_module("local").build_app
-    if backend not in ("auto", "transformers", "onnx"):
-        raise UsageError(f"bpo serve runs local models: --backend auto, transformers or onnx, not {backend!r}")
-    loaded = load_local_backend(model, backend=backend)
+    with usage_errors():
+        spec = resolve_spec(model, backend=backend)
+    if spec.kind != "local":
+        raise UsageError(f"bpo serve runs local models (a registry name, folder or hub id), not {spec.kind} model {model!r}")
+    loaded = load_local_backend(spec.model, backend=spec.runtime)
     if not isinstance(loaded, LocalBackend):  # pragma: no cover - every local runtime is a LocalBackend
         raise UsageError(f"{model!r} did not load as a local model")
     _run_server(build_app(loaded), host, port, f"serving {loaded.model_id} ({loaded.name})")
@@ -241,22 +224,34 @@ def proxy(
     optimizer_base_url: Annotated[str | None, typer.Option("--optimizer-base-url", help="Serve the optimizer from this OpenAI-compatible URL.")] = None,
     rewrite_timeout: Annotated[float | None, typer.Option("--rewrite-timeout", help="Seconds before the original prompt goes on.")] = None,
     no_rewrite: Annotated[bool, typer.Option("--no-rewrite", help="Relay only (measure the gateway's own overhead).")] = False,
+    anthropic_upstream: Annotated[str | None, typer.Option("--anthropic-upstream", help="Where /v1/messages goes (https://api.anthropic.com); default --upstream.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Gateway processes on one port (default 1).")] = None,
+    cache_url: Annotated[str | None, typer.Option("--cache-url", help="redis://HOST:PORT/DB: one rewrite cache for every worker and replica.")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
 ) -> None:
-    """An OpenAI-compatible gateway: BPO rewrites each prompt, then the request goes to --upstream."""
-    from dataclasses import replace
-
-    from bpo_plugins.server.config import load_config
-
+    """An OpenAI- and Anthropic-compatible gateway: BPO rewrites each prompt, then the request goes upstream."""
+    overrides = {"upstream": upstream, "optimizer": optimizer, "optimizer_base_url": optimizer_base_url,
+                 "rewrite_timeout_s": rewrite_timeout, "anthropic_upstream": anthropic_upstream, "workers": workers,
+                 "cache_url": cache_url}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     build_gateway_app = _server_module("gateway").build_gateway_app
-    settings = load_config(config, upstream=upstream, optimizer=optimizer, optimizer_base_url=optimizer_base_url,
-                           rewrite_timeout_s=rewrite_timeout)
-    if no_rewrite:
-        settings = replace(settings, default=replace(settings.default, rewrite=False),
-                           models=tuple((p, replace(t, rewrite=False)) for p, t in settings.models))
+    server_workers = _server_module("workers")
+    path = None if config is None else str(config)
+    with usage_errors():  # a bad setting, flag or config file
+        settings = server_workers.settings_from(path, overrides, no_rewrite)
     what = "relaying" if not settings.rewrites_anything else f"rewriting with {settings.optimizer}"
-    _run_server(build_gateway_app(settings), host, port, f"proxy to {settings.upstream}, {what}")
+    what = f"proxy to {settings.upstream}, {what}"
+    if settings.workers > 1:
+        def announce(bound: int) -> None:
+            typer.echo(f"{what}, {settings.workers} workers, at http://{host}:{bound}/v1 (Ctrl-C to stop)", err=True)
+
+        try:
+            server_workers.run_workers(path, overrides, no_rewrite, host, port, announce)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        return
+    _run_server(build_gateway_app(settings), host, port, what, drain_s=settings.drain_timeout_s)
 
 
 def _server_module(name: str) -> Any:
@@ -268,12 +263,12 @@ def _server_module(name: str) -> Any:
         raise UsageError(f"the servers need the server extra ({exc.name} is missing): pip install 'bpo-plugins[server]'") from None
 
 
-def _run_server(asgi_app: Any, host: str, port: int, what: str) -> None:
+def _run_server(asgi_app: Any, host: str, port: int, what: str, drain_s: float = 5) -> None:
     import asyncio
 
     from bpo_plugins.server import bound_port, uvicorn_server
 
-    server = uvicorn_server(asgi_app, host, port)
+    server = uvicorn_server(asgi_app, host, port, drain_s=drain_s)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())
@@ -312,14 +307,16 @@ app.command("eval")(evaluate)
 
 
 def main() -> None:
-    """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
+    """Entry point, never a traceback. Bad input (a flag, a setting, a file, a model that will not load):
+    one line, exit 2. Work that ran and failed: one line, exit 1. Anything else is a bug: one line that
+    says so, exit 1; with ``BPO_DEBUG=1`` it raises, traceback and all."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.getLogger("bpo_plugins").addHandler(handler)
     try:
         code = app(standalone_mode=False)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, ModelLoadError) as exc:
+    except (UsageError, FileNotFoundError, ModelLoadError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
     except (RewriteError, ParityError, DRPOError) as exc:  # the work ran and failed: exit 1
@@ -336,7 +333,12 @@ def main() -> None:
             raise SystemExit(exit_code) from None
         if type(exc).__name__ == "Abort":
             raise SystemExit(1) from None
-        raise
+        if os.environ.get("BPO_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(exc).split())
+        typer.secho(f"internal error: {type(exc).__name__}{': ' + message if message else ''} (set BPO_DEBUG=1 for the traceback)",
+                    err=True, fg=typer.colors.RED)
+        raise SystemExit(1) from None
     if isinstance(code, int) and code:
         raise SystemExit(code)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import dspy
 
-from bpo_plugins.pipeline import AlignmentPipeline
+from bpo_plugins.drpo import AlignmentPipeline
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 

@@ -3,7 +3,7 @@ for DRPO, ``prompt | DRPOAligner("llama3-8b-instruct") | llm`` and ``DRPOMiddlew
 ``DRPOAligner(preset, bpo=True)``.
 
 Only the adaptation to LangChain's types lives here; modes, guards, cache and batching are the
-core :class:`~bpo_plugins.Rewriter`'s, and alignment is :class:`~bpo_plugins.pipeline.AlignmentPipeline`'s.
+core :class:`~bpo_plugins.Rewriter`'s, and alignment is :class:`~bpo_plugins.drpo.AlignmentPipeline`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
-from bpo_plugins.pipeline import AlignmentPipeline
+from bpo_plugins.drpo import AlignmentPipeline
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 

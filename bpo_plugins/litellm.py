@@ -17,17 +17,18 @@ so every error and timeout here is caught and the request goes on unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from litellm.integrations.custom_guardrail import CustomGuardrail
 
-from bpo_plugins.chat import last_user_prompt
+from bpo_plugins.requests import RequestRewriter, Shape
 from bpo_plugins.rewriter import Rewriter
 
 log = logging.getLogger("bpo_plugins.litellm")
-REWRITTEN_CALLS = ("completion", "acompletion", "text_completion", "atext_completion")
+#: LiteLLM call types the guardrail rewrites, and the request shape each carries.
+REWRITTEN_CALLS = {"completion": Shape.CHAT, "acompletion": Shape.CHAT,
+                   "text_completion": Shape.COMPLETIONS, "atext_completion": Shape.COMPLETIONS}
 
 
 class BPOGuardrail(CustomGuardrail):
@@ -44,29 +45,22 @@ class BPOGuardrail(CustomGuardrail):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.timeout_s = float(rewrite_timeout_s)
+        self.mode = rewrite_mode
         self.rewriter = rewriter or Rewriter.from_spec(
-            optimizer, backend=optimizer_backend, base_url=optimizer_base_url, timeout_s=self.timeout_s, mode=rewrite_mode)  # type: ignore[arg-type]
+            optimizer, backend=optimizer_backend, base_url=optimizer_base_url, timeout_s=float(rewrite_timeout_s), mode=rewrite_mode)  # type: ignore[arg-type]
+        self.requests = RequestRewriter(self.rewriter, timeout_s=float(rewrite_timeout_s))
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any) -> dict:
-        if call_type not in REWRITTEN_CALLS:
+        shape = REWRITTEN_CALLS.get(str(getattr(call_type, "value", call_type)))
+        if shape is None or (shape == Shape.CHAT and not isinstance(data.get("messages"), list)):
             return data
         try:
-            if isinstance(data.get("messages"), list):
-                prompt = last_user_prompt(data["messages"])
-                if isinstance(prompt, str):
-                    return data
-                result = await asyncio.wait_for(self.rewriter.arewrite(prompt.text), self.timeout_s)
-                if result.changed:
-                    prompt.replace(result.rewritten)
-            elif isinstance(data.get("prompt"), str):
-                result = await asyncio.wait_for(self.rewriter.arewrite(data["prompt"]), self.timeout_s)
-                if result.changed:
-                    data["prompt"] = result.rewritten
-            else:
-                return data
-            # What happened, for LiteLLM's logs and spend tracking: the reason only, never the text.
-            data.setdefault("metadata", {})["bpo_rewrite"] = "applied" if result.changed else (result.fallback or "unchanged")
+            body, outcome = await self.requests.arewrite(data, shape, mode=self.mode)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - fail open: LiteLLM would block the request on any exception
             log.warning("BPO rewrite skipped (%s); the request goes on unchanged", type(exc).__name__)
-        return data
+            return data
+        if outcome.status == "skipped":
+            return data
+        # What happened, for LiteLLM's logs and spend tracking: the reason only, never the text.
+        body["metadata"] = {**(body.get("metadata") or {}), "bpo_rewrite": outcome.header}
+        return body

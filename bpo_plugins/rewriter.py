@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -11,13 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bpo_plugins import telemetry as _telemetry
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
-from bpo_plugins.cache import RewriteCache, cache_key
-from bpo_plugins.decoding import Decoding, check_mode, decoding_for
-from bpo_plugins.guards import GuardConfig, Masked, check_rewrite, check_text, clean_output, mask_protected, word_count
-from bpo_plugins.result import FallbackReason, Mode, RewriteError, RewriteResult
+from bpo_plugins.cache import RewriteCache, cache_key, make_cache
+from bpo_plugins.decoding import Decoding, check_mode, cut_at_newline, decoding_for
+from bpo_plugins.guards import (
+    GuardConfig,
+    Masked,
+    check_rewrite,
+    check_text,
+    clean_output,
+    mask_protected,
+    non_english_reason,
+    word_count,
+)
+from bpo_plugins.result import FallbackReason, GuardPreset, Mode, RewriteError, RewriteResult
 from bpo_plugins.selectors import SELECTORS, Selector
-from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, resolve_template
+from bpo_plugins.spec import ModelSpec, resolve_spec
+from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, follows_bpo, resolve_template
 
 BackendFactory = Callable[[], Backend]
 _shared_default: Rewriter | None = None
@@ -45,6 +57,9 @@ class Rewriter:
     default) local backends stop a candidate as soon as it starts repeating itself and keep one copy.
     """
 
+    #: The model spec this Rewriter was resolved from (:meth:`from_spec`); None when built from a backend.
+    spec: ModelSpec | None = None
+
     def __init__(
         self,
         backend: Backend | BackendFactory,
@@ -60,6 +75,7 @@ class Rewriter:
         guards: GuardConfig | None = None,
         cache_size: int = 1024,
         cache_path: str | Path | None = None,
+        cache_url: str | None = None,
         stop_loops: bool = True,
     ) -> None:
         self._backend: Backend | None = backend if isinstance(backend, Backend) else None
@@ -84,27 +100,34 @@ class Rewriter:
             selector = SELECTORS[selector]
         self.selector: Selector = selector
         self.guards = guards or GuardConfig()
-        self.cache = RewriteCache(cache_size, cache_path)
+        self.cache: RewriteCache = make_cache(cache_size, cache_path, cache_url)  # cache_url: Redis, shared by every host
         self.stop_loops = stop_loops
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def default(cls, **options: Any) -> Rewriter:
-        """The bundled ``bpo-small`` optimizer: offline, loaded on first use.
-
-        Without options it is one shared instance per process, so every integration that
-        falls back to the default shares one model and one cache.
-        """
+    def shared(cls) -> Rewriter:
+        """The process-wide bundled ``bpo-small`` optimizer: one instance, so every integration that
+        falls back to it shares one model and one cache. Loaded on first use."""
         from bpo_plugins.registry import DEFAULT_MODEL
 
         global _shared_default
-        if options:
-            return cls.from_pretrained(DEFAULT_MODEL, **options)
         with _default_lock:
             if _shared_default is None:
                 _shared_default = cls.from_pretrained(DEFAULT_MODEL)
             return _shared_default
+
+    @classmethod
+    def default(cls, **options: Any) -> Rewriter:
+        """A new bundled ``bpo-small`` optimizer with ``options`` (offline, loaded on first use).
+
+        Without options it returns :meth:`shared`, as it always has; call :meth:`shared` to say so.
+        """
+        from bpo_plugins.registry import DEFAULT_MODEL
+
+        if not options:
+            return cls.shared()
+        return cls.from_pretrained(DEFAULT_MODEL, **options)
 
     @classmethod
     def from_pretrained(
@@ -139,19 +162,19 @@ class Rewriter:
         return cls(load, **options)
 
     @classmethod
-    def from_spec(cls, model: str, *, backend: str = "auto", base_url: str | None = None, **options: Any) -> Rewriter:
-        """The optimizer a command line or config file names: a backend kind, a model, maybe a server URL.
-
-        ``backend`` is ``auto`` (an OpenAI-compatible server when ``base_url`` is given, else a local
-        model), ``transformers``, ``onnx``, ``openai`` or ``anthropic``.
-        """
-        if backend == "openai" or (backend == "auto" and base_url):
-            return cls.from_openai(model, base_url=base_url, **options)
-        if backend == "anthropic":
-            return cls.from_anthropic(model, base_url=base_url, **options)
-        if backend in ("auto", "transformers", "onnx"):
-            return cls.from_pretrained(model, backend=backend, **options)
-        raise ValueError(f"unknown backend {backend!r}: use auto, transformers, onnx, openai or anthropic")
+    def from_spec(cls, model: str | ModelSpec, *, backend: str = "auto", base_url: str | None = None,
+                  api_key: str | None = None, **options: Any) -> Rewriter:
+        """The optimizer a command line, config file or integration names: ``MODEL`` or ``MODEL@URL``,
+        resolved by :func:`~bpo_plugins.spec.resolve_spec`, the rule every entry point shares."""
+        spec = resolve_spec(model, backend=backend, base_url=base_url)
+        if spec.kind == "local":
+            rewriter = cls.from_pretrained(spec.model, backend=spec.runtime, **options)
+        elif spec.kind == "anthropic":
+            rewriter = cls.from_anthropic(spec.model, base_url=spec.base_url, api_key=api_key, **options)
+        else:
+            rewriter = cls.from_openai(spec.model, base_url=spec.base_url, api_key=api_key, **options)
+        rewriter.spec = spec
+        return rewriter
 
     @classmethod
     def from_openai(
@@ -229,7 +252,7 @@ class Rewriter:
         if pending:
             texts = [item.masked.text for item in pending]
             output = self._run(lambda: self.backend.generate(texts, self.template, decoding, self.timeout_s))
-            self._finish(pending, output, mode)
+            self._finish(pending, output, mode, decoding)
         return self._results(items, start, strict)
 
     def plan(self, prompt: str, *, mode: Mode | None = None) -> tuple[str | None, Decoding]:
@@ -245,11 +268,11 @@ class Rewriter:
         if len(outputs) != len(prompts):
             raise ValueError("check takes one list of generated texts per prompt")
         start = time.perf_counter()
-        items, mode, _ = self._prepare(prompts, None, mode, ())
+        items, mode, decoding = self._prepare(prompts, None, mode, ())
         pending = [(item, texts) for item, texts in zip(items, outputs) if item.result is None]
         if pending:
             generations = [Generation(texts=list(texts) or [""]) for _, texts in pending]
-            self._finish([item for item, _ in pending], BatchOutput(generations=generations), mode)
+            self._finish([item for item, _ in pending], BatchOutput(generations=generations), mode, decoding)
         return self._results(items, start, None)
 
     async def arewrite(
@@ -291,7 +314,7 @@ class Rewriter:
                 output = TimeoutError(f"no answer within {self.timeout_s}s")
             except Exception as exc:  # noqa: BLE001 - fail open: any backend failure becomes a fallback
                 output = exc
-            self._finish(pending, output, mode)
+            self._finish(pending, output, mode, decoding)
         return self._results(items, start, strict)
 
     def with_options(self, **options: Any) -> Rewriter:
@@ -329,38 +352,74 @@ class Rewriter:
         mode: Mode | None,
         protect: Sequence[str],
     ) -> tuple[list[_Item], Mode, Decoding]:
+        """Check the inputs, mask protected spans, settle what needs no generation (pass-throughs and
+        cache hits), and cap the decoding's token budget for the rest."""
+        prompts, contexts = self._checked_inputs(prompts, contexts, protect)
+        mode = check_mode(mode or self.mode)
+        decoding = self._decoding(mode)
+        items = [
+            self._admit(_Item(prompt, None if contexts is None else contexts[i], mask_protected(prompt, protect)), mode, decoding)
+            for i, prompt in enumerate(prompts)
+        ]
+        return items, mode, decoding.capped(self._token_budget(items))
+
+    @staticmethod
+    def _checked_inputs(
+        prompts: Sequence[str], contexts: Sequence[str | None] | None, protect: Sequence[str]
+    ) -> tuple[list[str], list[str | None] | None]:
+        """The prompts and contexts as lists of text; a TypeError or ValueError that names what to pass instead."""
         if isinstance(prompts, (str, bytes)):
             raise TypeError("rewrite_batch takes a list of prompts; use rewrite() for one prompt")
-        prompts = [check_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        checked = [check_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         if contexts is not None:
-            if isinstance(contexts, (str, bytes)) or len(contexts) != len(prompts):
+            if isinstance(contexts, (str, bytes)) or len(contexts) != len(checked):
                 raise ValueError("contexts must be a list with one entry (or None) per prompt")
             contexts = [None if c is None else check_text(c, "context") for c in contexts]
         if isinstance(protect, (str, bytes)):
             raise TypeError("protect takes a list of strings, not a single string")
-        mode = check_mode(mode or self.mode)
-        decoding = decoding_for(mode, max_new_tokens=self.max_new_tokens, num_candidates=self.num_candidates,
-                                stop_loops=self.stop_loops)
-        items = []
-        for i, prompt in enumerate(prompts):
-            item = _Item(prompt, None if contexts is None else contexts[i], mask_protected(prompt, protect))
-            words = word_count(item.masked.plain)
-            if not item.masked.plain.strip():
-                item.result = self._fallback(item, mode, FallbackReason.EMPTY_INPUT, "nothing to rewrite")
-            elif words > self.max_input_words:
-                # Long inputs are where BPO damages text (it rewrites passages): pass them through.
-                detail = f"{words} words > max_input_words={self.max_input_words}"
-                item.result = self._fallback(item, mode, FallbackReason.INPUT_TOO_LONG, detail)
-            elif mode == "greedy":
-                item.key = self._cache_key(item, decoding)
-                record = self.cache.get(item.key)
-                if record is not None:
-                    item.result = self._from_record(item, mode, record)
-            items.append(item)
-        # A rewrite is rarely more than max_length_ratio times the prompt: stop decoding there.
+        return checked, None if contexts is None else list(contexts)
+
+    def _decoding(self, mode: Mode) -> Decoding:
+        """BPO's decoding for ``mode``; aggressive mode's newline stop and minimum length only for an
+        optimizer trained on BPO's data (:func:`~bpo_plugins.templates.follows_bpo`)."""
+        return decoding_for(mode, max_new_tokens=self.max_new_tokens, num_candidates=self.num_candidates,
+                            stop_loops=self.stop_loops, bpo_recipe=mode == "aggressive" and follows_bpo(self.template))
+
+    def _admit(self, item: _Item, mode: Mode, decoding: Decoding) -> _Item:
+        """Settle ``item`` now when it needs no generation: a pass-through, or (greedy) a cached rewrite."""
+        passed = self._pass_through(item)
+        if passed is not None:
+            item.result = self._fallback(item, mode, *passed)
+        elif mode == "greedy":
+            item.key = self._cache_key(item, decoding)
+            record = self.cache.get(item.key)
+            if record is not None:
+                item.result = self._from_record(item, mode, record)
+        return item
+
+    def _pass_through(self, item: _Item) -> tuple[FallbackReason, str] | None:
+        """Why ``item`` goes through unchanged without a generation: empty, too long, or not English."""
+        words = word_count(item.masked.plain)
+        if not item.masked.plain.strip():
+            return FallbackReason.EMPTY_INPUT, "nothing to rewrite"
+        if words > self.max_input_words:
+            # Long inputs are where BPO damages text (it rewrites passages): pass them through.
+            return FallbackReason.INPUT_TOO_LONG, f"{words} words > max_input_words={self.max_input_words}"
+        # Judged on what the optimizer would see: protected spans (a passage, options) are not its to read.
+        why = non_english_reason(re.sub(r"\{\{" + item.masked.tag + r"_\d+\}\}", " ", item.masked.text))
+        if why is not None and self._english_only():
+            return FallbackReason.NON_ENGLISH, why
+        return None
+
+    def _english_only(self) -> bool:
+        """GuardConfig.english_only, where None means: on for optimizers trained on BPO's English data."""
+        on = self.guards.english_only
+        return follows_bpo(self.template) if on is None else on
+
+    def _token_budget(self, items: list[_Item]) -> int:
+        """A rewrite is rarely more than max_length_ratio times the prompt: stop decoding there."""
         longest = max((word_count(i.masked.text) for i in items if i.result is None), default=0)
-        budget = int(longest * self.guards.max_length_ratio * 1.5) + 16  # ~1.3-1.5 tokens a word
-        return items, mode, decoding.capped(budget)
+        return int(longest * self.guards.max_length_ratio * 1.5) + 16  # ~1.3-1.5 tokens a word
 
     def _run(self, call: Callable[[], BatchOutput]) -> BatchOutput | BaseException:
         try:
@@ -368,7 +427,7 @@ class Rewriter:
         except Exception as exc:  # noqa: BLE001 - fail open: any backend failure becomes a fallback
             return exc
 
-    def _finish(self, pending: list[_Item], output: BatchOutput | BaseException, mode: Mode) -> None:
+    def _finish(self, pending: list[_Item], output: BatchOutput | BaseException, mode: Mode, decoding: Decoding) -> None:
         if isinstance(output, BaseException):
             reason = FallbackReason.TIMEOUT if isinstance(output, TimeoutError) else FallbackReason.BACKEND_ERROR
             for item in pending:
@@ -376,7 +435,8 @@ class Rewriter:
             return
         for item, generation in zip(pending, output.generations):
             try:
-                item.result = self._judge(item, generation.texts, mode, output.timed_out, generation.output_tokens)
+                texts = [cut_at_newline(t) for t in generation.texts] if decoding.stop_at_newline else generation.texts
+                item.result = self._judge(item, texts, mode, output.timed_out, generation.output_tokens)
                 if generation.loops_cut:
                     item.result = item.result.with_(loops_cut=generation.loops_cut)
             except Exception as exc:  # noqa: BLE001 - a guard bug must not break the caller's request
@@ -423,6 +483,7 @@ class Rewriter:
     def _results(self, items: list[_Item], start: float, strict: bool | None) -> list[RewriteResult]:
         latency = time.perf_counter() - start
         results = [item.result.with_(latency_s=latency) for item in items if item.result is not None]
+        _telemetry.record_rewrites(results, start)  # a span per rewrite when the app set a tracer provider
         if self.strict if strict is None else strict:
             for result in results:
                 if result.fallback is not None:
@@ -430,6 +491,13 @@ class Rewriter:
         return results
 
     # -- results and cache records ------------------------------------------------------------
+
+    @property
+    def guard_preset(self) -> GuardPreset:
+        """Which guards judge this Rewriter's results; the bundled models get ``strict`` unless told otherwise."""
+        if self.guards == GuardConfig():
+            return "default"
+        return "strict" if self.guards == GuardConfig.strict() else "custom"
 
     def _result(self, item: _Item, mode: Mode, rewritten: str, **fields: Any) -> RewriteResult:
         backend = self._backend
@@ -440,6 +508,7 @@ class Rewriter:
             backend=backend.name if backend is not None else "unloaded",
             model=backend.model_id if backend is not None else "",
             context=item.context,
+            guard_preset=self.guard_preset,
             **fields,
         )
 

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from bpo_plugins.inputs import UsageError, usage_errors
+
 data_app = typer.Typer(help="Build (prompt -> optimized prompt) training pairs from preference data.", no_args_is_help=True)
 
 
@@ -56,7 +58,7 @@ def data_build(
     inputs: Annotated[list[Path], typer.Argument(help="Preference files: BPO JSON/JSONL, {prompt, chosen, rejected} JSONL, HH-RLHF (.jsonl.gz).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="THUDM/BPO-schema JSONL of kept pairs.")],
     teacher_model: Annotated[str, typer.Option("--teacher-model", help="Teacher model: API name, registry name or path.")] = "gpt-4o-mini",
-    teacher_backend: Annotated[str, typer.Option("--teacher-backend", help="openai | anthropic | transformers")] = "openai",
+    teacher_backend: Annotated[str, typer.Option("--teacher-backend", help="auto (by the model spec) | openai | anthropic | transformers | onnx")] = "auto",
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible teacher URL (vLLM...).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 8,
@@ -79,7 +81,8 @@ def data_build(
     triplets = triplets[:limit] if limit else triplets
     from bpo_plugins.backends import load_backend
 
-    teacher = load_backend(teacher_model, backend=teacher_backend, base_url=base_url)
+    with usage_errors():
+        teacher = load_backend(teacher_model, backend=teacher_backend, base_url=base_url)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(triplets), desc="teacher", unit="pair") as bar:
         report = build(triplets, teacher, out, concurrency=concurrency, temperature=temperature,
@@ -97,12 +100,12 @@ def evaluate(
     template: Annotated[str | None, typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Items per set.")] = None,
     target_model: Annotated[str | None, typer.Option("--target-model", help="Target LLM for the judge figures.")] = None,
-    target_backend: Annotated[str, typer.Option("--target-backend")] = "openai",
+    target_backend: Annotated[str, typer.Option("--target-backend", help="auto (by the model spec) | openai | anthropic | transformers | onnx")] = "auto",
     target_base_url: Annotated[str | None, typer.Option("--target-base-url")] = None,
     judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge LLM (FastChat pair-v2).")] = None,
-    judge_backend: Annotated[str, typer.Option("--judge-backend")] = "openai",
+    judge_backend: Annotated[str, typer.Option("--judge-backend", help="auto (by the model spec) | openai | anthropic | transformers | onnx")] = "auto",
     judge_base_url: Annotated[str | None, typer.Option("--judge-base-url")] = None,
-    judge_prompts: Annotated[Path, typer.Option("--judge-prompts")] = Path("../shared/data/judge/fastchat_judge_prompts.jsonl"),
+    judge_prompts: Annotated[Path | None, typer.Option("--judge-prompts", help="FastChat judge prompts (default: the packaged copy).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     mode: Annotated[str, typer.Option("--mode", help="greedy | stable | aggressive")] = "greedy",
     answer_tokens: Annotated[int, typer.Option("--answer-tokens", min=1, help="Tokens per target answer.")] = 256,
@@ -115,6 +118,7 @@ def evaluate(
 
     from bpo_plugins import Rewriter
     from bpo_plugins.backends import load_backend
+    from bpo_plugins.pairwise import load_judge_prompt
     from bpo_plugins.training import evaluate as ev
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -123,17 +127,22 @@ def evaluate(
         from bpo_plugins.drpo.compare import ARMS
 
         if not (target_model and judge_model):
-            raise ValueError("--drpo compares answers: give --target-model and --judge-model too")
+            raise UsageError("--drpo compares answers: give --target-model and --judge-model too")
         if not arm_list or set(arm_list) - set(ARMS):
-            raise ValueError(f"--arms {arms!r}: use some of {', '.join(ARMS)}")
-        alignment = load_alignment(drpo)  # a bad name fails now, before any rewrite
-    out.mkdir(parents=True, exist_ok=True)
+            raise UsageError(f"--arms {arms!r}: use some of {', '.join(ARMS)}")
+        with usage_errors():
+            alignment = load_alignment(drpo)  # a bad name fails now, before any rewrite
+    # Every input file is read before any work, so a bad one fails at once.
     data = {path.stem: ev.read_eval_set(path, limit) for path in sets}
+    prompt = load_judge_prompt(judge_prompts) if target_model and judge_model else {}
+    out.mkdir(parents=True, exist_ok=True)
     embedder = ev.Embedder()
     proxy: dict[str, dict] = {}
     rewrites: dict[tuple[str, str], list[str]] = {}
     for name in model:
-        rewriter = Rewriter.from_pretrained(name, backend=backend, adapter=adapter, template=template, max_new_tokens=max_new_tokens, mode=mode)
+        local = {"adapter": adapter} if adapter is not None else {}  # an adapter only applies to a local base
+        with usage_errors():
+            rewriter = Rewriter.from_spec(name, backend=backend, template=template, max_new_tokens=max_new_tokens, mode=mode, **local)
         for set_name, items in data.items():
             with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
                 figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)
@@ -142,10 +151,10 @@ def evaluate(
             (out / f"rows_{Path(name).name}_{set_name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     judged = []
     if target_model and judge_model:
-        target = load_backend(target_model, backend=target_backend, base_url=target_base_url)
-        judge = load_backend(judge_model, backend=judge_backend, base_url=judge_base_url)
+        with usage_errors():
+            target = load_backend(target_model, backend=target_backend, base_url=target_base_url)
+            judge = load_backend(judge_model, backend=judge_backend, base_url=judge_base_url)
         cache = ev.CallCache(out / "calls.jsonl")
-        prompt = ev.load_judge_prompt(judge_prompts)
         # With --drpo the arms comparison below judges BPO against raw itself.
         for (name, set_name), texts in ({} if drpo else rewrites).items():
             with tqdm(total=len(texts), desc=f"judge {name} on {set_name}", unit="prompt") as bar:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
+from bpo_plugins.spec import ModelSpec, resolve_spec
 
 __all__ = ["Backend", "BatchOutput", "Generation", "load_backend", "load_local_backend"]
 
-BACKEND_KINDS = ("auto", "transformers", "onnx", "openai", "anthropic")
 
 
 def load_local_backend(
@@ -44,25 +44,19 @@ def load_local_backend(
     return TransformersBackend.load(name_or_path, revision=revision, device=device, dtype=dtype, adapter=adapter)
 
 
-def load_backend(model: str, *, backend: str = "auto", base_url: str | None = None, max_retries: int = 2,
-                 api_key: str | None = None) -> Backend:
-    """Any model a command line names, loaded. ``auto`` picks an OpenAI-compatible server when
-    ``base_url`` is given; a local model for a registry name, a folder or a hub id (``org/name``);
-    Anthropic for ``claude-*``; else OpenAI's API (``gpt-4o-mini``). Or name the backend outright."""
-    from bpo_plugins.registry import REGISTRY
-
-    if backend not in BACKEND_KINDS:
-        raise ValueError(f"unknown backend {backend!r}: use {', '.join(BACKEND_KINDS)}")
-    if backend == "auto" and base_url:
-        backend = "openai"
-    elif backend == "auto" and not (model in REGISTRY or Path(model).exists() or "/" in model):
-        backend = "anthropic" if model.startswith("claude") else "openai"
-    if backend == "openai":
+def load_backend(model: str | ModelSpec, *, backend: str = "auto", base_url: str | None = None, max_retries: int = 2,
+                 api_key: str | None = None, max_concurrency: int = 8) -> Backend:
+    """Any model a command line names, loaded: ``MODEL`` or ``MODEL@URL``, resolved by
+    :func:`~bpo_plugins.spec.resolve_spec` (the one rule every entry point uses)."""
+    spec = resolve_spec(model, backend=backend, base_url=base_url)
+    if spec.kind == "openai":
         from bpo_plugins.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(model, base_url=base_url, api_key=api_key, max_retries=max_retries)
-    if backend == "anthropic":
+        return OpenAIBackend(spec.model, base_url=spec.base_url, api_key=api_key, max_retries=max_retries,
+                             max_concurrency=max_concurrency)
+    if spec.kind == "anthropic":
         from bpo_plugins.backends.anthropic import AnthropicBackend
 
-        return AnthropicBackend(model, base_url=base_url, api_key=api_key, max_retries=max_retries)
-    return load_local_backend(model, backend=backend)
+        return AnthropicBackend(spec.model, base_url=spec.base_url, api_key=api_key, max_retries=max_retries,
+                                max_concurrency=max_concurrency)
+    return load_local_backend(spec.model, backend=spec.runtime)

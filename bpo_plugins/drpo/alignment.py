@@ -36,8 +36,11 @@ class PromptFormat:
     start: str = "<START>"
     end: str = "<END>"
     stop: tuple[str, ...] = ("<END>", "<END", "<|eot_id|>")
-    #: True: the whole input is one raw string (no chat template), as DRPO's search ran local models.
+    #: True: the whole input is one raw string (no chat template), as DRPO's search ran local models
+    #: and as ``auto_model.py`` serves a base model.
     raw: bool = False
+    #: In a raw input, the text between the system part (prompt and examples) and the user turn.
+    joiner: str = ""
 
     def render_example(self, example: Example) -> str:
         return self.example.replace("{query}", example.query).replace("{answer}", f"{self.start}\n{example.answer}\n{self.end}")
@@ -48,6 +51,10 @@ class PromptFormat:
 
     def render_user(self, query: str) -> str:
         return self.user.replace("{query}", query).replace("{start}", self.start)
+
+    def render_raw(self, system: str, query: str) -> str:
+        """The whole raw input: the rendered system part, then the user turn."""
+        return system + self.joiner + self.render_user(query)
 
 
 #: DRPO's inference format (``auto_model.py``): what its published prompts are served with.
@@ -60,7 +67,14 @@ RAW_FORMAT = PromptFormat(
     name="raw", system="# instructions\n\n{prompt}\n\n{examples}\n\n", example="#Query:\n{query}\n\n#Answer:\n{answer}\n\n",
     user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True,
 )
-FORMATS = {f.name: f for f in (CHAT_FORMAT, RAW_FORMAT)}
+#: DRPO's inference layout for a base model (``auto_model.py`` when the tokenizer has no chat
+#: template): the chat format's system part and user turn as one text, joined by a blank line;
+#: generation stops at ``<END>``. The published base-model presets are served this way.
+BASE_FORMAT = PromptFormat(
+    name="base", system="{prompt}{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
+    user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True, joiner="\n\n",
+)
+FORMATS = {f.name: f for f in (CHAT_FORMAT, RAW_FORMAT, BASE_FORMAT)}
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,14 @@ class Alignment:
         aligned._retriever = ExampleRetriever(self.examples, embedder)
         return aligned
 
+    def with_format(self, fmt: PromptFormat) -> Alignment:
+        """The same alignment laid out in another format; it shares this one's retriever (and embeddings)."""
+        if self._retriever is None:
+            self._retriever = ExampleRetriever(self.examples)
+        aligned = replace(self, format=fmt)
+        aligned._retriever = self._retriever
+        return aligned
+
     def retrieve(self, query: str, k: int | None = None) -> list[Example]:
         if self._retriever is None:
             self._retriever = ExampleRetriever(self.examples)
@@ -164,18 +186,25 @@ class Alignment:
             return messages
         return [{"role": "system", "content": self.system_message(retrieval, k)}, *messages]
 
-    def render(self, query: str, k: int | None = None) -> str:
-        """The raw format's whole input for one query (no chat template)."""
-        return self.system_message(query, k) + self.format.render_user(query)
+    @property
+    def is_raw(self) -> bool:
+        """True for a base (pretrained-only) model's alignment: served as one raw text by
+        :meth:`render`, generating until ``<END>``, not as chat messages."""
+        return self.format.raw
 
-    def apply_to_request(self, body: dict[str, Any], *, query: str | None = None) -> dict[str, Any]:
-        """An OpenAI chat request aligned: messages as :meth:`apply`, DRPO's stop strings added."""
-        body = dict(body)
-        body["messages"] = self.apply(body.get("messages") or [], query=query)
-        stops = body.get("stop")
-        stops = [stops] if isinstance(stops, str) else list(stops or [])
-        body["stop"] = list(dict.fromkeys(stops + list(self.format.stop)))[:4]  # OpenAI takes at most 4
-        return body
+    def render(self, query: str, k: int | None = None) -> str:
+        """The raw format's whole input for one query (no chat template): prompt, the k nearest
+        examples, and the ``# Query:`` ... ``<START>`` turn the model continues."""
+        return self.format.render_raw(self.system_message(query, k), query)
+
+    def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI chat request aligned (messages as :meth:`apply`, DRPO's stop strings added), or
+        for a raw format the completions request DRPO serves base models with. The core request
+        rewriter does it: :func:`bpo_plugins.requests.rewrite_requests`."""
+        from bpo_plugins.requests import Shape, rewrite_requests
+
+        ((aligned, _),) = rewrite_requests([body], Shape.CHAT, None, alignment=self)
+        return aligned
 
     def answer(self, text: str) -> str:
         """A base model's reply without DRPO's markers."""

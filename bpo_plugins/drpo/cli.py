@@ -8,25 +8,32 @@ from typing import Annotated, Any
 
 import typer
 
+from bpo_plugins.inputs import UsageError, read_text, usage_errors
+
 drpo_app = typer.Typer(help="DRPO: search a system prompt and in-context examples with dynamic rewards.", no_args_is_help=True)
 
 ModelSpec = Annotated[str | None, typer.Option(help="MODEL or MODEL@URL: an API model (gpt-4o-mini, claude-...), a local model, or a model on an OpenAI-compatible server.")]
 CapOption = Annotated[list[str] | None, typer.Option(help="ROLE=N (base, metrics, judge, optimizer), or N for every role. Repeatable.")]
 PriceOption = Annotated[list[str] | None, typer.Option("--price", help="ROLE=IN/OUT dollars per million tokens, or IN/OUT for every role. Repeatable.")]
+LenientOption = Annotated[bool, typer.Option("--lenient-parsing/--strict-parsing", help="Our guard: read JSON in prose, renamed aspects and '4/5' scores, and ask once more; strict reads replies as DRPO's parser does.")]
+RefusalOption = Annotated[bool, typer.Option("--refusal-correction/--no-refusal-correction", help="Our guard: raise to 5 the Compliance score of a refusal of a harmful query.")]
 
 
 def _backend(spec: str, dry_run: bool = False) -> Any:
     from bpo_plugins.backends import load_backend
 
-    model, url = spec, None
-    for scheme in ("@http://", "@https://"):
-        if scheme in spec:
-            model, _, rest = spec.partition(scheme)
-            url = scheme[1:] + rest
-    if not model:
-        raise ValueError(f"no model name in {spec!r}: use MODEL or MODEL@URL")
     # The DRPO caller retries with backoff itself. A dry run sends nothing, so it needs no API key.
-    return load_backend(model, base_url=url, max_retries=0, api_key="dry-run" if dry_run else None)
+    with usage_errors():
+        return load_backend(spec, max_retries=0, api_key="dry-run" if dry_run else None)
+
+
+def _read_seeds(path: Path) -> Any:
+    """A user's seed queries; a bad file fails naming itself and its line."""
+    from bpo_plugins.drpo.search import read_seeds
+
+    read_text(path)  # missing, unreadable or not UTF-8: the file, line and column
+    with usage_errors():  # a row without a query names its row
+        return read_seeds(path)
 
 
 def _per_role(values: list[str] | None, what: str, parse: Any) -> dict[str, Any]:
@@ -37,11 +44,11 @@ def _per_role(values: list[str] | None, what: str, parse: Any) -> dict[str, Any]
         role, sep, amount = value.rpartition("=")
         roles = [role] if sep else list(ROLES)
         if sep and role not in ROLES:
-            raise ValueError(f"{what}: unknown role {role!r}: use {', '.join(ROLES)}")
+            raise UsageError(f"{what}: unknown role {role!r}: use {', '.join(ROLES)}")
         try:
             parsed = parse(amount)
         except ValueError as exc:
-            raise ValueError(f"{what}: {exc}") from None
+            raise UsageError(f"{what}: {exc}") from None
         out.update(dict.fromkeys(roles, parsed))
     return out
 
@@ -52,7 +59,7 @@ def _session_parts(base: str | None, judge: str | None, optimizer: str | None, m
     from bpo_plugins.drpo.calls import Caps, Price
 
     if not base or not judge:
-        raise ValueError("give --base (the model to align) and --judge (the judge LLM; it is also the optimizer and metrics LLM unless named)")
+        raise UsageError("give --base (the model to align) and --judge (the judge LLM; it is also the optimizer and metrics LLM unless named)")
     price = _per_role(prices, "--price", Price.parse)
     calls = _per_role(max_calls, "--max-calls", int)
     tokens = _per_role(max_tokens, "--max-tokens", int)
@@ -78,8 +85,8 @@ def search(
     num_actions: Annotated[int, typer.Option(min=1)] = 3,
     max_extensions: Annotated[int, typer.Option(min=0)] = 10,
     holdout: Annotated[int, typer.Option(min=0, help="Held-out seeds for the final check.")] = 8,
-    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | raw (no chat template; local base model).")] = "chat",
-    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer.")] = 512,
+    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | raw (DRPO's search layout, no chat template; local base model) | base (DRPO's auto_model.py raw layout for a base model).")] = "chat",
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = 2048,
     seed: Annotated[int, typer.Option(help="Fixes the seed-query order and the proposals' sampling salt.")] = 0,
     initial_prompt: Annotated[str, typer.Option(help="The root of the search.")] = "You are a helpful assistant.",
     price: PriceOption = None,
@@ -90,22 +97,27 @@ def search(
     retries: Annotated[int, typer.Option(min=0, help="Retries, with backoff, on 429, 5xx and timeouts.")] = 4,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the projected calls, tokens and cost per role; call nothing.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the checkpoint in --out (cached calls are still reused).")] = False,
+    final_check: Annotated[bool, typer.Option("--final-check/--no-final-check", help="Our guard: re-score the top candidates and the initial prompt on --holdout unseen seeds and keep the best; off, DRPO's best beam wins and every seed goes to the search.")] = True,
+    lenient_parsing: LenientOption = True,
+    refusal_correction: RefusalOption = True,
 ) -> None:
     """Search a system prompt for --base by DRPO's beam search; resumes from --out's checkpoint."""
     from bpo_plugins.drpo.icl import read_examples
-    from bpo_plugins.drpo.search import FORMATS, Search, SearchConfig, read_seeds
+    from bpo_plugins.drpo.search import FORMATS, Search, SearchConfig
     from bpo_plugins.drpo.session import default_roles
 
     if prompt_format not in FORMATS:
-        raise ValueError(f"unknown --format {prompt_format!r}: use chat or raw")
+        raise UsageError(f"unknown --format {prompt_format!r}: use {', '.join(FORMATS)}")
     config = SearchConfig(beam_width=beam_width, num_actions=num_actions, depth=depth, max_extensions=max_extensions,
-                          holdout=holdout, format=prompt_format, seed=seed, initial_prompt=initial_prompt)
+                          holdout=holdout, format=prompt_format, seed=seed, initial_prompt=initial_prompt, final_check=final_check,
+                          lenient_parsing=lenient_parsing, refusal_correction=refusal_correction)
     backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost, dry_run)
     roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
                           answer_tokens=answer_tokens, num_actions=num_actions, prompt_format=FORMATS[prompt_format])
-    runner = Search(roles, out, config=config, seeds=read_seeds(seeds) if seeds else None,
-                    examples=read_examples(examples) if examples else None, caps=caps, concurrency=concurrency, retries=retries,
-                    dry_run=dry_run)
+    with usage_errors():  # too few seeds, a bad example bank, a checkpoint of another search
+        runner = Search(roles, out, config=config, seeds=_read_seeds(seeds) if seeds else None,
+                        examples=read_examples(examples) if examples else None, caps=caps, concurrency=concurrency, retries=retries,
+                        dry_run=dry_run)
     if dry_run:
         _print_plan(runner.plan(), caps)
         return
@@ -142,24 +154,28 @@ def icl(
     queries: Annotated[Path | None, typer.Option(help="Queries to build examples for (.txt or JSON/JSONL); default the queries of DRPO's 16 examples.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The example bank (JSON); figures go to OUT.report.json.")] = Path("runs/drpo/examples.json"),
     rounds: Annotated[int, typer.Option(min=0, max=20, help="Rewrite-and-rescore rounds per query (DRPO: 5).")] = 5,
-    answer_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = 2048,
+    lenient_parsing: LenientOption = True,
+    refusal_correction: RefusalOption = True,
     price: PriceOption = None,
     max_calls: CapOption = None,
     max_tokens: CapOption = None,
     max_cost: Annotated[list[str] | None, typer.Option(help="ROLE=USD, or USD for every role.")] = None,
     concurrency: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
-    """Build an in-context example bank: answer, judge, rewrite from feedback, keep the best."""
+    """Build an in-context example bank by DRPO's loop: a critic rates the answer, the optimizer rewrites the latest answer, keep the best (ties go to the rewrite)."""
     from bpo_plugins.drpo import icl_examples
     from bpo_plugins.drpo.icl import optimize_examples
-    from bpo_plugins.drpo.search import Seed, read_seeds
-    from bpo_plugins.drpo.session import Session, default_roles
+    from bpo_plugins.drpo.reward import CRITIC_RUBRIC
+    from bpo_plugins.drpo.search import Seed
+    from bpo_plugins.drpo.session import Session, icl_roles
 
-    seeds = read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]
+    seeds = _read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]
     backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost)
-    roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
-                          answer_tokens=answer_tokens)
-    session = Session(roles, out.with_suffix(".calls.sqlite"), caps=caps, concurrency=concurrency)
+    roles = icl_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
+                      answer_tokens=answer_tokens)
+    session = Session(roles, out.with_suffix(".calls.sqlite"), caps=caps, concurrency=concurrency, rubric=CRITIC_RUBRIC,
+                      lenient=lenient_parsing, refusal_correction=refusal_correction)
     report = optimize_examples(session, seeds, out, rounds=rounds)
     session.close()
     if report["stopped"]:

@@ -17,8 +17,8 @@ from typing import Any
 
 from bpo_plugins.drpo.alignment import Alignment
 from bpo_plugins.drpo.calls import CallFailed
+from bpo_plugins.drpo.pipeline import AlignmentPipeline
 from bpo_plugins.drpo.session import Session
-from bpo_plugins.pipeline import AlignmentPipeline
 from bpo_plugins.rewriter import Rewriter
 
 ARMS = ("raw", "bpo", "drpo", "bpo+drpo")
@@ -53,7 +53,7 @@ async def _answer(session: Session, messages: list[dict[str, Any]], alignment: A
 def compare_arms(session: Session, prompts: Sequence[str], conversations: dict[str, list[list[dict[str, Any]]]],
                  judge_prompt: dict[str, str], alignment: Alignment | None, *,
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    from bpo_plugins.training.evaluate import outcome, pair_prompt, verdict
+    from bpo_plugins.pairwise import outcome, pair_prompt, verdict
 
     arms = list(conversations)
 
@@ -149,7 +149,7 @@ def plot_comparison(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bpo_plugins.training.evaluate import win_tie_lose_bars
+    from bpo_plugins.pairwise import win_tie_lose_bars
 
     summary, arms = report["summary"], report["arms"]
     aspects = sorted({a for arm in arms for a in summary[arm]["aspects"]})

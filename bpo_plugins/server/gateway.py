@@ -1,4 +1,4 @@
-"""``bpo proxy``: BPO (and DRPO) in front of any OpenAI-compatible upstream, for clients that can't change.
+"""``bpo proxy``: BPO (and DRPO) in front of any OpenAI- or Anthropic-compatible upstream, for clients that can't change.
 
 Per request: find the user's prompt (the last user message of a chat, a Responses ``input``, a
 completion ``prompt``), rewrite it with the core :class:`~bpo_plugins.Rewriter` (guards, cache,
@@ -6,9 +6,15 @@ micro-batching) within a time budget, optionally apply a DRPO alignment to the s
 forward the request and relay the answer byte for byte, streams chunk by chunk. Whatever goes wrong
 with the rewrite, the original request goes on: the gateway never breaks the app behind it.
 
+Anthropic's Messages API (``/v1/messages``, ``/v1/messages/count_tokens``) goes to
+``anthropic_upstream`` (else ``upstream``): the last user turn's text is rewritten, a DRPO alignment
+goes into the top-level ``system``, and the gateway's own errors are Anthropic-shaped.
+
 ``X-BPO-Rewrite: off`` on a request skips the rewrite. Every answer carries ``X-BPO-Rewrite``:
 ``applied``, ``unchanged``, ``off``, ``fallback; reason=<reason>`` or ``skipped; reason=<why>``
-(reasons only, never prompt text).
+(reasons only, never prompt text), and ``X-BPO-Overhead-Ms``, ``X-BPO-Rewrite-Ms`` and
+``X-BPO-Cache`` (:class:`~bpo_plugins.server.asgi.Timings`). With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set,
+each request is traced (request, rewrite and upstream spans; :mod:`bpo_plugins.telemetry`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 from starlette.applications import Starlette
@@ -28,14 +33,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from bpo_plugins import telemetry
 from bpo_plugins.batching import MicroBatcher
-from bpo_plugins.chat import last_user_prompt
+from bpo_plugins.cache import RedisRewriteCache
+from bpo_plugins.requests import Outcome, RequestRewriter, Shape
+from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
+from bpo_plugins.server import anthropic_api
 from bpo_plugins.server import openai_api as api
-from bpo_plugins.server.asgi import BodyLimit, Endpoint, GatewayKeys
+from bpo_plugins.server.asgi import BodyLimit, Endpoint, GatewayKeys, Timings
 from bpo_plugins.server.config import GatewayConfig, Treatment
 from bpo_plugins.server.metrics import GatewayMetrics
 from bpo_plugins.server.openai_api import RequestError
+
+if TYPE_CHECKING:
+    from bpo_plugins.drpo.alignment import Alignment
 
 log = logging.getLogger("bpo_plugins.server")
 
@@ -44,20 +56,8 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "host", "content-length",
 })
 OPT_OUT_VALUES = ("off", "false", "0", "no")
-#: Applies an alignment to a chat request body (DRPO: system prompt, examples, stop strings).
-Aligner = Callable[..., dict[str, Any]]
-
-
-@dataclass
-class Outcome:
-    """What the gateway did to one request, for the ``X-BPO-Rewrite`` header and the metrics."""
-
-    status: str  # applied | unchanged | off | fallback | skipped
-    reason: str | None = None
-
-    @property
-    def header(self) -> str:
-        return self.status if self.reason is None else f"{self.status}; reason={self.reason}"
+#: Endpoints in Anthropic's wire format: their own errors are Anthropic-shaped.
+ANTHROPIC_ENDPOINTS = frozenset({"messages", "count_tokens"})
 
 
 class Gateway:
@@ -68,15 +68,22 @@ class Gateway:
         if rewriter is None and config.rewrites_anything:
             rewriter = Rewriter.from_spec(
                 config.optimizer, backend=config.optimizer_backend, base_url=config.optimizer_base_url,
-                timeout_s=config.rewrite_timeout_s, cache_path=config.cache_path,
+                timeout_s=config.rewrite_timeout_s, cache_path=config.cache_path, cache_url=config.cache_url,
             )
         self.rewriter = rewriter
         self.batcher = None if rewriter is None else MicroBatcher(
             rewriter, window_ms=config.batch_window_ms, max_batch=config.max_batch, enabled=config.batch_enabled)
-        self.aligners = load_aligners(config)
+        self.requests = RequestRewriter(None if self.batcher is None else self._rewrite_text, timeout_s=config.rewrite_timeout_s)
+        self.alignments = load_alignments(config)
         self.metrics = GatewayMetrics()
+        if rewriter is not None and isinstance(rewriter.cache, RedisRewriteCache):
+            rewriter.cache.on_error = lambda kind: self.metrics.cache_errors.labels(kind).inc()
         self.client: httpx2.AsyncClient | None = None
         self.upstream = config.upstream.rstrip("/")
+        # The anthropic client's base URL has no /v1; the OpenAI-style upstream's has.
+        self.anthropic_upstream = (config.anthropic_upstream.rstrip("/") + "/v1") if config.anthropic_upstream else self.upstream
+        #: (tracer, provider) when OTEL_* asks for traces; None keeps OpenTelemetry off the hot path.
+        self.tracing: tuple[Any, Any] | None = None
         self._warmup: asyncio.Task[Any] | None = None
 
     # -- lifespan -----------------------------------------------------------------------------
@@ -94,6 +101,7 @@ class Gateway:
                                 keepalive_expiry=2.0),
             follow_redirects=False,
         )
+        self.tracing = telemetry.gateway_tracer()
         if self.rewriter is not None and not self.rewriter.loaded:
             # Load the optimizer in the background: the gateway relays (failing open) while it loads.
             self._warmup = asyncio.create_task(asyncio.to_thread(self.rewriter.warmup))
@@ -104,6 +112,8 @@ class Gateway:
             if self._warmup is not None and not self._warmup.done():
                 self._warmup.cancel()
             await self.client.aclose()
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing[1].shutdown)  # flush the last spans
 
     @staticmethod
     def _log_warmup(task: asyncio.Task[Any]) -> None:
@@ -133,30 +143,23 @@ class Gateway:
 
     async def chat_completions(self, request: Request) -> Response:
         body = api.parse_json_object(await request.body())
-        messages = api.check_messages(body.get("messages"))
-        treatment = self._treatment(body)
-        original = last_user_prompt(messages)
-        outcome = await self._rewrite_message(request, treatment, messages)
-        aligner = self.aligners.get(treatment.drpo) if treatment.drpo else None
-        if aligner is not None:  # examples are retrieved for the user's own words, as AlignmentPipeline does
-            body = aligner(body, query=None if isinstance(original, str) else original.text)
-        changed = outcome.status == "applied" or aligner is not None
-        return await self.forward(request, "chat", outcome, json.dumps(body).encode() if changed else None)
+        api.check_messages(body.get("messages"))
+        return await self._rewrite_and_forward(request, body, Shape.CHAT, "chat")
 
     async def responses(self, request: Request) -> Response:
-        body = api.parse_json_object(await request.body())
-        if isinstance(body.get("input"), list):
-            items = [item for item in body["input"] if isinstance(item, dict)]
-            outcome = await self._rewrite_message(request, self._treatment(body), items)
-        else:
-            outcome = await self._rewrite_field(request, body, "input")
         # previous_response_id and every other field go upstream untouched.
-        return await self.forward(request, "responses", outcome, json.dumps(body).encode() if outcome.status == "applied" else None)
+        return await self._rewrite_and_forward(request, api.parse_json_object(await request.body()), Shape.RESPONSES, "responses")
 
     async def completions(self, request: Request) -> Response:
+        return await self._rewrite_and_forward(request, api.parse_json_object(await request.body()), Shape.COMPLETIONS, "completions")
+
+    async def messages(self, request: Request) -> Response:
         body = api.parse_json_object(await request.body())
-        outcome = await self._rewrite_field(request, body, "prompt")
-        return await self.forward(request, "completions", outcome, json.dumps(body).encode() if outcome.status == "applied" else None)
+        anthropic_api.check_request(body)
+        return await self._rewrite_and_forward(request, body, Shape.MESSAGES, "messages")
+
+    async def count_tokens(self, request: Request) -> Response:
+        return await self.forward(request, "count_tokens", None, None)
 
     async def passthrough(self, request: Request) -> Response:
         endpoint = "models" if request.url.path.rstrip("/") == "/v1/models" else "passthrough"
@@ -164,15 +167,33 @@ class Gateway:
 
     # -- rewriting ----------------------------------------------------------------------------
 
-    async def _rewrite_field(self, request: Request, body: dict[str, Any], field: str) -> Outcome:
-        """Rewrite a top-level text field (a Responses ``input``, a completion ``prompt``) in place."""
+    async def _rewrite_and_forward(self, request: Request, body: dict[str, Any], shape: Shape, endpoint: str) -> Response:
+        """The core request rewriter on this request, under its model's treatment; then upstream."""
         treatment = self._treatment(body)
-        if not isinstance(body.get(field), str):
-            return self._count(Outcome("skipped", f"{field}_not_text"))
-        message = {"role": "user", "content": body[field]}
-        outcome = await self._rewrite_message(request, treatment, [message])
-        body[field] = message["content"]
-        return outcome
+        alignment = self.alignments.get(treatment.drpo) if treatment.drpo else None
+        state = self.optimizer_state
+        rewrite = self.requests.arewrite(
+            body, shape, mode=treatment.mode,  # type: ignore[arg-type]
+            enabled=treatment.rewrite,
+            opted_out=request.headers.get("x-bpo-rewrite", "").strip().lower() in OPT_OUT_VALUES,
+            unavailable=None if state == "ready" else f"optimizer_{state}",
+            alignment=alignment,
+        )
+        if self.tracing is None:
+            body, outcome = await rewrite
+        else:
+            with self.tracing[0].start_as_current_span("bpo.gateway.rewrite") as span:
+                body, outcome = await rewrite
+                span.set_attributes(self._rewrite_attributes(outcome))
+        self._count(outcome)
+        request.state.bpo_rewrite_s = outcome.rewrite_s
+        request.state.bpo_cache = outcome.cache
+        if outcome.upstream_shape == Shape.COMPLETIONS:
+            # A base model behind a raw DRPO preset: one completions call, answered as a chat completion.
+            assert alignment is not None
+            return await self.forward(request, endpoint, outcome, json.dumps(body).encode(), path="/completions",
+                                      answer=api.ChatFromCompletion(alignment.answer))
+        return await self.forward(request, endpoint, outcome, json.dumps(body).encode() if outcome.changed else None)
 
     def _treatment(self, body: dict[str, Any]) -> Treatment:
         model = body.get("model")
@@ -180,85 +201,106 @@ class Gateway:
             raise RequestError(400, "'model' must be a string", param="model")
         return self.config.treatment(model or "")
 
-    async def _rewrite_message(self, request: Request, treatment: Treatment, messages: list[dict[str, Any]]) -> Outcome:
-        """Rewrite the text of the last user message in place; say what happened."""
-        if request.headers.get("x-bpo-rewrite", "").strip().lower() in OPT_OUT_VALUES:
-            return self._count(Outcome("off"))
-        if not treatment.rewrite or self.batcher is None:
-            return self._count(Outcome("skipped", "model_not_rewritten"))
-        prompt = last_user_prompt(messages)
-        if isinstance(prompt, str):
-            return self._count(Outcome("skipped", prompt))
-        if self.optimizer_state != "ready":
-            return self._count(Outcome("fallback", f"optimizer_{self.optimizer_state}"))
-        start = time.perf_counter()
-        try:
-            result = await asyncio.wait_for(self.batcher.rewrite(prompt.text, mode=treatment.mode),  # type: ignore[arg-type]
-                                            self.config.rewrite_timeout_s)
-        except asyncio.TimeoutError:
-            return self._count(Outcome("fallback", "timeout"))
-        except Exception as exc:  # noqa: BLE001 - fail open: the original prompt goes on
-            log.warning("rewrite failed (%s); forwarding the original prompt", type(exc).__name__)
-            return self._count(Outcome("fallback", "backend_error"))
-        finally:
-            self.metrics.rewrite_seconds.observe(time.perf_counter() - start)
-        if result.fallback is not None:
-            return self._count(Outcome("fallback", result.fallback.value))
-        if not result.changed:
-            return self._count(Outcome("unchanged"))
-        prompt.replace(result.rewritten)
-        return self._count(Outcome("applied"))
+    async def _rewrite_text(self, text: str, mode: Mode) -> RewriteResult:
+        """One prompt through the micro-batcher; a Redis cache is read first, without blocking the loop."""
+        assert self.rewriter is not None and self.batcher is not None
+        cache = self.rewriter.cache
+        if isinstance(cache, RedisRewriteCache) and mode == "greedy" and self.rewriter.loaded:
+            key = _greedy_cache_key(self.rewriter, text)
+            if key is not None:
+                await cache.aget(key)  # a hit lands in memory, where the rewriter's own lookup finds it
+        return await self.batcher.rewrite(text, mode=mode)
 
-    def _count(self, outcome: Outcome) -> Outcome:
+    @staticmethod
+    def _rewrite_attributes(outcome: Outcome) -> dict[str, Any]:
+        attributes: dict[str, Any] = {"bpo.rewrite.outcome": outcome.status, "bpo.rewrite.cache": outcome.cache,
+                                      "bpo.rewrite.duration_ms": round(outcome.rewrite_s * 1000, 3)}
+        if outcome.reason:
+            attributes["bpo.rewrite.fallback_reason" if outcome.status == "fallback" else "bpo.rewrite.reason"] = outcome.reason
+        if outcome.result is not None:
+            attributes["bpo.optimizer.model"] = outcome.result.model
+            if telemetry.capture_prompts():
+                attributes["bpo.prompt"], attributes["bpo.rewritten"] = outcome.result.original, outcome.result.rewritten
+        return attributes
+
+    def _count(self, outcome: Outcome) -> None:
+        if outcome.cache != "off":
+            self.metrics.cache.labels(outcome.cache).inc()
         self.metrics.rewrites.labels(outcome.status).inc()
         if outcome.status == "fallback":
             self.metrics.fallbacks.labels(outcome.reason or "unknown").inc()
-        return outcome
+        if outcome.rewrite_s:
+            self.metrics.rewrite_seconds.observe(outcome.rewrite_s)
 
     # -- forwarding ---------------------------------------------------------------------------
 
-    def upstream_headers(self, request: Request) -> dict[str, str]:
+    def upstream_headers(self, request: Request, anthropic: bool = False) -> dict[str, str]:
+        """The client's end-to-end headers (``anthropic-version``, ``anthropic-beta``, ``openai-*``,
+        idempotency keys...) less hop-by-hop ones and ours; the client's key goes on, a gateway key
+        is swapped for the upstream key (``x-api-key`` for Anthropic, a Bearer token otherwise)."""
         connection_named = {h.strip().lower() for h in request.headers.get("connection", "").split(",")}
         headers = {
             k: v for k, v in request.headers.items()
             if k not in HOP_BY_HOP and k not in connection_named and not k.startswith("x-bpo-")
         }
         headers.setdefault("accept-encoding", "identity")  # else httpx2 asks for gzip the client never wanted
-        gateway_key_sent = request.scope.get("state", {}).get("gateway_key_in_authorization", False)
-        if gateway_key_sent:
-            headers.pop("authorization", None)
-        if "authorization" not in headers and self.config.upstream_api_key:
+        gateway_key_in = request.scope.get("state", {}).get("gateway_key_in")
+        if gateway_key_in is not None:
+            headers.pop(gateway_key_in, None)
+        if anthropic:
+            if "authorization" not in headers and "x-api-key" not in headers and self.config.upstream_anthropic_api_key:
+                headers["x-api-key"] = self.config.upstream_anthropic_api_key
+        elif "authorization" not in headers and self.config.upstream_api_key:
             headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
         return headers
 
-    async def forward(self, request: Request, endpoint: str, outcome: Outcome | None, body: bytes | None) -> Response:
+    async def forward(self, request: Request, endpoint: str, outcome: Outcome | None, body: bytes | None, *,
+                      path: str | None = None, answer: api.ChatFromCompletion | None = None) -> Response:
+        """Send the request (``body`` when it changed) upstream and relay the answer. ``path``: another
+        upstream path than the request's; ``answer``: turns a completions answer into a chat answer."""
         assert self.client is not None, "the gateway's lifespan has not started"
-        path = request.url.path[len("/v1"):]
+        path = path or request.url.path[len("/v1"):]
+        anthropic = endpoint in ANTHROPIC_ENDPOINTS
         content = body if body is not None else await request.body()
         upstream_request = self.client.build_request(
-            request.method, self.upstream + path, params=request.query_params.multi_items(),
-            headers=self.upstream_headers(request), content=content,
+            request.method, (self.anthropic_upstream if anthropic else self.upstream) + path,
+            params=request.query_params.multi_items(), headers=self.upstream_headers(request, anthropic), content=content,
         )
         extra = {} if outcome is None else {"x-bpo-rewrite": outcome.header}
         start = time.perf_counter()
+        span = None if self.tracing is None else self.tracing[0].start_span("bpo.gateway.upstream", kind=_span_kind("CLIENT"), attributes={
+            "http.request.method": request.method, "server.address": upstream_request.url.host,
+            "server.port": upstream_request.url.port or 0, "url.path": upstream_request.url.path})
         try:
             upstream = await self.client.send(upstream_request, stream=True)
         except httpx2.TimeoutException:
+            self._upstream_done(request, span, start, 504)
             return self._error(endpoint, 504, "the upstream did not answer within the gateway's timeout", "upstream_timeout", extra)
         except httpx2.HTTPError as exc:
+            self._upstream_done(request, span, start, 502)
             return self._error(endpoint, 502, f"cannot reach the upstream ({type(exc).__name__})", "upstream_unreachable", extra)
+        except BaseException:  # cancelled: the client hung up
+            self._upstream_done(request, span, start, None)
+            raise
         request.state.cleanups.append(upstream.aclose)
-        self.metrics.upstream_seconds.observe(time.perf_counter() - start)
+        self._upstream_done(request, span, start, upstream.status_code)
         self.metrics.requests.labels(endpoint, str(upstream.status_code)).inc()
         headers = {k: v for k, v in upstream.headers.items() if k not in HOP_BY_HOP}
         headers.update(extra)
+        translate = answer is not None and upstream.status_code == 200  # errors pass through verbatim
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             headers.update(api.SSE_HEADERS)
-            return StreamingResponse(self.relay(upstream, endpoint), status_code=upstream.status_code, headers=headers)
+            chunks = self.relay(upstream, endpoint)
+            return StreamingResponse(answer.stream(chunks) if translate else chunks,  # type: ignore[union-attr]
+                                     status_code=upstream.status_code, headers=headers)
         try:
             data = b"".join([chunk async for chunk in upstream.aiter_raw()])
         except httpx2.HTTPError as exc:
             return self._error(endpoint, 502, f"the upstream broke off its answer ({type(exc).__name__})", "upstream_broken", extra)
+        finally:
+            request.state.bpo_upstream_s = time.perf_counter() - start  # the body's time is the upstream's too
+        if translate:
+            data = answer.response(data)  # type: ignore[union-attr]
         return Response(data, status_code=upstream.status_code, headers=headers)
 
     async def relay(self, upstream: httpx2.Response, endpoint: str) -> AsyncIterator[bytes]:
@@ -273,14 +315,28 @@ class Gateway:
             self.metrics.stream_errors.labels(kind).inc()
             if endpoint == "responses":
                 yield api.sse({"type": "error", "code": kind, "message": message, "param": None}, event="error")
+            elif endpoint in ANTHROPIC_ENDPOINTS:
+                yield anthropic_api.error_event(message, 504 if kind == "upstream_timeout" else 502)
             else:
                 yield api.sse(api.error_body(message, type="upstream_error", code=kind))
         finally:
             self.metrics.open_streams.dec()
             await upstream.aclose()
 
+    def _upstream_done(self, request: Request, span: Any, start: float, status: int | None) -> None:
+        seconds = time.perf_counter() - start
+        request.state.bpo_upstream_s = seconds
+        self.metrics.upstream_seconds.observe(seconds)
+        if span is not None:
+            span.set_attribute("bpo.upstream.ttfb_ms", round(seconds * 1000, 3))
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+            span.end()
+
     def _error(self, endpoint: str, status: int, message: str, code: str, headers: dict[str, str]) -> Response:
         self.metrics.requests.labels(endpoint, str(status)).inc()
+        if endpoint in ANTHROPIC_ENDPOINTS:
+            return anthropic_api.error_response(status, message, headers)
         return RequestError(status, message, type="upstream_error", code=code).response(headers)
 
     # -- app ----------------------------------------------------------------------------------
@@ -293,26 +349,71 @@ class Gateway:
             Route("/v1/chat/completions", Endpoint(self._counted("chat", self.chat_completions)), methods=["POST"]),
             Route("/v1/responses", Endpoint(self._counted("responses", self.responses)), methods=["POST"]),
             Route("/v1/completions", Endpoint(self._counted("completions", self.completions)), methods=["POST"]),
+            Route("/v1/messages", Endpoint(self._counted("messages", self.messages)), methods=["POST"]),
+            Route("/v1/messages/count_tokens", Endpoint(self._counted("count_tokens", self.count_tokens)), methods=["POST"]),
             Route("/v1/{rest:path}", Endpoint(self._counted("passthrough", self.passthrough)),
                   methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
         ]
 
     def _counted(self, endpoint: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def run(request: Request) -> Response:
+        anthropic = endpoint in ANTHROPIC_ENDPOINTS
+
+        async def counted(request: Request) -> Response:
             try:
                 return await handler(request)
             except RequestError as error:
                 self.metrics.requests.labels(endpoint, str(error.status)).inc()
+                if anthropic:
+                    return anthropic_api.from_request_error(error)
                 raise
+            except Exception:
+                if not anthropic:
+                    raise
+                log.exception("internal error on %s", request.url.path)  # never the body
+                return anthropic_api.error_response(500, "internal server error")
+
+        async def run(request: Request) -> Response:
+            if self.tracing is None:
+                return await counted(request)
+            # Route and method only: no query string, no header, no body.
+            with self.tracing[0].start_as_current_span("bpo.gateway.request", kind=_span_kind("SERVER"), attributes={
+                    "http.request.method": request.method, "http.route": request.url.path if endpoint != "passthrough" else "/v1/*",
+                    "bpo.endpoint": endpoint}) as span:
+                response = await counted(request)
+                span.set_attribute("http.response.status_code", response.status_code)
+                return response
         return run
 
     def app(self) -> Any:
         starlette = Starlette(routes=self.routes(), lifespan=self.lifespan)
-        starlette.add_route("/", lambda request: PlainTextResponse("bpo proxy: point your OpenAI base_url at /v1\n"))
-        return BodyLimit(GatewayKeys(starlette, self.config.gateway_keys), self.config.max_body_bytes)
+        starlette.add_route("/", lambda request: PlainTextResponse(
+            "bpo proxy: point your OpenAI base_url at /v1, your Anthropic base URL (ANTHROPIC_BASE_URL) at /\n"))
+        app = BodyLimit(GatewayKeys(starlette, self.config.gateway_keys), self.config.max_body_bytes)
+        return Timings(app, self.metrics.overhead_seconds.observe)
 
 
-def load_aligners(config: GatewayConfig) -> dict[str, Aligner]:
+def _span_kind(name: str) -> Any:
+    from opentelemetry.trace import SpanKind  # only once tracing is on
+
+    return SpanKind[name]
+
+
+def _greedy_cache_key(rewriter: Rewriter, text: str) -> str | None:
+    """The key the rewriter's own greedy lookup will use for ``text`` (no protected spans, no context),
+    or None where it looks nothing up (empty or too long), so the gateway can read Redis first."""
+    from bpo_plugins.decoding import decoding_for
+    from bpo_plugins.guards import mask_protected, word_count
+    from bpo_plugins.rewriter import _Item
+
+    masked = mask_protected(text, ())
+    if not masked.plain.strip() or word_count(masked.plain) > rewriter.max_input_words:
+        return None
+    decoding = decoding_for("greedy", max_new_tokens=rewriter.max_new_tokens, num_candidates=rewriter.num_candidates,
+                            stop_loops=rewriter.stop_loops)
+    return rewriter._cache_key(_Item(text, None, masked), decoding)
+
+
+def load_alignments(config: GatewayConfig) -> dict[str, Alignment]:
     """The DRPO alignment each configured treatment names, loaded once at start-up."""
     names = {t.drpo for _, t in config.models} | {config.default.drpo}
     names.discard(None)
@@ -320,7 +421,7 @@ def load_aligners(config: GatewayConfig) -> dict[str, Aligner]:
         return {}
     from bpo_plugins.drpo import load_alignment
 
-    return {name: load_alignment(name).apply_to_request for name in names if name is not None}
+    return {name: load_alignment(name) for name in names if name is not None}
 
 
 def build_gateway_app(config: GatewayConfig, rewriter: Rewriter | None = None) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -128,3 +128,64 @@ def completion_chunk(id: str, model: str, created: int, text: str, finish_reason
 
 def models_list(names: Iterable[str]) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "bpo-plugins"} for n in names]}
+
+
+class ChatFromCompletion:
+    """A completions answer (a whole body, or its SSE stream) as a chat completion: how the gateway
+    answers a chat client whose request went to a base model as one completions call.
+
+    ``clean`` turns the generated text into the answer (DRPO's markers removed) for a whole body;
+    a stream drops the leading whitespace after ``<START>`` and relays the rest as it arrives.
+    """
+
+    def __init__(self, clean: Callable[[str], str]) -> None:
+        self.clean = clean
+
+    def response(self, raw: bytes) -> bytes:
+        try:
+            body = json.loads(raw)
+            choices = [(c.get("text") or "", c.get("finish_reason") or "stop") for c in body["choices"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return raw  # not a completion: pass it on as it came
+        chat = chat_completion(body.get("model", ""), [self.clean(t) for t, _ in choices], 0, 0, [f for _, f in choices])
+        chat.update({k: body[k] for k in ("id", "created", "usage") if k in body})
+        return json.dumps(chat, ensure_ascii=False).encode()
+
+    async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        buffer, started = b"", set()
+        async for chunk in chunks:
+            buffer += chunk
+            *frames, buffer = buffer.split(b"\n\n")
+            for frame in frames:
+                yield self._frame(frame, started)
+        if buffer.strip():
+            yield self._frame(buffer, started)
+
+    def _frame(self, frame: bytes, started: set[int]) -> bytes:
+        data = b"".join(line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:"))
+        if data == b"[DONE]" or not data:
+            return frame + b"\n\n"
+        try:
+            chunk = json.loads(data)
+            choices = chunk["choices"]
+        except (ValueError, KeyError, TypeError):
+            return frame + b"\n\n"  # an error event or anything else: as it came
+        deltas = []
+        for choice in choices:
+            index, text = choice.get("index", 0), choice.get("text") or ""
+            delta: dict[str, Any] = {}
+            if index not in started:
+                text = text.lstrip()
+                if not text and choice.get("finish_reason") is None:
+                    continue  # whitespace after <START>: wait for the answer's first word
+                started.add(index)
+                delta["role"] = "assistant"
+            delta["content"] = text
+            deltas.append({"index": index, "delta": delta, "finish_reason": choice.get("finish_reason"), "logprobs": None})
+        out = {"id": chunk.get("id", ""), "object": "chat.completion.chunk", "created": chunk.get("created", 0),
+               "model": chunk.get("model", ""), "choices": deltas}
+        if "usage" in chunk:
+            out["usage"] = chunk["usage"]
+        if not deltas and "usage" not in chunk:
+            return b""
+        return sse(out)

@@ -1,0 +1,106 @@
+"""BPO and DRPO in one step: BPO rewrites the user's prompt, DRPO frames it with an aligned system
+prompt and retrieved examples. Every integration's BPO+DRPO line is this object.
+
+    from bpo_plugins.drpo import AlignmentPipeline
+    pipeline = AlignmentPipeline("llama3-8b-instruct")            # a DRPO preset or artifact, plus bpo-small
+    messages = pipeline.apply([{"role": "user", "content": "tips for a job interview"}])
+
+Both steps are the core request rewriter's (:mod:`bpo_plugins.requests`); this class holds the
+settings. Examples are retrieved for the user's own words, not the rewrite: the rewrite adds detail
+that would pull retrieval away from the intent. A rewrite that fails falls back to the original
+(``fail_open``), and the alignment is applied either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bpo_plugins.drpo.alignment import CHAT_FORMAT, Alignment
+from bpo_plugins.requests import Outcome, Shape, arewrite_requests, rewrite_requests
+from bpo_plugins.result import Mode, RewriteResult
+from bpo_plugins.rewriter import Rewriter
+
+__all__ = ["Aligned", "AlignmentPipeline"]
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass
+class Aligned:
+    messages: Messages
+    #: BPO's result for the last user message (None: BPO off, or no user text to rewrite).
+    rewrite: RewriteResult | None
+
+
+class AlignmentPipeline:
+    """``alignment``: a DRPO preset name, an artifact path or an :class:`~bpo_plugins.drpo.Alignment`
+    (None: BPO only). ``rewriter``: the BPO optimizer (default: the shared ``bpo-small``); ``bpo=False``: DRPO only."""
+
+    def __init__(self, alignment: str | Path | Alignment | None = None, rewriter: Rewriter | None = None, *, bpo: bool = True,
+                 mode: Mode = "greedy", fail_open: bool = True, k: int | None = None) -> None:
+        if alignment is None and not bpo:
+            raise ValueError("an AlignmentPipeline needs BPO, a DRPO alignment, or both")
+        if isinstance(alignment, (str, Path)):
+            from bpo_plugins.drpo import load_alignment
+
+            alignment = load_alignment(alignment, k=k)
+        elif alignment is not None and k is not None:
+            alignment = replace(alignment, k=k)
+        self.alignment: Alignment | None = alignment
+        # Message lists stay message lists (a raw preset's prompt framed as chat); render() gives the text.
+        self._chat_alignment = alignment if alignment is None or not alignment.format.raw else alignment.with_format(CHAT_FORMAT)
+        self._as_text = None if alignment is None else alignment.with_format(replace(alignment.format, raw=True))
+        self.bpo = bpo
+        self._rewriter = rewriter
+        self.mode: Mode = mode
+        self.fail_open = fail_open
+
+    @property
+    def rewriter(self) -> Rewriter:
+        if self._rewriter is None:
+            self._rewriter = Rewriter.default()
+        return self._rewriter
+
+    def align_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[Aligned]:
+        done = rewrite_requests(self._bodies(conversations), Shape.CHAT, self.rewriter if self.bpo else None, mode=self.mode,
+                                strict=not self.fail_open, alignment=self._chat_alignment)
+        return [_aligned(body, outcome) for body, outcome in done]
+
+    async def aalign_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[Aligned]:
+        done = await arewrite_requests(self._bodies(conversations), Shape.CHAT, self.rewriter if self.bpo else None,
+                                       mode=self.mode, strict=not self.fail_open, alignment=self._chat_alignment)
+        return [_aligned(body, outcome) for body, outcome in done]
+
+    def apply(self, messages: Sequence[dict[str, Any]]) -> Messages:
+        """An OpenAI-style message list, rewritten and aligned."""
+        return self.align_batch([messages])[0].messages
+
+    async def aapply(self, messages: Sequence[dict[str, Any]]) -> Messages:
+        return (await self.aalign_batch([messages]))[0].messages
+
+    def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI chat request body rewritten and aligned (DRPO's stop strings added); for a raw
+        (base-model) alignment, the completions request DRPO serves base models with."""
+        ((aligned, _),) = rewrite_requests([body], Shape.CHAT, self.rewriter if self.bpo else None, mode=self.mode,
+                                           strict=not self.fail_open, alignment=self.alignment)
+        return aligned
+
+    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+        """The whole text prompt for a completion LLM (a base model): the user's prompt rewritten,
+        then DRPO's prompt, the retrieved examples and the query, as DRPO's ``auto_model.py`` lays them out."""
+        if self._as_text is None:
+            raise ValueError("render needs a DRPO alignment")
+        ((body, _),) = rewrite_requests([{"messages": list(messages)}], Shape.CHAT, self.rewriter if self.bpo else None,
+                                        mode=self.mode, strict=not self.fail_open, alignment=self._as_text)
+        return str(body["prompt"])
+
+    @staticmethod
+    def _bodies(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+        return [{"messages": list(messages)} for messages in conversations]
+
+
+def _aligned(body: dict[str, Any], outcome: Outcome) -> Aligned:
+    return Aligned(body["messages"], outcome.result)

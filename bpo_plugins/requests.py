@@ -1,0 +1,313 @@
+"""The one request rewriter: find the user's prompt in a request body, rewrite it with BPO within a
+budget, fail open, and apply a DRPO alignment. Every edge calls it: the gateway, the LiteLLM
+guardrail, :class:`~bpo_plugins.drpo.pipeline.AlignmentPipeline` and the framework adapters.
+
+Request shapes (:class:`Shape`):
+
+- ``chat``: OpenAI chat completions, the last user message of ``messages``;
+- ``responses``: OpenAI Responses, ``input`` as a string or the last user item;
+- ``completions``: OpenAI completions, a string ``prompt``;
+- ``messages``: Anthropic Messages, the last user turn's text (a string or its one text block;
+  images, ``tool_result``, ``tool_use`` and thinking blocks and earlier turns stay as they are).
+
+The caller's body is never mutated: the returned body shares every part it did not change.
+A DRPO alignment goes where each API keeps instructions: a chat request gets DRPO's system message,
+query format and stop strings; an Anthropic request gets it in the top-level ``system`` field. An
+alignment for a *base* model (``format.raw``: no chat template) turns a chat request into one
+completions request with DRPO's rendered text, as DRPO's ``auto_model.py`` serves base models;
+``Outcome.upstream_shape`` then says ``completions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from bpo_plugins.chat import UserPrompt, content_text, last_user_prompt
+from bpo_plugins.result import Mode, RewriteResult
+
+if TYPE_CHECKING:
+    from bpo_plugins.drpo.alignment import Alignment
+    from bpo_plugins.rewriter import Rewriter
+
+__all__ = ["AsyncRewrite", "Outcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt", "rewrite_requests"]
+
+log = logging.getLogger("bpo_plugins.requests")
+
+#: An async rewrite of one prompt in a mode: ``Rewriter.arewrite`` or a micro-batcher in front of it.
+AsyncRewrite = Callable[[str, Mode], Awaitable[RewriteResult]]
+
+
+class Shape(str, Enum):
+    """The request formats the rewriter reads."""
+
+    CHAT = "chat"
+    RESPONSES = "responses"
+    COMPLETIONS = "completions"
+    #: Anthropic's Messages API.
+    MESSAGES = "messages"
+
+
+@dataclass
+class Outcome:
+    """What was done to one request: for the ``X-BPO-Rewrite`` header, metrics and traces."""
+
+    status: str  # applied | unchanged | off | fallback | skipped
+    reason: str | None = None
+    #: BPO's result (None when no rewrite was tried).
+    result: RewriteResult | None = None
+    #: Seconds spent rewriting (0 when no rewrite was tried).
+    rewrite_s: float = 0.0
+    #: True when a DRPO alignment was applied.
+    aligned: bool = False
+    #: The shape of the returned body when it differs from the request's (a raw DRPO preset turns a
+    #: chat request into a completions request); None when unchanged.
+    upstream_shape: Shape | None = None
+
+    @property
+    def header(self) -> str:
+        """The ``X-BPO-Rewrite`` value: the status and a reason, never prompt text."""
+        return self.status if self.reason is None else f"{self.status}; reason={self.reason}"
+
+    @property
+    def cache(self) -> str:
+        """``hit`` or ``miss`` for a greedy rewrite (the only cached mode), else ``off``."""
+        if self.result is None or self.result.mode != "greedy":
+            return "off"
+        return "hit" if self.result.cached else "miss"
+
+    @property
+    def changed(self) -> bool:
+        """True when the body differs from the request's."""
+        return self.status == "applied" or self.aligned
+
+
+# -- finding the prompt --------------------------------------------------------------------------
+
+
+def _copy_last_user(body: dict[str, Any], key: str) -> dict[str, Any]:
+    """``body`` with the list under ``key`` and its last user item copied, so they can be edited."""
+    items = body.get(key)
+    body = dict(body)
+    if not isinstance(items, list):
+        return body
+    items = list(items)
+    for i in range(len(items) - 1, -1, -1):
+        item = items[i]
+        if isinstance(item, dict) and item.get("role") == "user":
+            item = dict(item)
+            if isinstance(item.get("content"), list):
+                item["content"] = [dict(p) if isinstance(p, dict) and isinstance(p.get("text"), str) else p for p in item["content"]]
+            items[i] = item
+            break
+    body[key] = items
+    return body
+
+
+def find_prompt(body: dict[str, Any], shape: Shape) -> tuple[dict[str, Any], UserPrompt | None, str | None]:
+    """A copy of ``body`` that may be edited, the user's prompt in it (or None) and why there is none."""
+    shape = Shape(shape)
+    if shape in (Shape.CHAT, Shape.MESSAGES):
+        body = _copy_last_user(body, "messages")
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return body, None, "no_messages"
+        prompt, reason = last_user_prompt(messages)
+        return body, prompt, reason
+    field = "prompt" if shape == Shape.COMPLETIONS else "input"
+    body = _copy_last_user(body, field) if shape == Shape.RESPONSES else dict(body)
+    value = body.get(field)
+    if shape == Shape.RESPONSES and isinstance(value, list):
+        prompt, reason = last_user_prompt(value)
+        return body, prompt, reason
+    if not isinstance(value, str):
+        return body, None, f"{field}_not_text"
+    return body, UserPrompt(value, lambda text: body.__setitem__(field, text)), None
+
+
+# -- outcomes ------------------------------------------------------------------------------------
+
+
+def _outcome(result: RewriteResult, seconds: float) -> Outcome:
+    if result.fallback is not None:
+        return Outcome("fallback", result.fallback.value, result, seconds)
+    return Outcome("applied" if result.changed else "unchanged", None, result, seconds)
+
+
+# -- DRPO alignment ------------------------------------------------------------------------------
+
+
+def _align(body: dict[str, Any], shape: Shape, alignment: Alignment, query: str | None, outcome: Outcome) -> dict[str, Any]:
+    """``body`` with ``alignment`` applied (examples retrieved for ``query``, the user's own words)."""
+    if shape == Shape.CHAT and alignment.format.raw:
+        outcome.upstream_shape = Shape.COMPLETIONS
+        body = _raw_completion(body, alignment, query)
+    elif shape == Shape.CHAT:
+        body = dict(body)
+        body["messages"] = alignment.apply(body.get("messages") or [], query=query)
+        stops = body.get("stop")
+        stops = [stops] if isinstance(stops, str) else list(stops or [])
+        body["stop"] = list(dict.fromkeys(stops + list(alignment.format.stop)))[:4]  # OpenAI takes at most 4
+    elif shape == Shape.MESSAGES:
+        body = dict(body)
+        own = body.get("system")
+        if isinstance(own, list):  # blocks stay blocks (cache_control and all); DRPO's message goes first
+            body["system"] = [{"type": "text", "text": alignment.system_message(query or "")}, *own]
+        else:
+            body["system"] = alignment.system_message(query or "", keep=own if isinstance(own, str) and own else None)
+    else:
+        return body  # a Responses or completions request has no system prompt to align
+    outcome.aligned = True
+    return body
+
+
+#: Chat request fields a completions request takes as they are.
+_COMPLETION_FIELDS = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "seed",
+                      "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs")
+
+
+def _raw_completion(body: dict[str, Any], alignment: Alignment, query: str | None) -> dict[str, Any]:
+    """A chat request for a base model as one completions request: DRPO's prompt, the retrieved
+    examples, earlier turns as answered queries, then the last user turn, generated to ``<END>``."""
+    from bpo_plugins.drpo.alignment import Example
+
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    turns = [(m.get("role"), content_text(m.get("content"))) for m in messages if m.get("role") in ("user", "assistant")]
+    last = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=None)
+    text = turns[last][1] if last is not None else ""
+    history = [Example(q, a) for (r1, q), (r2, a) in zip(turns[: last or 0], turns[1 : last or 0]) if r1 == "user" and r2 == "assistant"]
+    fmt = alignment.format
+    system = alignment.system_message(query if query is not None else text)
+    own = " ".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    prompt = (own + "\n\n" if own else "") + system + "".join(fmt.render_example(e) for e in history) + fmt.render_user(text)
+    request = {k: body[k] for k in _COMPLETION_FIELDS if k in body}
+    if "max_completion_tokens" in body and "max_tokens" not in request:
+        request["max_tokens"] = body["max_completion_tokens"]
+    stops = body.get("stop")
+    stops = [stops] if isinstance(stops, str) else list(stops or [])
+    request["prompt"] = prompt
+    request["stop"] = list(dict.fromkeys(stops + list(fmt.stop)))[:4]
+    return request
+
+
+# -- the rewriter --------------------------------------------------------------------------------
+
+
+class RequestRewriter:
+    """Rewrites one request at a time within ``timeout_s``, failing open: whatever goes wrong, the
+    original prompt goes on and the :class:`Outcome` says why. For servers and guardrails.
+
+    ``rewrite``: a :class:`~bpo_plugins.Rewriter`, or any :data:`AsyncRewrite` (a micro-batcher);
+    None rewrites nothing (alignments still apply).
+    """
+
+    def __init__(self, rewrite: Rewriter | AsyncRewrite | None, *, timeout_s: float | None = None) -> None:
+        if rewrite is not None and hasattr(rewrite, "arewrite"):
+            rewriter = rewrite
+
+            async def call(text: str, mode: Mode) -> RewriteResult:
+                return await rewriter.arewrite(text, mode=mode)  # type: ignore[union-attr]
+
+            rewrite = call
+        self._rewrite: AsyncRewrite | None = rewrite  # type: ignore[assignment]
+        self.timeout_s = timeout_s
+
+    async def arewrite(
+        self,
+        body: dict[str, Any],
+        shape: Shape,
+        *,
+        mode: Mode = "greedy",
+        enabled: bool = True,
+        opted_out: bool = False,
+        unavailable: str | None = None,
+        alignment: Alignment | None = None,
+    ) -> tuple[dict[str, Any], Outcome]:
+        """The request rewritten (and aligned) and what was done.
+
+        ``enabled=False``: this model's requests are not rewritten; ``opted_out``: the client asked
+        for no rewrite; ``unavailable``: why the optimizer cannot rewrite now (``optimizer_loading``).
+        """
+        shape = Shape(shape)
+        body, prompt, reason = find_prompt(body, shape)
+        original = prompt.text if prompt is not None else None
+        outcome = await self._rewrite_prompt(prompt, reason, mode, enabled, opted_out, unavailable)
+        if alignment is not None:
+            body = _align(body, shape, alignment, original, outcome)
+        return body, outcome
+
+    async def _rewrite_prompt(self, prompt: UserPrompt | None, reason: str | None, mode: Mode, enabled: bool,
+                              opted_out: bool, unavailable: str | None) -> Outcome:
+        if opted_out:
+            return Outcome("off")
+        if not enabled or self._rewrite is None:
+            return Outcome("skipped", "model_not_rewritten")
+        if prompt is None:
+            return Outcome("skipped", reason)
+        if unavailable is not None:
+            return Outcome("fallback", unavailable)
+        start = time.perf_counter()
+        try:
+            call = self._rewrite(prompt.text, mode)
+            result = await (asyncio.wait_for(call, self.timeout_s) if self.timeout_s is not None else call)
+        except asyncio.TimeoutError:
+            return Outcome("fallback", "timeout", rewrite_s=time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001 - fail open: the original prompt goes on
+            log.warning("rewrite failed (%s); the original prompt goes on", type(exc).__name__)
+            return Outcome("fallback", "backend_error", rewrite_s=time.perf_counter() - start)
+        outcome = _outcome(result, time.perf_counter() - start)
+        if outcome.status == "applied":
+            prompt.replace(result.rewritten)
+        return outcome
+
+
+# -- batches: one rewrite_batch for many requests ------------------------------------------------
+
+
+def _batch_inputs(bodies: Sequence[dict[str, Any]], shape: Shape) -> tuple[list[tuple[dict[str, Any], UserPrompt | None, str | None]], list[str]]:
+    found = [find_prompt(body, Shape(shape)) for body in bodies]
+    return found, [prompt.text for _, prompt, _ in found if prompt is not None]
+
+
+def _batch_finish(found: list[tuple[dict[str, Any], UserPrompt | None, str | None]], results: Sequence[RewriteResult],
+                  seconds: float, shape: Shape, alignment: Alignment | None, rewriting: bool) -> list[tuple[dict[str, Any], Outcome]]:
+    out = []
+    pending = iter(results)
+    for body, prompt, reason in found:
+        original = prompt.text if prompt is not None else None
+        if not rewriting:
+            outcome = Outcome("skipped", "model_not_rewritten")
+        elif prompt is None:
+            outcome = Outcome("skipped", reason)
+        else:
+            outcome = _outcome(next(pending), seconds)
+            if outcome.status == "applied":
+                prompt.replace(outcome.result.rewritten)  # type: ignore[union-attr]
+        if alignment is not None:
+            body = _align(body, Shape(shape), alignment, original, outcome)
+        out.append((body, outcome))
+    return out
+
+
+def rewrite_requests(bodies: Sequence[dict[str, Any]], shape: Shape, rewriter: Rewriter | None, *, mode: Mode | None = None,
+                     strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], Outcome]]:
+    """Many requests rewritten with one ``rewrite_batch`` call (one generate call), then aligned.
+    ``rewriter=None``: alignment only. ``strict``: a fallback raises :class:`~bpo_plugins.RewriteError`."""
+    found, texts = _batch_inputs(bodies, shape)
+    start = time.perf_counter()
+    results = rewriter.rewrite_batch(texts, mode=mode, strict=strict) if rewriter is not None and texts else []
+    return _batch_finish(found, results, time.perf_counter() - start, shape, alignment, rewriter is not None)
+
+
+async def arewrite_requests(bodies: Sequence[dict[str, Any]], shape: Shape, rewriter: Rewriter | None, *, mode: Mode | None = None,
+                            strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], Outcome]]:
+    """:func:`rewrite_requests` off the event loop's thread for local models."""
+    found, texts = _batch_inputs(bodies, shape)
+    start = time.perf_counter()
+    results = await rewriter.arewrite_batch(texts, mode=mode, strict=strict) if rewriter is not None and texts else []
+    return _batch_finish(found, results, time.perf_counter() - start, shape, alignment, rewriter is not None)
