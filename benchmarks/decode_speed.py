@@ -151,7 +151,7 @@ def interleave(runners: dict[str, Runner], prompts: list[list[int]], rounds: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
+    parser.add_argument("--prompts", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--limit", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_speed"))
@@ -161,7 +161,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from bpo_plugins.backends.onnx import load_export
-    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
     from bpo_plugins.registry import find_smollm2_gguf, resolve
 
     entry = resolve("bpo-small")
@@ -169,7 +169,7 @@ def main() -> None:
     exports = {(engine, precision): export_folder("bpo-small", engine, precision)
                for engine, precision in [("optimum", "int8"), ("genai", "fp32"), ("genai", "int8"), ("genai", "int4")]}
     backend = load_export(exports["genai", "int4"])
-    texts = [backend.render(row_prompt(r), backend.default_template) for r in read_rows(args.prompts)[: args.limit]]
+    texts = [backend.render(row_prompt(r), backend.default_template) for r in read_prompt_rows(args.prompts)[: args.limit]]
     prompts = [backend.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     eager = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(entry.path), str(entry.adapter)).merge_and_unload().eval()

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=Path, default=ROOT.parent / "shared" / "data" / "bpo" / "vicuna_eval.jsonl")
+    parser.add_argument("--prompts", type=Path, default=ROOT / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--limit", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["auto", "transformers"])
@@ -30,9 +30,9 @@ def main() -> None:
 
     from bpo_plugins import Rewriter
     from bpo_plugins.batching import file_batch_size
-    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
 
-    prompts = [row_prompt(r) for r in read_rows(args.prompts)[: args.limit]]
+    prompts = [row_prompt(r) for r in read_prompt_rows(args.prompts)[: args.limit]]
     rewriters = {b: Rewriter.from_pretrained("bpo-small", backend=b, cache_size=0, max_new_tokens=96).warmup() for b in args.backends}
     seconds: dict[tuple[str, int], float] = {}
     for _ in range(args.rounds):

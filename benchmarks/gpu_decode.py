@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rewrites", type=int, default=20, help="Vicuna prompts for the rewrite latency")
-    parser.add_argument("--prompts", type=Path, default=ROOT.parent / "shared" / "data" / "bpo" / "vicuna_eval.jsonl")
+    parser.add_argument("--prompts", type=Path, default=ROOT / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode")
     args = parser.parse_args()
 
@@ -108,7 +108,7 @@ def main() -> int:
         return 0
     from bpo_plugins import Rewriter
     from bpo_plugins.backends.transformers import STATIC_CACHE_LEN, TransformersBackend
-    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
 
     name = torch.cuda.get_device_name()
     spec, measured = card_bandwidth(name), measured_bandwidth()
@@ -136,7 +136,7 @@ def main() -> int:
                          "spec_bound_tok_s": round(spec / weight, 1) if spec else None,
                          "pct_of_spec_bound": round(100 * tok_s * weight / spec, 1) if spec else None,
                          "pct_of_measured_bandwidth": round(100 * tok_s * weight / measured, 1)})
-    prompts = [row_prompt(r) for r in read_rows(args.prompts)[: args.rewrites]]
+    prompts = [row_prompt(r) for r in read_prompt_rows(args.prompts)[: args.rewrites]]
     latencies = []
     for prompt in prompts:
         start = time.perf_counter()

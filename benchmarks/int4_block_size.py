@@ -9,7 +9,7 @@ blocks round more weights to one scale. For each block size this prints:
   held-out prompt, the share of steps where the int4 model picks the same next token, and the mean
   KL divergence of its next-token distribution from fp32's.
 
-`export.onnx.BLOCK_SIZE` holds the block size picked from these figures.
+`bpo_plugins.onnx_export.BLOCK_SIZE` holds the block size picked from these figures.
 
     python benchmarks/int4_block_size.py --blocks 32 64 128 256 --out benchmarks/results/int4_block_size
     python benchmarks/int4_block_size.py --blocks 64 --algos default rtn_last hqq --out benchmarks/results/int4_methods
@@ -29,7 +29,7 @@ from pathlib import Path
 from decode_speed import TOKENS, genai_runner, interleave, llama_cpp_runner
 from runtimes import export_folder
 
-from bpo_plugins.export.onnx import _genai_runner
+from bpo_plugins.onnx_export import _genai_runner
 
 FIDELITY_STEPS = 48
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--algos", nargs="+", default=["default"], help="int4 methods (export --int4-algo).")
     parser.add_argument("--precision", choices=["int4", "int8"], default="int4")
-    parser.add_argument("--speed-prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
+    parser.add_argument("--speed-prompts", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--fidelity-prompts", type=Path, default=Path("training/results/bpo-small-val_pairs.jsonl"))
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bpo_plugins.backends.onnx import load_export
-    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
     from bpo_plugins.registry import find_smollm2_gguf
 
     fp32 = export_folder("bpo-small", "genai", "fp32")
@@ -76,7 +76,7 @@ def main() -> None:
     backend = load_export(fp32)
 
     def encode(path: Path, limit: int | None) -> list[list[int]]:
-        rows = read_rows(path)[:limit]
+        rows = read_prompt_rows(path)[:limit]
         return [backend.tokenizer(backend.render(row_prompt(r), backend.default_template), add_special_tokens=False)["input_ids"]
                 for r in rows]
 

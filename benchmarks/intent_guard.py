@@ -21,16 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=Path, default=ROOT.parent / "shared" / "data" / "bpo" / "vicuna_eval.jsonl")
+    parser.add_argument("--prompts", type=Path, default=ROOT / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "intent_guard")
     args = parser.parse_args()
 
     from bpo_plugins import Rewriter
-    from bpo_plugins.cli import read_rows, row_prompt
     from bpo_plugins.embeddings import shared_embedder
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
 
-    prompts = [row_prompt(r) for r in read_rows(args.prompts)[: args.limit]]
+    prompts = [row_prompt(r) for r in read_prompt_rows(args.prompts)[: args.limit]]
     guarded = Rewriter.default(cache_size=0, max_new_tokens=96).warmup()
     assert guarded.guards.min_intent_cosine > 0
     unguarded = Rewriter(guarded.backend, guards=replace(guarded.guards, min_intent_cosine=0.0), cache_size=0, max_new_tokens=96)

@@ -106,16 +106,16 @@ def shipped_backend():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=Path, default=ROOT.parent / "shared" / "data" / "bpo" / "vicuna_eval.jsonl")
+    parser.add_argument("--prompts", type=Path, default=ROOT / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--limit", type=int, default=80)
     parser.add_argument("--transformers", type=int, default=20, help="prompts for the transformers runtime (0: skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prefix_reuse")
     args = parser.parse_args()
 
     from bpo_plugins import Rewriter
-    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
 
-    prompts = [row_prompt(r) for r in read_rows(args.prompts)[: args.limit]]
+    prompts = [row_prompt(r) for r in read_prompt_rows(args.prompts)[: args.limit]]
     default = Rewriter.default(cache_size=0).warmup()
     shipped, int4 = shipped_backend()
     arms = {

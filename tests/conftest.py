@@ -17,15 +17,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: Public data files in the repository: vendored for the tests (tests/data/README.md says where each
+#: comes from), and the package's own (FastChat's judge prompts).
+DATA_DIRS = (Path(__file__).parent / "data", ROOT / "bpo_plugins" / "data")
 SERVER = Path(__file__).parent / "support" / "openai_server.py"
 
 
 def shared_data(*parts: str) -> Path:
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} not present")
-    return path
+    """A public data file the repository carries, e.g. ``shared_data("bpo", "bpo_val.json")``."""
+    for folder in DATA_DIRS:
+        if folder.joinpath(*parts).is_file():
+            return folder.joinpath(*parts)
+    raise FileNotFoundError(f"{'/'.join(parts)} is in none of {', '.join(map(str, DATA_DIRS))}")
 
 
 @pytest.fixture(scope="session")

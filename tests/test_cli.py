@@ -71,14 +71,114 @@ def test_bad_input_exits_2_without_traceback(args, message):
     assert "Traceback" not in run.stderr
 
 
-def test_bad_rows_name_the_line(tmp_path: Path):
-    source = tmp_path / "bad.jsonl"
-    source.write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
+ROWS = "".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6))
+TWO_ROWS = "".join(ROWS.splitlines(keepends=True)[:2]).encode()
+#: (file name, bytes, the one line `bpo` prints after "error: PATH") for files a new user might hand it.
+BAD_FILES = [
+    ("rows.jsonl", ROWS.encode() + b'{"prompt": "seven" "eight"}\n', ":7: not valid JSON (Expecting ',' delimiter at column 20)"),
+    ("rows.jsonl", b"prompt,context\nhello,world\n",
+     ":1: not valid JSON (Expecting value at column 1); expected JSON Lines (one JSON object per line) or a JSON array of objects"),
+    ("rows.jsonl", TWO_ROWS + b'{"prompt": "caf\xff"}\n', ":3: not UTF-8 (byte 0xff at column 16)"),
+    ("rows.jsonl", b'{"prompt": "ok"}\n{"prompt": 5}\n', ":2: no string 'prompt' field (nor instruction, text, question)"),
+    ("rows.jsonl", b'{"prompt": "ok"}\n["a list"]\n',
+     ":2: not a JSON object (a list); expected JSON Lines (one JSON object per line) or a JSON array of objects"),
+    ("rows.json", b'[\n  {"prompt": "ok"},\n  {"prompt": "ok"}\n  {"prompt": "no comma"}\n]\n',
+     ":4: not valid JSON (expected ',' or ']' after an array item)"),
+    ("rows.jsonl.gz", b"not gzip", ": not a readable gzip file (Not a gzipped file (b'no'))"),
+]
+
+
+def _one_error_line(run: subprocess.CompletedProcess[str]) -> str:
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), BAD_FILES)
+def test_bad_input_files_name_the_file_and_line(tmp_path: Path, name: str, content: bytes, expected: str):
+    source = tmp_path / name
+    source.write_bytes(content)
     run = bpo("optimize", "--file", str(source), "--out", str(tmp_path / "o.jsonl"))
-    assert run.returncode == 2 and "row 2" in run.stderr and "Traceback" not in run.stderr
-    source.write_text('{"prompt": "ok"}\nnot json\n')
-    run = bpo("optimize", "--file", str(source), "--out", str(tmp_path / "o.jsonl"))
-    assert run.returncode == 2 and "bad.jsonl:2" in run.stderr
+    assert run.returncode == 2
+    assert _one_error_line(run) == f"error: {source}{expected}"
+
+
+def test_a_text_file_that_is_not_rows_names_itself_and_its_line(tmp_path: Path):
+    run = bpo("optimize", "--file", "/etc/passwd", "--out", str(tmp_path / "o.jsonl"))
+    assert run.returncode == 2
+    assert _one_error_line(run).startswith("error: /etc/passwd:1: not valid JSON (Expecting value at column 1); expected JSON Lines")
+    missing = bpo("optimize", "--file", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o.jsonl"))
+    assert missing.returncode == 2 and _one_error_line(missing) == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+    folder = bpo("optimize", "--file", str(tmp_path), "--out", str(tmp_path / "o.jsonl"))
+    assert folder.returncode == 2 and _one_error_line(folder) == f"error: {tmp_path}: is a folder, not a file"
+
+
+def test_every_command_that_reads_a_file_names_its_line(tmp_path: Path):
+    """bpo eval, bpo data build and bpo drpo --seeds read files as bpo optimize --file does."""
+    bad_json = tmp_path / "set.jsonl"
+    bad_json.write_bytes(TWO_ROWS + b"{oops}\n")
+    bad_bytes = tmp_path / "seeds.txt"
+    bad_bytes.write_bytes(b"How do I boil an egg?\nWhy is the sky blue?\nna\xefve question\n")
+    runs = {
+        "eval": (bpo("eval", str(bad_json), "--out", str(tmp_path / "eval")), f"{bad_json}:3: not valid JSON"),
+        "data build": (bpo("data", "build", str(bad_json), "--out", str(tmp_path / "pairs.jsonl")), f"{bad_json}:3: not valid JSON"),
+        "drpo --seeds txt": (bpo("drpo", "search", "--base", "gpt-4o-mini", "--judge", "gpt-4o-mini", "--dry-run", "--seeds", str(bad_bytes),
+                                 "--out", str(tmp_path / "drpo")), f"{bad_bytes}:3: not UTF-8 (byte 0xef at column 3)"),
+        "drpo --seeds jsonl": (bpo("drpo", "search", "--base", "gpt-4o-mini", "--judge", "gpt-4o-mini", "--dry-run", "--seeds",
+                                   str(bad_json), "--out", str(tmp_path / "drpo")), f"{bad_json}:3: not valid JSON"),
+    }
+    (tmp_path / "ok.jsonl").write_text(ROWS)
+    runs["eval --judge-prompts"] = (bpo("eval", str(tmp_path / "ok.jsonl"), "--judge-prompts", "/etc/passwd", "--target-model", "x",
+                                        "--judge-model", "y", "--out", str(tmp_path / "eval")), "/etc/passwd:1: not valid JSON")
+    for what, (run, expected) in runs.items():
+        assert run.returncode == 2, (what, run.stderr[-2000:])
+        assert _one_error_line(run).startswith(f"error: {expected}"), (what, run.stderr)
+
+
+BOOM = "import sys\nfrom bpo_plugins import cli\ncli.app.command('boom')(lambda: int('not a number'))\nsys.argv = ['bpo', 'boom']\ncli.main()\n"
+
+
+def test_a_bug_is_an_internal_error_not_bad_input():
+    """A ValueError the user's input did not cause exits 1 saying so; BPO_DEBUG=1 shows its traceback."""
+    import os
+
+    run = subprocess.run([sys.executable, "-c", BOOM], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert _one_error_line(run) == ("internal error: ValueError: invalid literal for int() with base 10: 'not a number' "
+                                    "(set BPO_DEBUG=1 for the traceback)")
+    debug = subprocess.run([sys.executable, "-c", BOOM], capture_output=True, text=True, timeout=120, env={**os.environ, "BPO_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and debug.stderr.strip().endswith(
+        "ValueError: invalid literal for int() with base 10: 'not a number'")
+
+
+def test_only_the_cli_reaches_training_and_export():
+    """The core (bpo_plugins/ but cli.py) imports neither training/ nor export/; the builder does not import the registry back."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "bpo_plugins"
+
+    def imports(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against the module's package
+                    parts = list(path.relative_to(package.parent).with_suffix("").parts)[: -node.level]
+                    base = ".".join(parts + ([base] if base else []))
+                names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+                names |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)}
+        return names
+
+    modules = {path: imports(path) for path in package.rglob("*.py")}
+    assert len(modules) > 30
+    reaching = {str(path.relative_to(package)): sorted(n for n in names if n.startswith(("bpo_plugins.training", "bpo_plugins.export")))
+                for path, names in modules.items()}
+    assert {path: names for path, names in reaching.items() if names} == {"cli.py": reaching["cli.py"]}
+    assert reaching["cli.py"]  # the one place that wires them in
+    assert not any(n.startswith("bpo_plugins.registry") for n in modules[package / "onnx_export.py"])
 
 
 def test_bench_writes_figures(tiny_bpo_dir, tmp_path: Path):

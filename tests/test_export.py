@@ -14,7 +14,9 @@ import pytest
 pytest.importorskip("optimum.onnxruntime")
 
 from bpo_plugins import FallbackReason, ModelLoadError, Rewriter
-from bpo_plugins.export.onnx import MANIFEST, ParityError, export_onnx
+from bpo_plugins.export.onnx import export_onnx
+from bpo_plugins.inputs import MANIFEST
+from bpo_plugins.onnx_export import ParityError
 from tests.conftest import prefix_reuse_runs
 
 ENGINES = ["optimum", pytest.param("genai", marks=pytest.mark.skipif(
@@ -118,7 +120,7 @@ def test_genai_honours_banned_words(tiny_bpo_dir, tmp_path):
 def test_genai_engine_refuses_models_it_cannot_build(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4}))
-    from bpo_plugins.export.onnx import pick_engine
+    from bpo_plugins.onnx_export import pick_engine
 
     assert pick_engine("auto", str(tmp_path)) == "optimum"
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -25,7 +25,13 @@ def test_rewrite_dataset_matches_the_local_rewriter(local_ray, tiny_bpo_dir: Pat
     from bpo_plugins.ray_data import rewrite_dataset
 
     items = [{"prompt": p, "context": "Ctx kept." if i == 4 else ""} for i, p in enumerate(PROMPTS)]
-    rows = rewrite_dataset(ray.data.from_items(items), model=str(tiny_bpo_dir), max_new_tokens=8, actors=2, rows_per_call=3).take_all()
+    source = ray.data.from_items(items)
+    rewritten = rewrite_dataset(source, model=str(tiny_bpo_dir), max_new_tokens=8, actors=2, rows_per_call=3)
+    # Order is kept by the returned dataset's own context, not by flipping Ray's process-wide setting.
+    assert rewritten.context.execution_options.preserve_order
+    assert not source.context.execution_options.preserve_order
+    assert not ray.data.DataContext.get_current().execution_options.preserve_order
+    rows = rewritten.take_all()
     local = tiny_rewriter.rewrite_batch(PROMPTS, contexts=[i["context"] or None for i in items])
     assert [r["prompt"] for r in rows] == PROMPTS  # order kept
     assert [(r["rewritten"], r["fallback"]) for r in rows] == [(x.rewritten, x.fallback and x.fallback.value) for x in local]

@@ -214,7 +214,7 @@ def test_loss_masks_the_instruction(tiny_bpo_dir):
 
 
 def test_eval_end_to_end_with_local_target_and_judge(tiny_bpo_dir, model_server, teacher_server, tmp_path: Path):
-    from bpo_plugins.training.evaluate import verdict
+    from bpo_plugins.pairwise import verdict
 
     assert verdict("... so [[B]]") == "B" and verdict("no verdict") == "C"
     sets = tmp_path / "mini_eval.jsonl"
@@ -223,8 +223,7 @@ def test_eval_end_to_end_with_local_target_and_judge(tiny_bpo_dir, model_server,
     args = [
         sys.executable, "-m", "bpo_plugins", "eval", str(sets), "--out", str(out), "--model", str(tiny_bpo_dir),
         "--max-new-tokens", "6", "--target-model", "smollm2", "--target-base-url", model_server.base_url,
-        "--judge-model", "smollm2", "--judge-base-url", model_server.base_url,
-        "--judge-prompts", str(shared_data("judge", "fastchat_judge_prompts.jsonl")),
+        "--judge-model", "smollm2", "--judge-base-url", model_server.base_url,  # pair-v2 from the packaged judge prompts
     ]
     run = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -27,6 +27,9 @@ from bpo_plugins.templates import PromptTemplate
 from bpo_plugins.training.data import Pair, Triplet, normalise
 
 # Our wording of the paper's two comparison prompts (thu-coai/BPO src/data_construction).
+__all__ = ["TEACHER_PROMPT", "TEACHER_PROMPT_WITH_CONTEXT", "TEACHER_SYSTEM", "TEACHER_TEMPLATE", "BuildReport", "bleu", "build",
+           "dedupe", "diversity_filter", "filter_reason", "parse_teacher", "teacher_prompt"]
+
 TEACHER_SYSTEM = (
     "You are an expert prompt engineer. You study how an instruction led an AI assistant to a better "
     "and a worse response, then improve the instruction so that assistants produce the better kind."
@@ -191,7 +194,7 @@ class BuildReport:
         return {"inputs": self.inputs, "resumed": self.resumed, "generated": self.generated, "dropped": dict(self.dropped), "kept": self.kept}
 
 
-def call_with_retry(call: Callable[[], Any], retries: int = 4, base_delay: float = 1.0) -> Any:
+def _call_with_retry(call: Callable[[], Any], retries: int = 4, base_delay: float = 1.0) -> Any:
     for attempt in range(retries + 1):
         try:
             return call()
@@ -232,7 +235,7 @@ def build(
 
     def ask(triplet: Triplet) -> dict[str, Any]:
         try:
-            output = call_with_retry(
+            output = _call_with_retry(
                 lambda: teacher.generate([teacher_prompt(triplet)], TEACHER_TEMPLATE, decoding, None), retries=retries
             )
             text = output.generations[0].texts[0]

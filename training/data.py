@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bpo_plugins.inputs import UsageError, read_rows
+
+__all__ = ["Pair", "Triplet", "eval_prompts", "normalise", "read_pairs", "read_rows", "read_triplets"]
 
 
 @dataclass(frozen=True)
@@ -48,42 +50,6 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """JSON arrays, ``{"train": [...]}`` splits, JSONL, and gzipped JSONL."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        text = f.read()
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        return
-    if text.lstrip().startswith("[") or len(lines) <= 1 or not _is_json(lines[0]):
-        data = json.loads(text)  # one JSON document: an array, a split dict, or a pretty-printed object
-        if isinstance(data, dict):
-            data = next((v for k, v in data.items() if k in ("train", "data", "rows") and isinstance(v, list)), [data])
-        yield from (row for row in data if isinstance(row, dict))
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield row
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
 def _pair(row: dict[str, Any], source: str) -> Pair | None:
     # THUDM/BPO: prompt / optimized_prompt; SFT exports of it: instruction / output.
     prompt = row.get("prompt", row.get("instruction"))
@@ -113,7 +79,7 @@ def read_pairs(paths: Sequence[str | Path], exclude: Sequence[str | Path] = ()) 
             if pair is not None and normalise(pair.prompt) not in banned:
                 pairs.append(pair)
     if not pairs:
-        raise ValueError(f"no (prompt, optimized_prompt) pairs in {', '.join(map(str, paths))}")
+        raise UsageError(f"no (prompt, optimized_prompt) pairs in {', '.join(map(str, paths))}")
     return pairs
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import statistics
 import threading
 from collections import Counter
@@ -27,9 +26,13 @@ from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.embeddings import Embedder
 from bpo_plugins.guards import answered_reason, clean_output, degenerate_reason, word_count
+from bpo_plugins.inputs import InputError, read_rows
+from bpo_plugins.pairwise import outcome, pair_prompt, verdict, win_tie_lose_bars
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
-from bpo_plugins.training.data import read_rows
+
+__all__ = ["DRIFT_COSINE", "PASSTHROUGH", "CallCache", "EvalItem", "judge_set", "markdown_report", "plot", "proxy_figures",
+           "read_eval_set", "rouge_l"]
 
 PASSTHROUGH = PromptTemplate(name="passthrough", user="{prompt}")
 #: An applied rewrite below this MiniLM cosine with its prompt counts as meaning drift. It is a crude
@@ -52,7 +55,7 @@ def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalItem]:
         if prompt:
             items.append(EvalItem(prompt, row.get("context") or None, row.get("optimized_prompt")))
     if not items:
-        raise ValueError(f"{path}: no prompts found")
+        raise InputError(path, "no prompts (rows need a string prompt, instruction, text or question field)")
     return items[:limit] if limit else items
 
 
@@ -165,31 +168,6 @@ class CallCache:
         return value
 
 
-def load_judge_prompt(path: str | Path, name: str = "pair-v2") -> dict[str, str]:
-    for row in read_rows(path):
-        if row.get("name") == name:
-            return row
-    raise ValueError(f"{path}: no judge prompt named {name!r}")
-
-
-def verdict(text: str) -> str:
-    """'A', 'B' or 'C' (tie) from a pair-v2 judgement; an unparsable one counts as a tie."""
-    found = re.findall(r"\[\[([ABC])\]\]", text)
-    return found[-1] if found else "C"
-
-
-def pair_prompt(judge_prompt: dict[str, str], question: str, answer_a: str, answer_b: str) -> str:
-    text = judge_prompt["prompt_template"].replace("{question}", question)
-    return text.replace("{answer_a}", answer_a).replace("{answer_b}", answer_b)
-
-
-def outcome(treated_first: str, treated_second: str) -> str:
-    """win, tie or lose for the treated answer from the verdicts with it first (it is A) and second
-    (it is B). Both orders must agree for a win or a loss; disagreement is position bias, a tie."""
-    votes = ["tie" if v == "C" else ("win" if v == mine else "lose") for v, mine in ((treated_first, "A"), (treated_second, "B"))]
-    return votes[0] if votes[0] == votes[1] else "tie"
-
-
 def _complete(backend: Backend, prompt: str, system: str | None, max_new_tokens: int) -> str:
     template = PromptTemplate(name="judge", user="{prompt}", system=system) if system else PASSTHROUGH
     output = backend.generate([prompt], template, Decoding(max_new_tokens=max_new_tokens), None)
@@ -242,18 +220,6 @@ def markdown_report(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str,
         lines += ["## Pairwise judge (BPO-rewritten vs raw prompt, both orders)", "", "| set | n | win % | tie % | lose % |", "|---|---|---|---|---|"]
         lines += [f"| {j['set']} | {j['n']} | {j['win']} | {j['tie']} | {j['lose']} |" for j in judged]
     return "\n".join(lines) + "\n"
-
-
-def win_tie_lose_bars(ax: Any, rows: dict[str, dict[str, float]], title: str) -> None:
-    """Stacked horizontal bars of win, tie and lose percentages, one bar per row."""
-    left = [0.0] * len(rows)
-    for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("lose", "tab:red")):
-        values = [row[key] for row in rows.values()]
-        ax.barh(list(rows), values, left=left, color=color, label=key)
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_xlim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
 
 
 def plot(proxy: dict[str, dict[str, Any]], judged: Sequence[dict[str, Any]], path: Path) -> None:

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("training/results/reference_bounds.json"))
     args = parser.parse_args()
 
-    from bpo_plugins.training.evaluate import Embedder
+    from bpo_plugins.embeddings import Embedder
 
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("reference")]

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bpo_plugins.inputs import InputError, read_text
 from bpo_plugins.templates import BPO, BPO_CHAT, PromptTemplate
 from bpo_plugins.training.data import Pair, read_pairs
+
+__all__ = ["TrainConfig", "encode", "train"]
 
 
 @dataclass
@@ -42,12 +45,21 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        raw = json.loads(Path(path).read_text())
+        text = read_text(path)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"not valid JSON ({exc.msg} at column {exc.colno})", exc.lineno) from None
+        if not isinstance(raw, dict):
+            raise InputError(path, "a training config is a JSON object of TrainConfig fields")
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(path, f"unknown settings {sorted(unknown)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
 
 
-def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+def _split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """A fixed, seeded validation slice that training never sees."""
     shuffled = pairs[:]
     random.Random(seed).shuffle(shuffled)
@@ -55,7 +67,7 @@ def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list
     return shuffled[n_val:], shuffled[:n_val]
 
 
-def augment(train: list[Pair], keep_as_is_fraction: float, seed: int) -> list[Pair]:
+def _augment(train: list[Pair], keep_as_is_fraction: float, seed: int) -> list[Pair]:
     """Add keep-as-is examples: an already-optimized prompt maps to itself, so good prompts survive."""
     rng = random.Random(seed)
     n = int(len(train) * keep_as_is_fraction)
@@ -63,7 +75,7 @@ def augment(train: list[Pair], keep_as_is_fraction: float, seed: int) -> list[Pa
     return train + keep
 
 
-def pick_template(name: str, tokenizer: Any) -> PromptTemplate:
+def _pick_template(name: str, tokenizer: Any) -> PromptTemplate:
     if name == "bpo":
         return BPO
     if name == "bpo-chat" or (name == "auto" and tokenizer.chat_template):
@@ -88,7 +100,7 @@ def encode(pair: Pair, tokenizer: Any, template: PromptTemplate, max_length: int
     return {"input_ids": prompt_ids + target_ids, "labels": [-100] * len(prompt_ids) + target_ids}
 
 
-class Collator:
+class _Collator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
@@ -121,13 +133,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     pairs = read_pairs(config.data, exclude=config.exclude)
-    train_pairs, val_pairs = split_pairs(pairs, config.val_fraction, config.seed)
-    train_rows = augment(train_pairs, config.keep_as_is_fraction, config.seed)
+    train_pairs, val_pairs = _split_pairs(pairs, config.val_fraction, config.seed)
+    train_rows = _augment(train_pairs, config.keep_as_is_fraction, config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    template = pick_template(config.template, tokenizer)
+    template = _pick_template(config.template, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -165,7 +177,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data or None,
-                      data_collator=Collator(tokenizer.pad_token_id))
+                      data_collator=_Collator(tokenizer.pad_token_id))
     start = time.time()
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
     # Resume where an interrupted run stopped.
@@ -193,11 +205,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(out)
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     (out / "train_figures.json").write_text(json.dumps(figures, indent=2))
-    (out / "README.md").write_text(model_card(config, figures))
+    (out / "README.md").write_text(_model_card(config, figures))
     return figures
 
 
-def model_card(config: TrainConfig, figures: dict[str, Any]) -> str:
+def _model_card(config: TrainConfig, figures: dict[str, Any]) -> str:
     kind = f"LoRA adapter (r={config.lora_r}, alpha={config.lora_alpha})" if config.lora else "fully fine-tuned model"
     return f"""---
 license: apache-2.0

@@ -32,7 +32,7 @@ def best_provider(device: str | None) -> tuple[str, bool]:
 
 def load_export(folder: str | Path, *, device: str | None = None) -> TransformersBackend | GenAIBackend:
     """Load a ``bpo export onnx`` folder with the runtime its manifest names."""
-    from bpo_plugins.export.onnx import read_manifest
+    from bpo_plugins.inputs import read_manifest
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -54,7 +54,7 @@ class OnnxBackend(TransformersBackend):
             raise ModelLoadError("the onnx backend needs optimum-onnx: pip install 'bpo-plugins[onnx]'") from exc
         from transformers import AutoTokenizer
 
-        from bpo_plugins.export.onnx import read_manifest
+        from bpo_plugins.inputs import read_manifest
 
         folder = Path(folder)
         manifest = read_manifest(folder)

@@ -56,7 +56,7 @@ def _zip_longest(groups: list[list[Seed]]) -> list[list[Seed]]:
 
 def read_seeds(path: str | Path) -> list[Seed]:
     """Seed queries from a text file (one per line), or JSON/JSONL rows with a query field."""
-    from bpo_plugins.training.data import read_rows
+    from bpo_plugins.inputs import read_rows
 
     path = Path(path)
     if path.suffix == ".txt":
