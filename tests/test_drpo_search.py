@@ -32,7 +32,7 @@ from tests.conftest import Server, start_server
 METRICS = "Decide which aspects matter most"
 JUDGE = "Rate an AI assistant's answer"
 OPTIMIZE = "You improve the system prompt"
-REWRITE = "Rewrite the answer so that it would earn"
+REWRITE = "write an answer that satisfies a ruthless critic"
 
 SCRIPT = {
     # Rewritten answers (the ICL optimizer's) are rated perfect; the base model's own are not.
@@ -44,7 +44,7 @@ SCRIPT = {
         'Sure! {"new_system_prompt": "You are a careful assistant. Give one example."}',
         "I would rather not.",
     ],
-    REWRITE: "IMPROVED ANSWER: a complete, clear answer.",
+    REWRITE: '{"analysis": "thin", "thought": "expand", "new_response": "<START>\\nIMPROVED ANSWER: a complete, clear answer.\\n<END>"}',
     "[User Question]": "Assistant A is better. [[A]]",  # a pairwise judge with pure position bias
 }
 HOSTILE = {

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bpo_plugins.drpo.alignment import CHAT_FORMAT, Alignment
-from bpo_plugins.requests import Outcome, Shape, arewrite_requests, rewrite_requests
+from bpo_plugins.requests import EdgeRewriter, Outcome, Shape
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -35,7 +35,7 @@ class Aligned:
     rewrite: RewriteResult | None
 
 
-class AlignmentPipeline:
+class AlignmentPipeline(EdgeRewriter):
     """``alignment``: a DRPO preset name, an artifact path or an :class:`~bpo_plugins.drpo.Alignment`
     (None: BPO only). ``rewriter``: the BPO optimizer (default: the shared ``bpo-small``); ``bpo=False``: DRPO only."""
 
@@ -49,29 +49,19 @@ class AlignmentPipeline:
             alignment = load_alignment(alignment, k=k)
         elif alignment is not None and k is not None:
             alignment = replace(alignment, k=k)
-        self.alignment: Alignment | None = alignment
+        super().__init__(rewriter, mode=mode, fail_open=fail_open, bpo=bpo, alignment=alignment)
         # Message lists stay message lists (a raw preset's prompt framed as chat); render() gives the text.
-        self._chat_alignment = alignment if alignment is None or not alignment.format.raw else alignment.with_format(CHAT_FORMAT)
-        self._as_text = None if alignment is None else alignment.with_format(replace(alignment.format, raw=True))
-        self.bpo = bpo
-        self._rewriter = rewriter
-        self.mode: Mode = mode
-        self.fail_open = fail_open
+        self._chat: EdgeRewriter = self if alignment is None or not alignment.format.raw else self._with(alignment.with_format(CHAT_FORMAT))
+        self._text = None if alignment is None else self._with(alignment.with_format(replace(alignment.format, raw=True)))
 
-    @property
-    def rewriter(self) -> Rewriter:
-        if self._rewriter is None:
-            self._rewriter = Rewriter.default()
-        return self._rewriter
+    def _with(self, alignment: Alignment) -> EdgeRewriter:
+        return EdgeRewriter(self._rewriter, mode=self.mode, fail_open=self.fail_open, bpo=self.bpo, alignment=alignment)
 
     def align_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[Aligned]:
-        done = rewrite_requests(self._bodies(conversations), Shape.CHAT, self.rewriter if self.bpo else None, mode=self.mode,
-                                strict=not self.fail_open, alignment=self._chat_alignment)
-        return [_aligned(body, outcome) for body, outcome in done]
+        return [_aligned(body, outcome) for body, outcome in self._chat.rewrite(_bodies(conversations), Shape.CHAT)]
 
     async def aalign_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[Aligned]:
-        done = await arewrite_requests(self._bodies(conversations), Shape.CHAT, self.rewriter if self.bpo else None,
-                                       mode=self.mode, strict=not self.fail_open, alignment=self._chat_alignment)
+        done = await self._chat.arewrite(_bodies(conversations), Shape.CHAT)
         return [_aligned(body, outcome) for body, outcome in done]
 
     def apply(self, messages: Sequence[dict[str, Any]]) -> Messages:
@@ -84,22 +74,18 @@ class AlignmentPipeline:
     def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
         """An OpenAI chat request body rewritten and aligned (DRPO's stop strings added); for a raw
         (base-model) alignment, the completions request DRPO serves base models with."""
-        ((aligned, _),) = rewrite_requests([body], Shape.CHAT, self.rewriter if self.bpo else None, mode=self.mode,
-                                           strict=not self.fail_open, alignment=self.alignment)
-        return aligned
+        return self.rewrite([body], Shape.CHAT)[0][0]
 
     def render(self, messages: Sequence[dict[str, Any]]) -> str:
         """The whole text prompt for a completion LLM (a base model): the user's prompt rewritten,
         then DRPO's prompt, the retrieved examples and the query, as DRPO's ``auto_model.py`` lays them out."""
-        if self._as_text is None:
+        if self._text is None:
             raise ValueError("render needs a DRPO alignment")
-        ((body, _),) = rewrite_requests([{"messages": list(messages)}], Shape.CHAT, self.rewriter if self.bpo else None,
-                                        mode=self.mode, strict=not self.fail_open, alignment=self._as_text)
-        return str(body["prompt"])
+        return str(self._text.rewrite([{"messages": list(messages)}], Shape.CHAT)[0][0]["prompt"])
 
-    @staticmethod
-    def _bodies(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-        return [{"messages": list(messages)} for messages in conversations]
+
+def _bodies(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{"messages": list(messages)} for messages in conversations]
 
 
 def _aligned(body: dict[str, Any], outcome: Outcome) -> Aligned:

@@ -20,6 +20,9 @@ def markdown(report: dict[str, Any]) -> str:
     for warning in report.get("warnings", []):
         lines.append(f"- warning: {warning}")
     lines += ["", "## Models", "", *[f"- {role}: `{model}`" for role, model in report["roles"].items()], ""]
+    if report.get("guards"):
+        lines += ["## Our additions (docs/faithfulness.md)", "",
+                  *[f"- {name.replace('_', ' ')}: {'on' if on else 'off'}" for name, on in report["guards"].items()], ""]
     final = report.get("final_check")
     if final:
         verdict = "beats" if final["beats_initial"] else "does not beat"

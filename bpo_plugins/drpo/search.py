@@ -25,11 +25,11 @@ from typing import Any
 
 from bpo_plugins.backends.http import HTTPBackend
 from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
-from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role
+from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role, Usage
 from bpo_plugins.drpo.reward import Judgement, find_json, sections
 from bpo_plugins.drpo.session import Session, log
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 INITIAL_PROMPT = "You are a helpful assistant."
 
 
@@ -88,12 +88,25 @@ class SearchConfig:
     #: Seeds kept out of the search to re-score the top candidates and the initial prompt.
     holdout: int = 8
     top_candidates: int = 3
-    #: Earlier prompts of a node's lineage the optimizer sees.
+    #: Prompts of a node's path the optimizer sees, the current one included (DRPO: 5).
     lineage: int = 5
     max_prompt_chars: int = 6000
     format: str = "chat"
     seed: int = 0
     initial_prompt: str = INITIAL_PROMPT
+    #: Our guards, each switchable (docs/faithfulness.md). The held-out final check: the winner is
+    #: the best of the top candidates and the initial prompt on ``holdout`` unseen seeds (off:
+    #: DRPO's best terminal beam, and every seed goes to the search).
+    final_check: bool = True
+    #: Read JSON in prose, renamed aspects, "4/5" scores, and ask once more (off: DRPO's parser).
+    lenient_parsing: bool = True
+    #: A refusal of a harmful query that the judge marked down on Compliance is raised to 5.
+    refusal_correction: bool = True
+
+    def guards(self) -> dict[str, bool]:
+        """Which of our additions were on: the report and the artifact list them."""
+        return {"final_check": self.final_check and self.holdout > 0, "lenient_parsing": self.lenient_parsing,
+                "refusal_correction": self.refusal_correction}
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "num_actions", "depth"):
@@ -116,7 +129,7 @@ class Node:
     prompt: str
     #: The reward of each level along this node's path (ranking uses their mean).
     rewards: list[float]
-    #: Ancestors' prompts, oldest first.
+    #: The prompt of each earlier level of this node's path, oldest first (a carried prompt repeats).
     lineage: list[str]
     query: str
     answer: str
@@ -138,27 +151,107 @@ class Node:
         return cls(**{**data, "judgement": Judgement.from_dict(data["judgement"])})
 
 
-OPTIMIZER_PROMPT = """You improve the system prompt of an AI assistant. With the system prompt below, the assistant answered a user query, and an expert rated the answer. Write a better system prompt.
-
-Rules:
-- Keep the prompt general: it will guide the assistant on every kind of query, so never mention this query or its topic.
-- Change a little at a time: add, edit or remove at most 2 bullet points, and keep at most 8 bullet points in all.
-- Fix the weaknesses the rating names and keep what already works.
-- Keep a short list of what the assistant cannot do (no internet access, no real-time information, it can make mistakes).
-- Never copy these rules, the rating or any score into the prompt.
+OPTIMIZER_PROMPT = """You improve the system prompt of an AI assistant, so that its answers to user queries rate well on every aspect an expert judges. With the current system prompt below, the assistant answered a user query, and the expert rated the answer on several aspects, each from 1 (worst) to 5 (best). The earlier versions of the system prompt are listed too, oldest first: each was improved from the one before, and the last is the current one.
 
 {inputs}
 
-Reply with JSON only: {{"analysis": "<what the answer lacked>", "thought": "<how the prompt should change>", "new_system_prompt": "<the whole new system prompt>"}}"""
+Write a new system prompt. In general:
+1. It must be better than the current one.
+2. You may edit the current prompt, add new instructions, or write a new one from scratch.
+3. A 5 on an aspect is the best quality and a 1 the worst.
+4. Aim for even quality across all the aspects rather than one at the expense of others.
+5. It guides the assistant on every kind of query: it must stay general and never refer to this query or its topic.
+
+Shape it as follows:
+1. Open with general instructions on what the assistant is for and what it can do.
+2. List in bullet points what it cannot do: it has no internet access or real-time data, cannot take physical actions, and must not help with malicious requests.
+3. Among the bullets, describe its capabilities, and say that declining what it cannot do well is better than an answer beside the point.
+4. Lay the prompt out as an opening paragraph about being a helpful, ethical assistant that does well on every aspect rated, followed by bullet points with specific, important instructions.
+5. Include bullets on making answers engaging and human, naming robotic habits to avoid.
+6. Draw concrete tips from the answer and its rating above: what to keep doing and what to avoid.
+7. Make each bullet informative and brief.
+8. The opening instructions may be long and detailed: cover as many aspects and issues as they can.
+9. Add no more than 2 new bullets at a time.
+10. Do not delete a bullet that serves the general goal just because it does not fit this query: reword or merge it.
+11. Keep to 8 bullets at most: add, reword or merge to stay within that.
+
+Reply with JSON only: {{"analysis": "<study the scores and the current system prompt: what should improve>", "thought": "<how the system prompt can improve>", "new_system_prompt": "<the whole new system prompt>"}}"""
 PROPOSAL_KEYS = ("new_system_prompt", "system_prompt", "new_prompt", "prompt")
 
 
-def read_proposal(text: str) -> str | None:
-    data = find_json(text)
+def read_proposal(text: str, *, lenient: bool = True) -> str | None:
+    """The new system prompt in an optimizer's reply; strict: DRPO's parse and its key only."""
+    data = find_json(text, lenient=lenient)
     if data is None:
         return None
-    value = next((data[k] for k in PROPOSAL_KEYS if isinstance(data.get(k), str) and data[k].strip()), None)
-    return value.strip().strip('"').strip() if value else None
+    keys = PROPOSAL_KEYS if lenient else PROPOSAL_KEYS[:1]
+    value = next((data[k] for k in keys if isinstance(data.get(k), str) and data[k].strip()), None)
+    if not value:
+        return None
+    value = value.replace("\\n", "\n")  # as DRPO: a doubly escaped newline is a newline
+    return value.strip().strip('"').strip() if lenient else value
+
+
+@dataclass
+class LevelRecord:
+    """One level of the search, as the report shows it."""
+
+    level: int
+    query: str
+    source: str
+    children: int
+    carried: int
+    rewards: list[float]
+    best_reward: float
+    best_path_mean: float
+    best_prompt: str
+    live_calls: int
+    cost_usd: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LevelRecord:
+        return cls(**data)
+
+
+@dataclass
+class Checkpoint:
+    """The search after a level: everything a killed run needs to go on where it stopped."""
+
+    fingerprint: str
+    level: int
+    #: Levels added so far because a beam prompt needed no edit (at most ``max_extensions``).
+    extensions: int
+    depth_limit: int
+    beam: list[Node]
+    #: The best distinct prompts seen at any level (the final check's candidates).
+    best_seen: list[Node]
+    #: The sampling salt's generator, as ``random.getstate()``.
+    rng: tuple[Any, ...]
+    usage: dict[str, Usage]
+    skips: dict[str, int]
+    history: list[LevelRecord]
+    version: int = CHECKPOINT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "fingerprint": self.fingerprint, "level": self.level, "extensions": self.extensions,
+            "depth_limit": self.depth_limit, "beam": [n.to_dict() for n in self.beam], "best_seen": [n.to_dict() for n in self.best_seen],
+            "rng": _rng_json(self.rng), "usage": {r: asdict(u) for r, u in self.usage.items()}, "skips": dict(self.skips),
+            "history": [h.to_dict() for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
+        return cls(
+            fingerprint=data["fingerprint"], level=int(data["level"]), extensions=int(data["extensions"]),
+            depth_limit=int(data["depth_limit"]), beam=[Node.from_dict(n) for n in data["beam"]],
+            best_seen=[Node.from_dict(n) for n in data["best_seen"]], rng=_rng_state(data["rng"]),
+            usage={r: Usage(**u) for r, u in data["usage"].items()}, skips=dict(data["skips"]),
+            history=[LevelRecord.from_dict(h) for h in data["history"]], version=int(data["version"]),
+        )
 
 
 @dataclass
@@ -188,15 +281,17 @@ class Search:
         self.examples = list(icl_examples() if examples is None else examples)
         ordered = list(drpo_seeds() if seeds is None else seeds)
         random.Random(config.seed).shuffle(ordered)  # DRPO shuffles unseeded; here the seed fixes the order
-        if len(ordered) < 2 + config.holdout:
-            raise ValueError(f"{len(ordered)} seed queries are too few: the search needs 2 and the final check {config.holdout}")
-        self.holdout = ordered[len(ordered) - config.holdout:] if config.holdout else []
-        self.queries = ordered[: len(ordered) - config.holdout][: config.depth + config.max_extensions + 1]
+        held = config.holdout if config.final_check else 0
+        if len(ordered) < 2 + held:
+            raise ValueError(f"{len(ordered)} seed queries are too few: the search needs 2 and the final check {held}")
+        self.holdout = ordered[len(ordered) - held:] if held else []
+        self.queries = ordered[: len(ordered) - held][: config.depth + config.max_extensions + 1]
         if config.prompt_format.raw and isinstance(roles["base"].backend, HTTPBackend):
             raise ValueError("the raw prompt format needs a local base model (no chat template over HTTP); use the chat format")
         # The call cache's SQLite file creates ``out``; a dry run keeps calls in memory (it makes none).
         self.session = Session(roles, None if dry_run else cache_path or self.out / "calls.sqlite", caps=caps, known_aspects=known_aspects,
-                               concurrency=concurrency, retries=retries, backoff_s=backoff_s)
+                               concurrency=concurrency, retries=retries, backoff_s=backoff_s, lenient=config.lenient_parsing,
+                               refusal_correction=config.refusal_correction)
         self.roles, self.ledger, self.call, self.skips = self.session.roles, self.session.ledger, self.session.call, self.session.skips
         self.retriever = ExampleRetriever(self.examples, embedder)
         self.progress = progress
@@ -215,18 +310,28 @@ class Search:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.json"
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
+    def load_checkpoint(self) -> Checkpoint | None:
         if not self.checkpoint_path.is_file():
             return None
-        state = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
-        if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != self.fingerprint():
+        try:
+            data = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.checkpoint_path}:{exc.lineno}: not a checkpoint ({exc.msg}): use --fresh to start over") from None
+        version = data.get("version") if isinstance(data, dict) else None
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(f"{self.checkpoint_path} is a version-{version} checkpoint and this bpo-plugins reads version "
+                             f"{CHECKPOINT_VERSION}: use --fresh to start over (the cached calls are reused) or another --out")
+        if data.get("fingerprint") != self.fingerprint():
             raise ValueError(f"{self.checkpoint_path} belongs to a search with other settings, models or seeds: "
                              "use another --out, or --fresh to start over")
-        return state
+        try:
+            return Checkpoint.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.checkpoint_path}: a malformed checkpoint ({type(exc).__name__}: {exc}): use --fresh") from None
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: Checkpoint) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        tmp.write_text(json.dumps(state.to_dict(), ensure_ascii=False), encoding="utf-8")
         tmp.replace(self.checkpoint_path)  # a kill mid-write leaves the previous level's checkpoint
 
     # -- one evaluation -------------------------------------------------------------------------
@@ -235,7 +340,7 @@ class Search:
         fmt = self.config.prompt_format
         system = fmt.render_system(prompt, self.retriever.top(query, self.config.k))
         if fmt.raw:
-            texts = await self.call(self.roles["base"], system + fmt.render_user(query), raw=True)
+            texts = await self.call(self.roles["base"], fmt.render_raw(system, query), raw=True)
         else:
             texts = await self.call(self.roles["base"], fmt.render_user(query), system=system)
         return strip_markers(texts[0], fmt)
@@ -254,11 +359,13 @@ class Search:
 
     async def propose(self, node: Node, salt: int) -> list[str]:
         role = self.roles["optimizer"]
-        lineage = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(node.lineage[-self.config.lineage:], 1)) or "(none)"
-        text = OPTIMIZER_PROMPT.format(inputs=sections(current_system_prompt=node.prompt, earlier_versions=lineage, query=node.query,
-                                                       answer=node.answer, rating=node.judgement.feedback()))
+        earlier = node.lineage[-(self.config.lineage - 1):] if self.config.lineage > 1 else []
+        versions = "\n\n".join([*(f"[Version {i}]\n{p}" for i, p in enumerate(earlier, 1)), f"[Current version]\n{node.prompt}"])
+        text = OPTIMIZER_PROMPT.format(inputs=sections(current_system_prompt=node.prompt, query=node.query, answer=node.answer,
+                                                       rating=node.judgement.evaluation_json(), system_prompt_versions=versions))
         decoding = replace(role.decoding, num_candidates=self.config.num_actions)
-        for attempt in range(2):
+        lenient = self.config.lenient_parsing
+        for attempt in range(2 if lenient else 1):
             try:
                 texts = await self.call(role, text, decoding=decoding, attempt=attempt, salt=salt)
             except CallFailed as exc:
@@ -267,7 +374,7 @@ class Search:
                 return []
             proposals: list[str] = []
             for raw in texts:
-                proposal = read_proposal(raw)
+                proposal = read_proposal(raw, lenient=lenient)
                 if proposal is None:
                     self.skips["proposal_unparsed"] += 1
                 elif len(proposal) > self.config.max_prompt_chars:
@@ -286,7 +393,7 @@ class Search:
         prompts = [node.prompt] if carried else await self.propose(node, salt)
         if not prompts:  # the optimizer gave nothing usable: the prompt goes on as it is
             prompts, carried = [node.prompt], True
-        lineage = node.lineage if carried else [*node.lineage, node.prompt]
+        lineage = [*node.lineage, node.prompt]
         results = await asyncio.gather(*(self.evaluate(p, seed) for p in prompts))
         children = [Node(p, [*node.rewards, j.reward], lineage, seed.query, a, j, carried)
                     for p, r in zip(prompts, results) if r is not None for a, j in [r]]
@@ -294,7 +401,7 @@ class Search:
 
     # -- the search -----------------------------------------------------------------------------
 
-    def run(self, *, fresh: bool = False, on_level: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+    def run(self, *, fresh: bool = False, on_level: Callable[[Checkpoint], None] | None = None) -> SearchResult:
         if fresh:
             self.checkpoint_path.unlink(missing_ok=True)
 
@@ -306,28 +413,27 @@ class Search:
 
         return asyncio.run(run())
 
-    async def _run(self, on_level: Callable[[dict[str, Any]], None] | None) -> SearchResult:
+    async def _run(self, on_level: Callable[[Checkpoint], None] | None) -> SearchResult:
         from tqdm import tqdm
 
         state = self.load_checkpoint()
-        resumed_from = None if state is None else state["level"]
+        resumed_from = None if state is None else state.level
         stopped: str | None = None
         if state is not None:
-            for role, used in state["usage"].items():  # caps hold across restarts
-                self.ledger.usage[role] = type(self.ledger.usage[role])(**used)
-            self.skips.update(state["skips"])
+            self.ledger.usage.update({role: replace(used) for role, used in state.usage.items()})  # caps hold across restarts
+            self.skips.update(state.skips)
         bar = tqdm(total=self.config.depth, desc="drpo search", unit="level", disable=not self.progress)
         try:
             if state is None:
                 state = await self._root()
                 self.save_checkpoint(state)
-            bar.total = state["depth_limit"]
-            bar.update(state["level"])
-            while state["level"] < state["depth_limit"] and state["level"] + 1 < len(self.queries):
+            bar.total = state.depth_limit
+            bar.update(state.level)
+            while state.level < state.depth_limit and state.level + 1 < len(self.queries):
                 state = await self._level(state)
                 self.save_checkpoint(state)
-                bar.total = state["depth_limit"]
-                bar.set_postfix(best=f"{state['history'][-1]['best_path_mean']:.2f}", calls=self.ledger.live_calls,
+                bar.total = state.depth_limit
+                bar.set_postfix(best=f"{state.history[-1].best_path_mean:.2f}", calls=self.ledger.live_calls,
                                 cached=self.ledger.cached_calls, cost=f"${self.ledger.cost_usd:.3f}")
                 bar.update(1)
                 if on_level:
@@ -340,22 +446,23 @@ class Search:
             bar.close()
         if state is None:
             raise DRPOError(f"the search could not start: {stopped}")
-        beam = [Node.from_dict(n) for n in state["beam"]]
-        seen = [Node.from_dict(n) for n in state["best_seen"]]
         final = None
         if stopped is None and self.holdout:
             try:
-                final = await self._final_check(beam, seen)
+                final = await self._final_check(state.beam, state.best_seen)
             except BudgetExhausted as exc:
                 stopped = f"budget during the final check: {exc}"
             except _NoChild as exc:
                 stopped = str(exc)
         if stopped:
             self.session.warn(f"search stopped early ({stopped}); returning the best prompt so far")
-        winner = final["winner"] if final else max(beam, key=lambda n: n.path_mean).prompt
+        winner = final["winner"] if final else max(state.beam, key=lambda n: n.path_mean).prompt
         return self._finish(state, winner, final, stopped, resumed_from)
 
-    async def _root(self) -> dict[str, Any]:
+    def _usage(self) -> dict[str, Usage]:
+        return {role: replace(used) for role, used in self.ledger.usage.items()}
+
+    async def _root(self) -> Checkpoint:
         seed = self.queries[0]
         result = await self.evaluate(self.config.initial_prompt, seed)
         if result is None:
@@ -363,47 +470,42 @@ class Search:
             raise DRPOError(f"the initial prompt could not be evaluated ({why}): check the base and judge models")
         root = Node(self.config.initial_prompt, [result[1].reward], [], seed.query, result[0], result[1])
         rng = random.Random(self.config.seed)
-        return {
-            "version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint(), "level": 0, "extensions": 0,
-            "depth_limit": self.config.depth, "beam": [root.to_dict()], "best_seen": [root.to_dict()],
-            "rng": _rng_json(rng.getstate()), "usage": self.ledger.to_dict(), "skips": dict(self.skips),
-            "history": [self._history(0, seed, [root], [root], carried=0)],
-        }
+        return Checkpoint(
+            fingerprint=self.fingerprint(), level=0, extensions=0, depth_limit=self.config.depth, beam=[root], best_seen=[root],
+            rng=rng.getstate(), usage=self._usage(), skips=dict(self.skips), history=[self._history(0, seed, [root], [root], carried=0)],
+        )
 
-    async def _level(self, state: dict[str, Any]) -> dict[str, Any]:
-        level = state["level"] + 1
+    async def _level(self, state: Checkpoint) -> Checkpoint:
+        level = state.level + 1
         seed = self.queries[level]
-        beam = [Node.from_dict(n) for n in state["beam"]]
         # The sampled proposals' cache salt comes from the checkpointed RNG: a run with another seed
         # samples anew, and a resumed run draws the same salt, so it finds its calls in the cache.
         rng = random.Random()
-        rng.setstate(_rng_state(state["rng"]))
+        rng.setstate(state.rng)
         salt = rng.getrandbits(32)
-        expanded = await asyncio.gather(*(self.expand(node, seed, salt) for node in beam))
+        expanded = await asyncio.gather(*(self.expand(node, seed, salt) for node in state.beam))
         children = [child for kids, _ in expanded for child in kids]
         if not children:
             raise _NoChild(f"level {level}: no child could be answered and judged ({dict(self.skips)})")
         carried = sum(was_carried for _, was_carried in expanded)
         new_beam = _top(children, self.config.beam_width)
-        extensions, depth_limit = state["extensions"], state["depth_limit"]
+        extensions, depth_limit = state.extensions, state.depth_limit
         if carried and extensions < self.config.max_extensions:
             extensions, depth_limit = extensions + 1, depth_limit + 1
-        best_seen = _top([*map(Node.from_dict, state["best_seen"]), *children], self.config.top_candidates)
-        return {
-            **state, "level": level, "extensions": extensions, "depth_limit": depth_limit,
-            "beam": [n.to_dict() for n in new_beam], "best_seen": [n.to_dict() for n in best_seen],
-            "rng": _rng_json(rng.getstate()), "usage": self.ledger.to_dict(), "skips": dict(self.skips),
-            "history": [*state["history"], self._history(level, seed, children, new_beam, carried)],
-        }
+        return replace(
+            state, level=level, extensions=extensions, depth_limit=depth_limit, beam=new_beam,
+            best_seen=_top([*state.best_seen, *children], self.config.top_candidates), rng=rng.getstate(),
+            usage=self._usage(), skips=dict(self.skips), history=[*state.history, self._history(level, seed, children, new_beam, carried)],
+        )
 
-    def _history(self, level: int, seed: Seed, children: list[Node], beam: list[Node], carried: int) -> dict[str, Any]:
+    def _history(self, level: int, seed: Seed, children: list[Node], beam: list[Node], carried: int) -> LevelRecord:
         best = beam[0]
-        return {
-            "level": level, "query": seed.query, "source": seed.source, "children": len(children), "carried": carried,
-            "rewards": [round(c.judgement.reward, 3) for c in children], "best_reward": round(max(c.judgement.reward for c in children), 3),
-            "best_path_mean": round(best.path_mean, 4), "best_prompt": best.prompt,
-            "live_calls": self.ledger.live_calls, "cost_usd": round(self.ledger.cost_usd, 6),
-        }
+        return LevelRecord(
+            level=level, query=seed.query, source=seed.source, children=len(children), carried=carried,
+            rewards=[round(c.judgement.reward, 3) for c in children], best_reward=round(max(c.judgement.reward for c in children), 3),
+            best_path_mean=round(best.path_mean, 4), best_prompt=best.prompt,
+            live_calls=self.ledger.live_calls, cost_usd=round(self.ledger.cost_usd, 6),
+        )
 
     async def _final_check(self, beam: list[Node], seen: list[Node]) -> dict[str, Any]:
         """Re-score the top candidates and the initial prompt on held-out seeds; the best mean wins."""
@@ -425,14 +527,16 @@ class Search:
                 "initial_mean": initial and initial["held_out_mean"], "beats_initial": beats,
                 "holdout_queries": [s.query for s in self.holdout]}
 
-    def _finish(self, state: dict[str, Any], winner: str, final: dict[str, Any] | None, stopped: str | None,
+    def _finish(self, state: Checkpoint, winner: str, final: dict[str, Any] | None, stopped: str | None,
                 resumed_from: int | None) -> SearchResult:
         from bpo_plugins.drpo.report import write_report
 
         roles = self.session.roles_described()
+        history = [h.to_dict() for h in state.history]
         provenance = {
             "method": "DRPO beam search", "base_model": roles["base"], "judge": roles["judge"], "optimizer": roles["optimizer"],
-            "metrics": roles["metrics"], "search": asdict(self.config), "levels": [h["best_path_mean"] for h in state["history"]],
+            "metrics": roles["metrics"], "search": asdict(self.config), "guards": self.config.guards(),
+            "levels": [h.best_path_mean for h in state.history],
             "held_out": final and {k: final[k] for k in ("winner_mean", "initial_mean", "beats_initial")},
             "calls": self.ledger.live_calls, "cached_calls": self.ledger.cached_calls,
             "tokens": sum(u.tokens for u in self.ledger.usage.values()), "cost_usd": round(self.ledger.cost_usd, 6),
@@ -443,7 +547,7 @@ class Search:
         alignment.save(self.out / "alignment.json")
         report = {
             "fingerprint": self.fingerprint(), "config": asdict(self.config), "roles": roles,
-            "caps": {r: asdict(c) for r, c in self.session.caps.items()}, "levels": state["history"],
+            "caps": {r: asdict(c) for r, c in self.session.caps.items()}, "guards": self.config.guards(), "levels": history,
             "final_check": final, "usage": self.ledger.to_dict(), "skips": dict(self.skips), "warnings": self.session.warnings,
             "stopped": stopped, "resumed_from_level": resumed_from, "winner": winner,
             "cache": {"live_calls": self.ledger.live_calls, "cached_calls": self.ledger.cached_calls},

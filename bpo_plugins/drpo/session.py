@@ -15,17 +15,23 @@ from bpo_plugins.cache import RewriteCache
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.drpo.alignment import FORMATS, PromptFormat
 from bpo_plugins.drpo.calls import ROLES, Caller, Caps, Ledger, Price, Role
-from bpo_plugins.drpo.reward import AspectChoice, Judgement, choose_aspects, judge
+from bpo_plugins.drpo.reward import SEARCH_RUBRIC, AspectChoice, Judgement, Rubric, choose_aspects, judge
 
 log = logging.getLogger("bpo_plugins.drpo")
 
 
 class Session:
-    """Roles, a SQLite call cache, a budget ledger, and counted skips and warnings for one job."""
+    """Roles, a SQLite call cache, a budget ledger, and counted skips and warnings for one job.
+
+    ``rubric``: the search's impartial judge or the example optimizer's critic. ``lenient`` and
+    ``refusal_correction`` switch two of our guards (see docs/faithfulness.md). ``known_aspects``
+    defaults to DRPO's published metrics cache for the search rubric and to none for the critic
+    (DRPO's critic chose its own aspects)."""
 
     def __init__(self, roles: Mapping[str, Role], cache_path: str | Path | None, *, caps: Mapping[str, Caps] | None = None,
                  known_aspects: Mapping[str, Any] | None = None, concurrency: int = 8, retries: int = 4,
-                 backoff_s: float = 1.0) -> None:
+                 backoff_s: float = 1.0, rubric: Rubric = SEARCH_RUBRIC, lenient: bool = True,
+                 refusal_correction: bool = True) -> None:
         from bpo_plugins.drpo import metrics_cache
 
         missing = set(ROLES) - set(roles)
@@ -36,7 +42,10 @@ class Session:
         self.ledger = Ledger(self.caps)
         self.cache = RewriteCache(maxsize=4096, path=cache_path)
         self.call = Caller(self.cache, self.ledger, concurrency=concurrency, retries=retries, backoff_s=backoff_s)
-        self.known_aspects = metrics_cache() if known_aspects is None else known_aspects
+        self.rubric, self.lenient, self.refusal_correction = rubric, lenient, refusal_correction
+        if known_aspects is None:
+            known_aspects = metrics_cache() if rubric is SEARCH_RUBRIC else {}
+        self.known_aspects = known_aspects
         self.skips: Counter[str] = Counter()
         self.warnings: list[str] = []
         self._aspects: dict[tuple[int, str], asyncio.Future[AspectChoice]] = {}
@@ -54,7 +63,8 @@ class Session:
         key = (id(asyncio.get_running_loop()), query)
         if key not in self._aspects:
             self._aspects[key] = asyncio.ensure_future(
-                choose_aspects(self.call, self.roles["metrics"], query, self.known_aspects, self.skips))
+                choose_aspects(self.call, self.roles["metrics"], query, self.known_aspects, self.skips,
+                               rubric=self.rubric, lenient=self.lenient))
         return self._aspects[key]
 
     async def rate(self, query: str, answer: str, *, harmful: bool = False) -> Judgement | None:
@@ -63,7 +73,12 @@ class Session:
         choice = await self.aspects(query)
         if harmful and not choice.harmful:
             choice = replace(choice, harmful=True)
-        return await judge(self.call, self.roles["judge"], query, answer, choice, self.skips)
+        return await judge(self.call, self.roles["judge"], query, answer, choice, self.skips, rubric=self.rubric,
+                           lenient=self.lenient, refusal_correction=self.refusal_correction)
+
+    def guards(self) -> dict[str, bool]:
+        """Which of our guards were on (the report and the artifact's provenance list them)."""
+        return {"lenient_parsing": self.lenient, "refusal_correction": self.refusal_correction}
 
     def roles_described(self) -> dict[str, str]:
         return {r: role.model for r, role in self.roles.items()}
@@ -79,17 +94,41 @@ class Session:
         self.cache.close()
 
 
+#: DRPO's answer length during its search and example optimization (``world_model.py``).
+ANSWER_TOKENS = 2048
+
+
 def default_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
-                  prices: Mapping[str, Price] | None = None, answer_tokens: int = 512, num_actions: int = 3,
+                  prices: Mapping[str, Price] | None = None, answer_tokens: int = ANSWER_TOKENS, num_actions: int = 3,
                   prompt_format: PromptFormat = FORMATS["chat"]) -> dict[str, Role]:
-    """DRPO's decoding per role: the base model greedy (as its search ran) and stopping at ``<END>``;
-    the optimizer sampling ``num_actions`` proposals in one call."""
-    prices = prices or {}
+    """DRPO's search decoding per role (``world_model.py``, ``search_config.py``, ``prompt_train.sh``):
+    the base model greedy (T 0, top_p 1) up to 2,048 tokens, stopping at ``<END>``; the metrics and
+    judge LLMs greedy up to 2,048; the optimizer sampling ``num_actions`` proposals in one call at
+    T 0.2, top_p 0.95, up to 2,048 tokens (a backend without ``n`` sends that many calls)."""
     decodings = {
         "base": Decoding(max_new_tokens=answer_tokens, stop=prompt_format.stop),
-        "metrics": Decoding(max_new_tokens=512),
-        "judge": Decoding(max_new_tokens=768),
-        "optimizer": Decoding(do_sample=True, temperature=0.9, num_candidates=num_actions, max_new_tokens=1024),
+        "metrics": Decoding(max_new_tokens=2048),
+        "judge": Decoding(max_new_tokens=2048),
+        "optimizer": Decoding(do_sample=True, temperature=0.2, top_p=0.95, num_candidates=num_actions, max_new_tokens=2048),
     }
+    return _roles(base, judge, optimizer, metrics, decodings, prices)
+
+
+def icl_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
+              prices: Mapping[str, Price] | None = None, answer_tokens: int = ANSWER_TOKENS) -> dict[str, Role]:
+    """DRPO's example-optimization decoding (``offline_icl_opti.py``): every role greedy (T 0, top_p 1)
+    up to 2,048 tokens; the optimizer writes one rewrite per round."""
+    decodings = {
+        "base": Decoding(max_new_tokens=answer_tokens, stop=FORMATS["chat"].stop),
+        "metrics": Decoding(max_new_tokens=2048),
+        "judge": Decoding(max_new_tokens=2048),
+        "optimizer": Decoding(max_new_tokens=2048),
+    }
+    return _roles(base, judge, optimizer, metrics, decodings, prices)
+
+
+def _roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None, decodings: Mapping[str, Decoding],
+           prices: Mapping[str, Price] | None) -> dict[str, Role]:
+    prices = prices or {}
     backends = {"base": base, "metrics": metrics or judge, "judge": judge, "optimizer": optimizer}
     return {r: Role(r, backends[r], decodings[r], prices.get(r, Price())) for r in ROLES}
