@@ -59,6 +59,7 @@ def run_workers(path: str | None, overrides: dict[str, Any], no_rewrite: bool, h
                             workers=config.workers, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(config.drain_timeout_s), timeout_keep_alive=75)
         sock = uv.bind_socket()
+        sock.listen(uv.backlog)  # connections queue from now on, while the workers start
         if announce is not None:
             announce(sock.getsockname()[1])
         Multiprocess(uv, sockets=[sock]).run()
