@@ -8,6 +8,18 @@ from dataclasses import asdict, dataclass, replace
 from bpo_plugins.guards import BANNED_MARKERS
 from bpo_plugins.result import MODES, Mode
 
+__all__ = ["Decoding", "check_mode", "cut_at_newline", "cut_at_stop", "decoding_for", "loop_cut"]
+
+#: BPO's aggressive mode (thu-coai/BPO ``src/infer_example.py``): 5 samples at T 0.9, top_p 0.9.
+AGGRESSIVE_TEMPERATURE = 0.9
+AGGRESSIVE_TOP_P = 0.9
+#: ... each at least the prompt's token count + 5 new tokens long (``min_length``; see
+#: :meth:`~bpo_plugins.backends.local.LocalBackend.min_new_tokens` for how the reference counts).
+AGGRESSIVE_MIN_OVER_PROMPT = 5
+#: BPO's stable mode: one sample at T 0.6, top_p 0.9.
+STABLE_TEMPERATURE = 0.6
+STABLE_TOP_P = 0.9
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -22,12 +34,26 @@ class Decoding:
     stop_loops: bool = False
     #: Strings that end a generation (DRPO's ``<END>``): every backend stops there and leaves them out.
     stop: tuple[str, ...] = ()
+    #: End each generation at its first newline (BPO's aggressive ``eos_token_id=[eos, 13]``): local
+    #: runtimes stop on every newline token of the model's vocabulary, servers get ``stop: ["\n"]``,
+    #: and the Rewriter cuts whatever a server sent past a newline.
+    stop_at_newline: bool = False
+    #: Each generation is at least (the user prompt's token count + this) new tokens long, its
+    #: end-of-sequence and newline tokens held back until then (BPO's aggressive ``min_length``).
+    #: None: no minimum. Local runtimes count with the model's tokenizer; servers get ``min_tokens``.
+    min_tokens_over_prompt: int | None = None
 
     def as_key(self) -> dict[str, object]:
         return asdict(self)
 
     def capped(self, max_new_tokens: int) -> Decoding:
         return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, max_new_tokens)))
+
+
+def cut_at_newline(text: str) -> str:
+    """A newline-stopped generation up to its first line break (leading line breaks skipped: a server
+    that got ``min_tokens`` may have written one before it was allowed to stop)."""
+    return text.lstrip("\r\n").split("\n", 1)[0].rstrip("\r")
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -80,21 +106,33 @@ def check_mode(mode: str) -> Mode:
     return mode  # type: ignore[return-value]
 
 
-def decoding_for(mode: str, *, max_new_tokens: int, num_candidates: int = 5, stop_loops: bool = True) -> Decoding:
-    """BPO's settings (thu-coai/BPO src/infer_example.py) for ``stable`` and ``aggressive``."""
+def decoding_for(
+    mode: str, *, max_new_tokens: int, num_candidates: int = 5, stop_loops: bool = True, bpo_recipe: bool = True
+) -> Decoding:
+    """BPO's settings (thu-coai/BPO src/infer_example.py) for ``stable`` and ``aggressive``.
+
+    Aggressive mode is 5 samples at T 0.9 and top_p 0.9 with BPO's marker words banned. With
+    ``bpo_recipe`` (an optimizer trained on BPO's data: its checkpoint, or BPO's instruction) each
+    sample also stops at a newline and runs at least the prompt's token count + 5 tokens, as the
+    reference does; a general LLM acting as prompt engineer writes multi-line prompts, which a
+    newline stop would cut to their first line, so it gets the sampling settings only.
+    """
     mode = check_mode(mode)
     if mode == "greedy":
         return Decoding(max_new_tokens=max_new_tokens, stop_loops=stop_loops)
     if mode == "stable":
-        return Decoding(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=max_new_tokens, stop_loops=stop_loops)
+        return Decoding(do_sample=True, temperature=STABLE_TEMPERATURE, top_p=STABLE_TOP_P, max_new_tokens=max_new_tokens,
+                        stop_loops=stop_loops)
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
     return Decoding(
         do_sample=True,
-        temperature=0.9,
-        top_p=1.0,
+        temperature=AGGRESSIVE_TEMPERATURE,
+        top_p=AGGRESSIVE_TOP_P,
         num_candidates=num_candidates,
         max_new_tokens=max_new_tokens,
         banned_words=BANNED_MARKERS,
         stop_loops=stop_loops,
+        stop_at_newline=bpo_recipe,
+        min_tokens_over_prompt=AGGRESSIVE_MIN_OVER_PROMPT if bpo_recipe else None,
     )

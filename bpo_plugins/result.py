@@ -6,8 +6,13 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Literal
 
+__all__ = ["MODES", "FallbackReason", "GuardPreset", "Mode", "ModelLoadError", "RewriteError", "RewriteResult"]
+
 Mode = Literal["greedy", "stable", "aggressive"]
 MODES: tuple[Mode, ...] = ("greedy", "stable", "aggressive")
+#: Which guards judged a result: ``GuardConfig()``, ``GuardConfig.strict()`` (what the bundled models get
+#: unless told otherwise), or any other configuration.
+GuardPreset = Literal["default", "strict", "custom"]
 
 
 class FallbackReason(str, Enum):
@@ -37,6 +42,9 @@ class FallbackReason(str, Enum):
     ENTITIES_INVENTED = "entities_invented"
     #: The rewrite's meaning moved away from the prompt's (sentence-embedding cosine below the bar).
     MEANING_DRIFT = "meaning_drift"
+    #: The prompt is mostly not English and the optimizer was trained on English only (BPO): passed
+    #: through before any generation.
+    NON_ENGLISH = "non_english"
 
     def __str__(self) -> str:
         return self.value
@@ -69,6 +77,8 @@ class RewriteResult:
     output_tokens: int = 0
     #: Candidates the backend stopped and cut where they started repeating themselves.
     loops_cut: int = 0
+    #: The guards that judged this result (see :data:`GuardPreset`).
+    guard_preset: GuardPreset = "default"
 
     @property
     def changed(self) -> bool:
@@ -99,6 +109,7 @@ class RewriteResult:
             "cached": self.cached,
             "output_tokens": self.output_tokens,
             "loops_cut": self.loops_cut,
+            "guard_preset": self.guard_preset,
         }
 
 

@@ -1,9 +1,16 @@
-"""Pick one rewrite among aggressive-mode candidates. Any ``(original, candidates) -> index`` works."""
+"""Pick one rewrite among aggressive-mode candidates. Any ``(original, candidates) -> index`` works.
+
+BPO's reference prints its 5 aggressive samples and picks none; a Rewriter returns one prompt, so it
+needs a rule. ``consensus`` (the default) is our addition; ``first`` takes the first sample that passes
+the guards, which is what running the reference once would give.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+
+__all__ = ["SELECTORS", "Selector", "select_consensus", "select_first", "select_longest"]
 
 Selector = Callable[[str, Sequence[str]], int]
 

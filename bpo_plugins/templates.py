@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "BPO", "BPO_CHAT", "BPO_INSTRUCTION", "PROMPT_ENGINEER", "PROMPT_SLOT", "TEMPLATES", "PromptTemplate", "follows_bpo",
+    "pick_local_template", "resolve_template",
+]
+
 PROMPT_SLOT = "{prompt}"
 
 
@@ -93,6 +98,13 @@ def resolve_template(template: str | PromptTemplate | None, default: PromptTempl
         f"unknown template {template!r}: use one of {sorted(TEMPLATES)}, a PromptTemplate, "
         f"or a string with a {PROMPT_SLOT} slot"
     )
+
+
+def follows_bpo(template: PromptTemplate) -> bool:
+    """True for an optimizer trained on BPO's data: BPO's raw ``[INST]`` checkpoint format (a custom
+    instruction keeps it), or BPO's instruction through a chat template. Such an optimizer gets BPO's
+    whole aggressive recipe and the English-only check; a general LLM as prompt engineer does not."""
+    return template.raw is not None or template.user.startswith(BPO_INSTRUCTION)
 
 
 def pick_local_template(model_name: str, has_chat_template: bool) -> PromptTemplate:

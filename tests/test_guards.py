@@ -279,3 +279,38 @@ def test_bundled_optimizer_gets_the_strict_guards():
 
     assert Rewriter.from_pretrained("bpo-small").guards == GuardConfig.strict()
     assert Rewriter.from_pretrained("THUDM/BPO").guards == GuardConfig()  # lazy: nothing is downloaded
+
+
+# --- English only ----------------------------------------------------------------------------
+
+from bpo_plugins.guards import non_english_reason  # noqa: E402
+
+
+@pytest.mark.parametrize("prompt", [
+    "如何在Facebook上创建个人资料？", "写一首关于秋天的诗", "東京でおすすめのレストランを教えてください", "한국의 수도는 어디입니까?",
+    "Как мне научиться программировать на Python?", "ما هي عاصمة فرنسا؟", "Python里怎么读取一个CSV文件？",
+    "Comment puis-je améliorer mon CV pour un poste de développeur ?", "Wie kann ich mein Deutsch verbessern, wenn ich keine Zeit habe?",
+    "¿Cuál es la mejor manera de aprender a programar?", "Qual é a melhor forma de aprender inglês sozinho?",
+    "Come posso migliorare la mia produttività al lavoro?", "Hoe kan ik beter slapen als ik veel stress heb?",
+    "Bagaimana cara membuat kue yang enak untuk ulang tahun?", "Làm thế nào để học tiếng Anh hiệu quả?",
+])
+def test_prompts_mostly_not_in_english_are_detected(prompt):
+    assert non_english_reason(prompt)
+
+
+@pytest.mark.parametrize("prompt", [
+    "def foo(x):\n    return x + 1\nWhy does this fail?", "SELECT * FROM users WHERE id = 5;", "12 + 7 * 3 = ?", "2024-01-01", "",
+    "Tell me about José García de la Vega", "Who is Xi Jinping?", "Tell me about Москва", "What does je ne sais pas mean?",
+    "Translate 'je ne sais pas' into English", "What is the meaning of the Chinese word 你好?",
+    "Translate this to English: El perro de mi vecino es muy grande y ladra todas las noches",
+    "Translate into English: 我今天很高兴，因为我的朋友来看我了", "Summarize: Le chat est sur la table. Il dort.",
+    "Write an email to Mr. Nguyen Van An about the meeting",
+])
+def test_code_numbers_names_and_english_requests_about_other_languages_are_english(prompt):
+    assert non_english_reason(prompt) is None
+
+
+def test_bpo_data_reads_as_english_but_for_its_one_spanish_prompt(bpo_pairs):
+    flagged = [r["prompt"] for r in bpo_pairs if non_english_reason(r["prompt"])]
+    assert len(flagged) == 1 and flagged[0].startswith("Crea una cancion")  # BPO's validation data has one
+    assert sum(bool(non_english_reason(r["optimized_prompt"])) for r in bpo_pairs) == 1

@@ -12,6 +12,7 @@ from bpo_plugins.decoding import Decoding
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate
 
+__all__ = ["AnthropicBackend"]
 
 class AnthropicBackend(HTTPBackend):
     name = "anthropic"
@@ -41,7 +42,10 @@ class AnthropicBackend(HTTPBackend):
         }
         if template.system:
             request["system"] = template.system
-        stops = [w for w in (*decoding.banned_words, *decoding.stop) if w.strip()]
+        # Banned words are not stop strings: a stop there would end the rewrite instead of steering around
+        # the word. Claude does not write BPO's markers, and outputs are cut at them (guards.clean_output).
+        # The API refuses whitespace stop sequences, so the newline stop is the Rewriter's cut.
+        stops = [w for w in decoding.stop if w.strip()]
         if stops:
             request["stop_sequences"] = stops
         if timeout_s is not None:

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from bpo_plugins.backends.base import BatchOutput, usable_cores
-from bpo_plugins.backends.transformers import LocalBackend, TokenStream, batch_output, folder_revision
-from bpo_plugins.decoding import Decoding, cut_at_stop, loop_cut
+from bpo_plugins.backends.local import LocalBackend, TokenStream, _batch_output, folder_revision
+from bpo_plugins.decoding import Decoding, loop_cut
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate
+
+__all__ = ["INSTALL_HINT", "GenAIBackend", "KVPrefixCache", "genai_available", "load_genai_model"]
 
 INSTALL_HINT = "the genai engine needs onnxruntime-genai: pip install 'bpo-plugins[onnx]'"
 
@@ -89,51 +91,59 @@ class GenAIBackend(LocalBackend):
 
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
-        streamer: TokenStream | None = None, prefix: Sequence[int] = (),
+        streamer: TokenStream | None = None, prefix: Sequence[int] = (), min_new: Sequence[int] = (),
     ) -> BatchOutput:
         import numpy as np
 
         n = decoding.num_candidates
         with self._lock:
             rows = [ids for ids in self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"] for _ in range(n)]
+        floors = [m for m in min_new for _ in range(n)] or [0] * len(rows)
         pad = self.pad_token_id
         if len(rows) > 1 and any(pad in ids for ids in rows):
-            # Padding would mask real tokens of these prompts: run every row (candidates too) alone.
-            single = replace(decoding, num_candidates=1)
-            parts = [self.generate_texts([text], single, timeout_s, add_special_tokens, prefix=prefix) for text in texts for _ in range(n)]
-            return batch_output([part.generations[0].texts[0] for part in parts],
-                                [part.generations[0].output_tokens for part in parts], n,
-                                elapsed=sum(part.stats["generate_s"] for part in parts),
-                                timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
-                                cut=[part.generations[0].loops_cut > 0 for part in parts])
+            return self._rows_alone(texts, decoding, timeout_s, add_special_tokens, prefix, min_new, rows)
         banned = self._banned(decoding.banned_words) or []
         start = time.perf_counter()
         deadline = None if timeout_s is None else start + timeout_s
         with self._lock:
-            rows_out = _Outputs(rows, decoding, {self.tokenizer.eos_token_id, pad}, streamer, self.tokenizer)
+            stop_ids = self._stop_ids(decoding)
+            newline = set(stop_ids) - {self.tokenizer.eos_token_id}
+            rows_out = _Outputs(rows, decoding, {pad, *stop_ids}, streamer, self.tokenizer, floors, newline)
             reuse = self.reuse_prefix and len(rows) == 1
             generator = self._prefix_cache.resume(rows[0], tuple(prefix), decoding) if reuse else None
             if generator is None:
                 generator = self._new_generator(rows, decoding)
             if streamer is not None:
                 streamer.put(np.asarray(rows[0]))
-            if len(rows) == 1 and not decoding.do_sample and not banned and self.prompt_lookup_tokens:
+            plain = not (decoding.do_sample or banned or any(floors) or decoding.stop_at_newline)
+            if len(rows) == 1 and plain and self.prompt_lookup_tokens:
                 timed_out = self._decode_with_drafts(generator, rows_out, deadline)
             else:
                 timed_out = self._decode(generator, rows_out, banned, deadline)
         if streamer is not None:
             streamer.end()
         elapsed = time.perf_counter() - start
-        with self._lock:
-            decoded = [cut_at_stop(t, decoding.stop) for t in self.tokenizer.batch_decode(rows_out.out, skip_special_tokens=True)]
-        return batch_output(decoded, [len(ids) for ids in rows_out.out], n, elapsed=elapsed, timed_out=timed_out,
-                            input_tokens=sum(len(ids) for ids in rows), cut=rows_out.cut)
+        return _batch_output(self._decode_rows(rows_out.out, decoding), [len(ids) for ids in rows_out.out], n,
+                             elapsed=elapsed, timed_out=timed_out, input_tokens=sum(len(ids) for ids in rows), cut=rows_out.cut)
+
+    def _rows_alone(self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
+                    prefix: Sequence[int], min_new: Sequence[int], rows: list[list[int]]) -> BatchOutput:
+        """Padding would mask real tokens of these prompts: run every row (candidates too) alone."""
+        n, single = decoding.num_candidates, replace(decoding, num_candidates=1)
+        parts = [self.generate_texts([text], single, timeout_s, add_special_tokens, prefix=prefix,
+                                     min_new=[min_new[i]] if min_new else ())
+                 for i, text in enumerate(texts) for _ in range(n)]
+        return _batch_output([part.generations[0].texts[0] for part in parts],
+                             [part.generations[0].output_tokens for part in parts], n,
+                             elapsed=sum(part.stats["generate_s"] for part in parts),
+                             timed_out=any(part.timed_out for part in parts), input_tokens=sum(len(ids) for ids in rows),
+                             cut=[part.generations[0].loops_cut > 0 for part in parts])
 
     def _decode(self, generator: Any, rows: _Outputs, banned: list[list[int]], deadline: float | None) -> bool:
         """GenAI's own search, a token per step for the whole batch; True when the deadline cut it."""
         while not generator.is_done() and not all(rows.finished):
-            if banned:
-                self._mask_banned(generator, rows.out, banned)
+            if banned or rows.holding():
+                self._mask(generator, rows, banned)
             generator.generate_next_token()
             for i, token in enumerate(generator.get_next_tokens().tolist()):
                 rows.take(i, int(token))
@@ -185,28 +195,31 @@ class GenAIBackend(LocalBackend):
         batch = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
         for i, ids in enumerate(rows):
             batch[i, : len(ids)] = ids
-        generator = og.Generator(self.model, search_params(self.model, decoding, max_length=width + decoding.max_new_tokens,
+        generator = og.Generator(self.model, _search_params(self.model, decoding, max_length=width + decoding.max_new_tokens,
                                                           batch_size=len(rows)))
         generator.append_tokens(batch)
         return generator
 
     @staticmethod
-    def _mask_banned(generator: Any, out: list[list[int]], banned: list[list[int]]) -> None:
-        """Forbid the last token of a banned sequence wherever the rest of it was just generated
-        (what ``bad_words_ids`` does in transformers)."""
+    def _mask(generator: Any, rows: _Outputs, banned: list[list[int]]) -> None:
+        """Forbid the last token of a banned sequence wherever the rest of it was just generated (what
+        ``bad_words_ids`` does in transformers), and the stop tokens of rows still short of their minimum."""
         logits = generator.get_logits()
         changed = False
-        for i, tokens in enumerate(out):
+        for i, tokens in enumerate(rows.out):
             for sequence in banned:
                 prefix = sequence[:-1]
                 if not prefix or tokens[-len(prefix) :] == prefix:
                     logits[i, -1, sequence[-1]] = -float("inf")
                     changed = True
+            if not rows.finished[i] and len(tokens) < rows.floors[i]:
+                logits[i, -1, rows.stop_ids] = -float("inf")
+                changed = True
         if changed:
             generator.set_logits(logits)
 
 
-def search_params(model: Any, decoding: Decoding, *, max_length: int, batch_size: int) -> Any:
+def _search_params(model: Any, decoding: Decoding, *, max_length: int, batch_size: int) -> Any:
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
@@ -252,7 +265,7 @@ class KVPrefixCache:
         try:
             if key != self._key:
                 self.clear()  # free the old KV buffer before allocating the new one
-                params = search_params(self.model, decoding, max_length=self.MAX_LENGTH, batch_size=1)
+                params = _search_params(self.model, decoding, max_length=self.MAX_LENGTH, batch_size=1)
                 self._generator = og.Generator(self.model, params)
                 self._generator.append_tokens(np.asarray([prefix], dtype=np.int32))
                 self._key = key
@@ -276,13 +289,21 @@ class _Outputs:
     string, a loop cut, or its token budget)."""
 
     def __init__(self, prompts: list[list[int]], decoding: Decoding, eos: set[int], streamer: TokenStream | None,
-                 tokenizer: Any) -> None:
+                 tokenizer: Any, floors: Sequence[int] = (), newline: set[int] | None = None) -> None:
         self.prompts, self.decoding, self.eos, self.streamer, self.tokenizer = prompts, decoding, eos, streamer, tokenizer
+        #: Each row's least number of new tokens; its stop tokens are masked until then (see GenAIBackend._mask).
+        self.floors = list(floors) or [0] * len(prompts)
+        self.stop_ids = sorted(eos)
         # A stop string spans at most as many tokens as it has characters: decode that much of the tail.
         self.stop_window = max((len(stop) for stop in decoding.stop), default=0) + 1
         self.out: list[list[int]] = [[] for _ in prompts]
         self.finished = [False] * len(prompts)
         self.cut = [False] * len(prompts)
+        self.newline = newline or set()
+
+    def holding(self) -> bool:
+        """True while some unfinished row is still short of its minimum length."""
+        return any(not done and len(out) < floor for done, out, floor in zip(self.finished, self.out, self.floors))
 
     def take(self, i: int, token: int) -> bool:
         """Add row ``i``'s next token; True once the row is finished."""
@@ -290,10 +311,12 @@ class _Outputs:
 
         if self.finished[i]:
             return True
+        out = self.out[i]
         if token in self.eos:
             self.finished[i] = True
+            if token in self.newline:  # kept: it may carry text before its line break (".\n"); the decode cuts there
+                out.append(token)
             return True
-        out = self.out[i]
         out.append(token)
         if self.streamer is not None:
             self.streamer.put(np.asarray([token]))

@@ -12,7 +12,8 @@ from typing import Any
 
 from bpo_plugins.backends.base import usable_cores
 from bpo_plugins.backends.genai import GenAIBackend
-from bpo_plugins.backends.transformers import TransformersBackend, folder_revision
+from bpo_plugins.backends.local import folder_revision
+from bpo_plugins.backends.transformers import TransformersBackend
 from bpo_plugins.result import ModelLoadError
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +13,33 @@ from bpo_plugins.backends.http import HTTPBackend, require
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, pick_local_template
+
+__all__ = ["OpenAIBackend"]
+
+#: Request fields a server may not know. ``min_tokens`` and ``bad_words`` are vLLM's extra sampling
+#: fields (SGLang takes ``min_tokens``); ``top_p`` and ``stop`` are OpenAI's own, which some servers lack.
+_OPTIONAL_FIELDS = ("min_tokens", "bad_words", "top_p", "stop")
+#: Per server (base URL): the optional fields it answered 400 for. Remembered for the process, so each
+#: server costs one failed request per field however many Rewriters talk to it.
+_REJECTED: dict[str, set[str]] = {}
+_REJECTED_LOCK = threading.Lock()
+
+
+def _estimate_tokens(text: str) -> int:
+    """About how many tokens a Llama tokenizer makes of ``text`` with its BOS: one per short word or mark,
+    one more per 5 letters of a longer word. Over HTTP there is no tokenizer to ask."""
+    return 1 + sum(max(1, round(len(piece) / 5)) for piece in re.findall(r"\w+|[^\w\s]", text))
+
+
+def _named_field(exc: Exception, fields: Sequence[str]) -> str | None:
+    """The one of ``fields`` a 400 answer names (its ``param``, else its message), or None."""
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    if param in fields:
+        return str(param)
+    message = str(error.get("message")) if isinstance(error, dict) else str(exc)
+    return next((f for f in fields if re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", message)), None)
 
 
 class OpenAIBackend(HTTPBackend):
@@ -29,6 +58,7 @@ class OpenAIBackend(HTTPBackend):
         if key is None:
             raise ModelLoadError("no OpenAI API key: pass api_key=... or set OPENAI_API_KEY")
         self.max_concurrency = max_concurrency
+        self._bad_request = openai.BadRequestError
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
         self._new_aclient = lambda: openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
         self._aclient = self._new_aclient()
@@ -42,25 +72,83 @@ class OpenAIBackend(HTTPBackend):
         }
         if decoding.do_sample and decoding.top_p < 1.0:
             request["top_p"] = decoding.top_p
+        stops = ["\n"] if decoding.stop_at_newline else []
+        stops += [stop for stop in decoding.stop if stop not in stops]
+        if stops:
+            request["stop"] = stops[:4]  # OpenAI takes at most 4
         if template.raw is not None:
             # A BPO checkpoint on vLLM or SGLang: BPO's exact [INST] format through /v1/completions, as it
             # was trained (the server adds BOS); a chat endpoint would wrap it in another template.
             request["prompt"] = template.render_raw(prompt)
+            extra = self._checkpoint_fields(prompt, decoding)
+            if extra:
+                request["extra_body"] = extra
         else:
+            # An API LLM: what OpenAI's chat API takes. Banned words would need logit_bias, which needs
+            # the API model's tokenizer; a general LLM does not write BPO's training markers, and every
+            # output is cut at them anyway (guards.clean_output).
             request["messages"] = template.messages(prompt)
-        if decoding.stop:
-            request["stop"] = list(decoding.stop)[:4]  # OpenAI takes at most 4
         if timeout_s is not None:
             request["timeout"] = timeout_s
+        rejected = self._rejected()
+        for name in rejected & request.keys():
+            del request[name]
         return [request]
 
+    def _checkpoint_fields(self, prompt: str, decoding: Decoding) -> dict[str, Any]:
+        """vLLM's extra sampling fields for BPO's aggressive mode (``min_length`` and ``bad_words_ids`` of
+        the reference), minus those this server rejected. vLLM holds back EOS until ``min_tokens``."""
+        extra: dict[str, Any] = {}
+        if decoding.min_tokens_over_prompt is not None:
+            extra["min_tokens"] = _estimate_tokens(prompt) + decoding.min_tokens_over_prompt
+        if decoding.banned_words:
+            extra["bad_words"] = list(decoding.banned_words)
+        rejected = self._rejected()
+        return {name: value for name, value in extra.items() if name not in rejected}
+
+    def _rejected(self) -> set[str]:
+        with _REJECTED_LOCK:
+            return set(_REJECTED.get(self.revision, ()))
+
+    def _without_rejected(self, request: dict[str, Any], exc: Exception) -> dict[str, Any] | None:
+        """``request`` without the optional field a 400 answer names, remembered for this server; None
+        when the answer names none of the fields the request still carries."""
+        extra = dict(request.get("extra_body") or {})
+        present = [f for f in _OPTIONAL_FIELDS if f in request or f in extra]
+        name = _named_field(exc, present)
+        if name is None:
+            return None
+        with _REJECTED_LOCK:
+            _REJECTED.setdefault(self.revision, set()).add(name)
+        retry = {k: v for k, v in request.items() if k != name}
+        if name in extra:
+            del extra[name]
+            retry["extra_body"] = extra
+            if not extra:
+                del retry["extra_body"]
+        return retry
+
     def send(self, request: dict[str, Any]) -> Any:
-        endpoint = self._client.completions if "prompt" in request else self._client.chat.completions
-        return endpoint.create(**request)
+        while True:
+            endpoint = self._client.completions if "prompt" in request else self._client.chat.completions
+            try:
+                return endpoint.create(**request)
+            except self._bad_request as exc:
+                retry = self._without_rejected(request, exc)
+                if retry is None:
+                    raise
+                request = retry
 
     async def asend(self, request: dict[str, Any]) -> Any:
-        endpoint = self._aclient.completions if "prompt" in request else self._aclient.chat.completions
-        return await endpoint.create(**request)
+        while True:
+            endpoint = self._aclient.completions if "prompt" in request else self._aclient.chat.completions
+            try:
+                return await endpoint.create(**request)
+            except self._bad_request as exc:
+                retry = self._without_rejected(request, exc)
+                if retry is None:
+                    raise
+                request = retry
 
     def generation(self, responses: Sequence[Any]) -> Generation:
         # Completions choices carry .text, chat choices .message.content.

@@ -2,159 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
-from abc import abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bpo_plugins.backends.base import Backend, BatchOutput, Generation
-from bpo_plugins.decoding import Decoding, cut_at_stop, loop_cut
+from bpo_plugins.backends.base import BatchOutput
+from bpo_plugins.backends.local import LocalBackend, TokenStream, _batch_output, folder_revision
+from bpo_plugins.decoding import Decoding, loop_cut
 from bpo_plugins.result import ModelLoadError
-from bpo_plugins.templates import PromptTemplate, pick_local_template
+from bpo_plugins.templates import PromptTemplate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+__all__ = ["STATIC_CACHE_LEN", "TransformersBackend"]
 
 #: Tokens of prompt plus rewrite the GPU path's static KV cache holds; longer inputs decode on a dynamic cache.
 STATIC_CACHE_LEN = 2048
-
-
-def folder_revision(folder: Path) -> str:
-    """A cheap fingerprint of local weights, so a cache never serves a retrained model's rewrites."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*")):
-        if path.suffix in {".safetensors", ".bin", ".json", ".gguf", ".onnx", ".model"}:
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return "local-" + digest.hexdigest()[:16]
-
-
-def batch_output(
-    decoded: Sequence[str], counts: Sequence[int], n: int, *, elapsed: float, timed_out: bool, input_tokens: int,
-    cut: Sequence[bool] = (),
-) -> BatchOutput:
-    """Group a flat list of ``len(prompts) * n`` decoded rows back into one Generation per prompt."""
-    cut = list(cut) or [False] * len(decoded)
-    generations = [
-        Generation(texts=list(decoded[i : i + n]), output_tokens=int(sum(counts[i : i + n])), loops_cut=sum(cut[i : i + n]))
-        for i in range(0, len(decoded), n)
-    ]
-    return BatchOutput(
-        generations=generations,
-        timed_out=timed_out,
-        stats={"generate_s": elapsed, "output_tokens": int(sum(counts)), "input_tokens": input_tokens},
-    )
-
-
-class LocalBackend(Backend):
-    """A local model with a Hugging Face tokenizer: rendering, chat and banned-word ids are shared here,
-    so each local runtime (transformers, ONNX Runtime GenAI) only implements :meth:`generate_texts`."""
-
-    tokenizer: PreTrainedTokenizerBase
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, model_id: str, revision: str, template: PromptTemplate | None) -> None:
-        self.tokenizer = tokenizer
-        self.model_id = model_id
-        self.revision = revision
-        self.default_template = template or pick_local_template(model_id, bool(tokenizer.chat_template))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        # Held for each generation and for every use of the tokenizer: a fast tokenizer is one Rust
-        # object that refuses concurrent use ("Already borrowed"). Re-entrant: generation tokenizes too.
-        self._lock = threading.RLock()
-        self._banned_ids: dict[tuple[str, ...], list[list[int]] | None] = {}
-        self._prefix_ids: dict[tuple[PromptTemplate, bool], tuple[int, ...]] = {}
-        #: Start batch-1 rewrites from the template prefix's KV cache, where the runtime can keep one.
-        self.reuse_prefix = True
-
-    def render(self, prompt: str, template: PromptTemplate) -> str:
-        return template.render(prompt, self.tokenizer)
-
-    def forget_prefix(self) -> None:
-        """Free the template prefix's KV cache, where the runtime keeps one; the next rewrite rebuilds it."""
-
-    def generate(
-        self, prompts: Sequence[str], template: PromptTemplate, decoding: Decoding, timeout_s: float | None
-    ) -> BatchOutput:
-        # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
-        special = template.raw is not None
-        return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, special,
-                                   prefix=self.template_prefix(template, special))
-
-    def template_prefix(self, template: PromptTemplate, add_special_tokens: bool) -> tuple[int, ...]:
-        """The token ids every rewrite with ``template`` starts with: the chat header and BPO's instruction.
-
-        Runtimes that can keep a KV cache (:class:`KVPrefixCache`) compute them once per loaded model.
-        The last token of the rendered prefix is left out: BPE may merge it with the prompt's first
-        characters, and a prefix that is not a prefix of the prompt's ids would change its tokens.
-        """
-        key = (template, add_special_tokens)
-        if key not in self._prefix_ids:
-            marker = "\uE000"  # a private-use character: no template or tokenizer treats it specially
-            rendered = self.render(marker, template)
-            head = rendered.split(marker)[0] if rendered.count(marker) == 1 else ""
-            with self._lock:
-                ids = self.tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"] if head else []
-            self._prefix_ids[key] = tuple(ids[:-1])
-        return self._prefix_ids[key]
-
-    def chat(self, messages: Sequence[dict[str, str]], decoding: Decoding, timeout_s: float | None = None) -> BatchOutput:
-        """Answer one chat conversation (what ``bpo serve`` exposes as /v1/chat/completions)."""
-        return self.generate_texts([self.render_chat(messages)], decoding, timeout_s, add_special_tokens=False)
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return str(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
-
-    def stream(self, text: str, decoding: Decoding, cancel: threading.Event, add_special_tokens: bool = False) -> TokenStream:
-        """Continue one rendered text, yielding text pieces as tokens arrive (one candidate).
-
-        Generation runs on its own thread; setting ``cancel`` stops it at the next token, so a
-        client that hangs up frees the model at once.
-        """
-        stream = TokenStream(self.tokenizer, cancel)
-
-        def run() -> None:
-            try:
-                self.generate_texts([text], replace(decoding, num_candidates=1), None, add_special_tokens, streamer=stream)
-            except GenerationCancelled:
-                pass
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                stream.error = exc
-            finally:
-                stream.end()
-
-        threading.Thread(target=run, name="bpo-stream", daemon=True).start()
-        return stream
-
-    @abstractmethod
-    def generate_texts(
-        self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
-        streamer: TokenStream | None = None, prefix: Sequence[int] = (),
-    ) -> BatchOutput:
-        """Continue each fully rendered text with ``decoding.num_candidates`` generations.
-
-        With ``streamer`` (one text, one candidate) each new token id is also ``put`` to it as it
-        is sampled, the prompt's ids first, as transformers' streamers expect. ``prefix`` is the
-        ids a text is known to start with (:meth:`template_prefix`); a runtime may reuse their KV cache.
-        """
-
-    def _banned(self, words: tuple[str, ...]) -> list[list[int]] | None:
-        """Token-id sequences of each banned word, bare and after a space (how BPE splits it mid-text)."""
-        if words not in self._banned_ids:
-            ids: list[list[int]] = []
-            for word in words:
-                for variant in (word, " " + word):
-                    with self._lock:
-                        tokens = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-                    if tokens and tokens not in ids:
-                        ids.append(tokens)
-            self._banned_ids[words] = ids or None
-        return self._banned_ids[words]
 
 
 class TransformersBackend(LocalBackend):
@@ -244,15 +109,41 @@ class TransformersBackend(LocalBackend):
 
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
-        streamer: TokenStream | None = None, prefix: Sequence[int] = (),
+        streamer: TokenStream | None = None, prefix: Sequence[int] = (), min_new: Sequence[int] = (),
     ) -> BatchOutput:
         import torch
 
+        batch = self._tokenize(texts, add_special_tokens)
+        n, start_at = decoding.num_candidates, batch["input_ids"].shape[1]
+        # Each output row's prompt ids, for the loop stop's prompt-copy check (generate repeats a text n times).
+        prompts = self._row_prompts(batch["input_ids"], n) if decoding.stop_loops else []
+        kwargs = {**self._sampling_kwargs(decoding, n, timeout_s),
+                  **self._stop_kwargs(decoding, start_at, prompts, [m for m in min_new for _ in range(n)])}
+        kwargs.update(self._speedup_kwargs(decoding, len(texts), streamer, "bad_words_ids" in kwargs or bool(min_new)))
+        start = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            kwargs.update(self._cache_kwargs(batch["input_ids"], decoding, prefix, len(texts) * n))
+            output = self.model.generate(**batch, **kwargs)
+        elapsed = time.perf_counter() - start
+        rows, cuts = self._new_rows(output, start_at, prompts, decoding)
+        return _batch_output(self._decode_rows(rows, decoding), [len(row) for row in rows], n, elapsed=elapsed,
+                             timed_out=timeout_s is not None and elapsed >= timeout_s,
+                             input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])
+
+    # -- the pieces of one generate call ------------------------------------------------------
+
+    def _tokenize(self, texts: Sequence[str], add_special_tokens: bool) -> Any:
+        """The texts as one left-padded batch on the model's device."""
         with self._lock:
             batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        batch = batch.to(self.model.device)
-        n = decoding.num_candidates
-        reuse = self.reuse_prefix and len(texts) == 1 and n == 1 and _starts_with(batch["input_ids"][0].tolist(), prefix)
+        return batch.to(self.model.device)
+
+    def _row_prompts(self, input_ids: Any, n: int) -> list[list[int]]:
+        pad = self.tokenizer.pad_token_id
+        return [[t for t in row if t != pad] for row in input_ids.tolist() for _ in range(n)]
+
+    def _sampling_kwargs(self, decoding: Decoding, n: int, timeout_s: float | None) -> dict[str, Any]:
+        """How many tokens, how sampled, how many candidates, and the time limit."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": decoding.max_new_tokens,
             "do_sample": decoding.do_sample,
@@ -263,40 +154,53 @@ class TransformersBackend(LocalBackend):
             kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if timeout_s is not None:
+            kwargs["max_time"] = timeout_s
+        return kwargs
+
+    def _stop_kwargs(self, decoding: Decoding, start_at: int, prompts: list[list[int]], floors: list[int]) -> dict[str, Any]:
+        """Where rows end: banned words, end of sequence or a newline, a minimum length, a loop, a stop string."""
+        kwargs: dict[str, Any] = {}
         banned = self._banned(decoding.banned_words)
         if banned:
             kwargs["bad_words_ids"] = banned
-        if timeout_s is not None:
-            kwargs["max_time"] = timeout_s
-        pad = self.tokenizer.pad_token_id
-        start_at = batch["input_ids"].shape[1]
-        prompts: list[list[int]] = []  # per output row, for the loop stop's prompt-copy check
+        stop_ids = self._stop_ids(decoding)
+        if decoding.stop_at_newline:
+            configured = self.model.generation_config.eos_token_id
+            configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+            kwargs["eos_token_id"] = list(dict.fromkeys([*configured, *stop_ids]))
+        if any(floors):
+            kwargs["logits_processor"] = _min_new_tokens(start_at, floors, kwargs.get("eos_token_id", stop_ids))
         if decoding.stop_loops:
-            prompts = [[t for t in row if t != pad] for row in batch["input_ids"].tolist() for _ in range(n)]
-            kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, pad)
-        if decoding.stop:  # StopStringCriteria tokenizes with it, inside the lock below
+            kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, self.tokenizer.pad_token_id)
+        if decoding.stop:  # StopStringCriteria tokenizes with it, inside the generation's lock
             kwargs.update(stop_strings=list(decoding.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def _speedup_kwargs(self, decoding: Decoding, n_texts: int, streamer: TokenStream | None, constrained: bool) -> dict[str, Any]:
+        """A streamer, or prompt-lookup drafts for greedy batch-1 rewrites (exact there, and only there)."""
         if streamer is not None:
-            kwargs["streamer"] = streamer
-        elif self.prompt_lookup_tokens and len(texts) == 1 and n == 1 and not decoding.do_sample and not banned:
-            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
-        start = time.perf_counter()
-        with self._lock, torch.inference_mode():
-            if reuse:
-                kwargs["past_key_values"] = self._prefix_kv_copy(tuple(prefix))
-            elif self.static_cache_len and start_at + decoding.max_new_tokens <= self.static_cache_len:
-                kwargs.update(self.static_cache_kwargs(len(texts) * n))
-            output = self.model.generate(**batch, **kwargs)
-        elapsed = time.perf_counter() - start
+            return {"streamer": streamer}
+        if self.prompt_lookup_tokens and n_texts == 1 and decoding.num_candidates == 1 and not decoding.do_sample and not constrained:
+            return {"prompt_lookup_num_tokens": self.prompt_lookup_tokens}
+        return {}
+
+    def _cache_kwargs(self, input_ids: Any, decoding: Decoding, prefix: Sequence[int], rows: int) -> dict[str, Any]:
+        """The KV cache to decode on: a copy of the template prefix's (batch 1), a reused static one, or generate's own.
+        Called under the generation's lock: the prefix and static caches are shared state."""
+        if self.reuse_prefix and rows == 1 and _starts_with(input_ids[0].tolist(), prefix):
+            return {"past_key_values": self._prefix_kv_copy(tuple(prefix))}
+        if self.static_cache_len and input_ids.shape[1] + decoding.max_new_tokens <= self.static_cache_len:
+            return self.static_cache_kwargs(rows)
+        return {}
+
+    def _new_rows(self, output: Any, start_at: int, prompts: list[list[int]], decoding: Decoding) -> tuple[list[list[int]], list[int | None]]:
+        """Each row's new ids without padding, cut where it fell into a loop; and where each was cut."""
+        pad = self.tokenizer.pad_token_id
         # Prompt-lookup drafts can be accepted past max_new_tokens (transformers 4.57): clip to the budget.
         rows = [[t for t in row if t != pad] for row in output[:, start_at : start_at + decoding.max_new_tokens].tolist()]
         cuts = [loop_cut(row, prompt) for row, prompt in zip(rows, prompts)] if decoding.stop_loops else [None] * len(rows)
-        rows = [row if at is None else row[:at] for row, at in zip(rows, cuts)]
-        with self._lock:
-            decoded = [cut_at_stop(text, decoding.stop) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
-        return batch_output(decoded, [len(row) for row in rows], n, elapsed=elapsed,
-                            timed_out=timeout_s is not None and elapsed >= timeout_s,
-                            input_tokens=int(batch["input_ids"].numel()), cut=[at is not None for at in cuts])
+        return [row if at is None else row[:at] for row, at in zip(rows, cuts)], cuts
 
     def forget_prefix(self) -> None:
         self._prefix_kv = None
@@ -337,50 +241,6 @@ def _starts_with(ids: Sequence[int], prefix: Sequence[int]) -> bool:
     return 0 < len(prefix) < len(ids) and list(ids[: len(prefix)]) == list(prefix)
 
 
-class GenerationCancelled(Exception):
-    """Raised inside a generation whose stream was cancelled, to stop it at the next token."""
-
-
-class TokenStream:
-    """A streamer for one generation: transformers' ``put``/``end`` protocol in, text pieces out.
-
-    It wraps transformers' ``TextIteratorStreamer`` (which decodes word-safe pieces) and adds
-    cancellation, a token count for usage reports, and the generation thread's error.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, cancel: threading.Event) -> None:
-        from transformers import TextIteratorStreamer
-
-        self._text = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.cancel = cancel
-        self.tokens = 0
-        self.prompt_tokens = 0
-        self.error: BaseException | None = None
-        self._ended = False
-
-    def put(self, value: Any) -> None:
-        if self.cancel.is_set():
-            raise GenerationCancelled()
-        count = len(value.reshape(-1)) if hasattr(value, "reshape") else len(value)
-        if self._text.next_tokens_are_prompt:
-            self.prompt_tokens = count
-        else:
-            self.tokens += count
-        self._text.put(value)
-
-    def end(self) -> None:
-        if not self._ended:  # transformers' generate ends the stream itself; the thread ends it again
-            self._ended = True
-            self._text.end()
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self._text:
-            if piece:
-                yield piece
-        if self.error is not None:
-            raise self.error
-
-
 def _loop_stop(start_at: int, prompts: list[list[int]], pad: int | None) -> Any:
     """A stopping criterion that ends each row once :func:`loop_cut` finds a loop in what it generated."""
     import torch
@@ -393,6 +253,25 @@ def _loop_stop(start_at: int, prompts: list[list[int]], pad: int | None) -> Any:
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
     return StoppingCriteriaList([LoopStop()])
+
+
+def _min_new_tokens(start_at: int, floors: list[int], stop_ids: list[int]) -> Any:
+    """A logits processor holding back each row's stop tokens until it has ``floors[row]`` new tokens
+    (transformers' ``min_length`` does this for one length per batch; a batch of prompts has one each)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class MinNewTokens(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            made = input_ids.shape[1] - start_at
+            short = [row for row, floor in enumerate(floors) if made < floor]
+            if short and stop_ids:
+                rows = torch.tensor(short, device=scores.device)[:, None]
+                scores = scores.clone()
+                scores[rows, torch.tensor(stop_ids, device=scores.device)[None, :]] = -float("inf")
+            return scores
+
+    return LogitsProcessorList([MinNewTokens()])
 
 
 def _pick_dtype(dtype: str, device: str | None) -> Any:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from bpo_plugins.backends.transformers import LocalBackend, TokenStream
+from bpo_plugins.backends.local import LocalBackend, TokenStream
 from bpo_plugins.decoding import Decoding, cut_at_stop
 from bpo_plugins.server import openai_api as api
 from bpo_plugins.server.asgi import BodyLimit, Endpoint

@@ -13,11 +13,15 @@ On top of the product's OpenAI-compatible API over a real local model (chat, com
 - models named ``*-dspy``: the real model answers the last ``[[ ## field ## ]]`` input of a DSPy
   ChatAdapter prompt, wrapped in DSPy's output format (a 135M model cannot follow it);
 - ``/v1/embeddings`` and anything else under ``/v1``: a fixed binary-safe echo, for pass-through tests;
+- ``/v1/completions`` for model ``script*``: the scripted replies, matched in the raw prompt (a BPO checkpoint
+  on vLLM);
+- ``--reject-field NAME`` (repeatable): a request that carries that field gets a 400 naming it, as OpenAI's
+  API answers a field it does not know ("Unrecognized request argument supplied: NAME");
 - fault switches, per request, in the ``x-test-fault`` header: ``latency=S`` (before the answer),
   ``status=CODE`` (an OpenAI-shaped error with rate-limit headers), ``reset`` (the connection drops
   mid-stream), ``hang`` (no answer at all), ``trickle=S`` (S seconds between chunks).
 
-    python tests/support/openai_server.py [--model-path DIR] [--script FILE]
+    python tests/support/openai_server.py [--model-path DIR] [--script FILE] [--reject-field NAME ...]
 
 It prints ``PORT <n>`` on stdout once it listens.
 """
@@ -61,6 +65,7 @@ class TestAPI(LocalModelAPI):
         self.events: dict[str, str] = {}
         self.flaky: dict[str, int] = {}
         self.count = 0
+        self.reject_fields: list[str] = []
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -87,8 +92,17 @@ class TestAPI(LocalModelAPI):
 
     # -- model calls --------------------------------------------------------------------------
 
+    def rejection(self, body: dict[str, Any]) -> Response | None:
+        """A 400 naming the first field of ``--reject-field`` the request carries, as OpenAI's API answers."""
+        field = next((f for f in self.reject_fields if f in body), None)
+        if field is None:
+            return None
+        return JSONResponse(api.error_body(f"Unrecognized request argument supplied: {field}", param=field), status_code=400)
+
     async def chat_completions(self, request: Request) -> Response:
         body = await self.record(request)
+        if (rejected := self.rejection(body)) is not None:
+            return rejected
         faults = self.fault(request)
         test_id = request.headers.get("x-test-id", "")
         try:
@@ -153,7 +167,16 @@ class TestAPI(LocalModelAPI):
                             headers={"x-request-id": f"req-{self.count}", "x-ratelimit-remaining-requests": "99"})
 
     async def completions(self, request: Request) -> Response:
-        await self.record(request)
+        body = await self.record(request)
+        if (rejected := self.rejection(body)) is not None:
+            return rejected
+        model, prompt = str(body.get("model", "")), str(body.get("prompt", ""))
+        if model.startswith("script"):
+            n = int(body.get("n") or 1)
+            texts = (self.scripted(prompt) * n)[:n]
+            if texts[0].startswith("__error__:"):
+                return JSONResponse(api.error_body("scripted failure", type="server_error"), status_code=int(texts[0].split(":")[1]))
+            return JSONResponse(api.text_completion(model, texts, len(prompt.split()), sum(len(t.split()) for t in texts)))
         return await super().completions(request)
 
     def scripted(self, last: str) -> list[str]:
@@ -209,6 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path")
     parser.add_argument("--script")
+    parser.add_argument("--reject-field", action="append", default=[])
     args = parser.parse_args()
     backend = None
     if args.model_path:
@@ -222,7 +246,9 @@ def main() -> None:
     if args.script:
         with open(args.script) as f:
             script = json.load(f)
-    app = BodyLimit(Starlette(routes=TestAPI(backend, script).routes()), 64 << 20)
+    test_api = TestAPI(backend, script)
+    test_api.reject_fields = args.reject_field
+    app = BodyLimit(Starlette(routes=test_api.routes()), 64 << 20)
     server = uvicorn_server(app, "127.0.0.1", 0)
 
     async def run() -> None:
