@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["UserPrompt", "content_text", "last_user_prompt"]
+__all__ = ["UserPrompt", "content_text", "last_user_index", "last_user_prompt"]
 
 #: Content part types that carry the user's text: chat ``text``, Responses ``input_text``; Anthropic ``text``.
 _TEXT_PARTS = ("text", "input_text")
@@ -34,16 +34,32 @@ class UserPrompt:
     replace: Callable[[str], None]
 
 
+def _tool_results_only(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(p, dict) and p.get("type") == "tool_result" for p in content)
+
+
+def last_user_index(messages: Sequence[Any]) -> int | None:
+    """Where the prompt is: the last user message that is more than tool results (see :func:`last_user_prompt`)."""
+    return next((i for i in range(len(messages) - 1, -1, -1)
+                 if isinstance(messages[i], dict) and messages[i].get("role") == "user" and not _tool_results_only(messages[i])), None)
+
+
 def last_user_prompt(messages: Sequence[Any]) -> tuple[UserPrompt | None, str | None]:
     """The last user message's text, or None and why there is none to rewrite.
 
-    Reasons: ``no_user_message``; ``no_text`` (the last user turn holds only tool results, images or
-    other blocks: an agent's tool loop, where an earlier prompt must not be rewritten again);
+    A user turn that only returns tool results (Anthropic's agent loop) is not the prompt: the
+    prompt is the user turn before it, as in OpenAI's shape, where tool results are turns of their
+    own. So every call of a tool loop sends the same (cached) rewrite.
+
+    Reasons: ``no_user_message``; ``no_text`` (the user turn holds only images or other blocks);
     ``unsupported_content`` (several text parts: which one is the prompt is a guess).
     """
-    user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
-    if user is None:
+    index = last_user_index(messages)
+    if index is None:
         return None, "no_user_message"
+    user = messages[index]
     content = user.get("content")
     if isinstance(content, str):
         return UserPrompt(content, lambda text: user.__setitem__("content", text)), None

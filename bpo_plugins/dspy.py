@@ -16,6 +16,7 @@ from typing import Any
 import dspy
 
 from bpo_plugins.drpo import AlignmentPipeline
+from bpo_plugins.requests import EdgeRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -36,9 +37,11 @@ class BPO(dspy.Module):
             fields = (fields,)
         self.program = program
         self.fields = tuple(fields)
-        self.rewriter = rewriter or Rewriter.default()
-        self.mode: Mode = mode
-        self.fail_open = fail_open
+        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
+
+    @property
+    def rewriter(self) -> Rewriter:
+        return self.edge.rewriter
 
     def _split(self, kwargs: dict[str, Any]) -> list[str]:
         present = [f for f in self.fields if isinstance(kwargs.get(f), str)]
@@ -59,12 +62,12 @@ class BPO(dspy.Module):
 
     def forward(self, **kwargs: Any) -> Any:
         names = self._split(kwargs)
-        results = self.rewriter.rewrite_batch([kwargs[n] for n in names], mode=self.mode, strict=not self.fail_open)
+        results = self.edge.rewrite_texts([kwargs[n] for n in names])
         return self._annotate(self.program(**self._apply(kwargs, names, results)), names, results)
 
     async def aforward(self, **kwargs: Any) -> Any:
         names = self._split(kwargs)
-        results = await self.rewriter.arewrite_batch([kwargs[n] for n in names], mode=self.mode, strict=not self.fail_open)
+        results = await self.edge.arewrite_texts([kwargs[n] for n in names])
         return self._annotate(await self.program.acall(**self._apply(kwargs, names, results)), names, results)
 
 

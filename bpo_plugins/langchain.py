@@ -27,91 +27,72 @@ from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
 from bpo_plugins.drpo import AlignmentPipeline
+from bpo_plugins.requests import EdgeRewriter, Outcome, Shape
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
 __all__ = ["BPOMiddleware", "BPORewriter", "DRPOAligner", "DRPOMiddleware"]
 
-# One slot to rewrite: (input index, message index or None, content-part index or None).
-_Slot = tuple[int, int | None, int | None]
-
-
 def _last_human(messages: Sequence[BaseMessage]) -> int | None:
     return next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], HumanMessage)), None)
 
 
-def _message_texts(message: BaseMessage) -> list[tuple[int | None, str]]:
-    """The text parts of a message: the whole content, or each text block of a multimodal list."""
-    if isinstance(message.content, str):
-        return [(None, message.content)]
-    return [
-        (j, part["text"])
-        for j, part in enumerate(message.content)
-        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-    ]
-
-
-def _with_text(message: BaseMessage, part: int | None, text: str) -> BaseMessage:
-    if part is None:
-        return message.model_copy(update={"content": text})
-    content = list(message.content)
-    content[part] = {**content[part], "text": text}  # type: ignore[dict-item]
-    return message.model_copy(update={"content": content})
-
-
-class _Texts:
-    """Pull the rewritable texts out of LangChain inputs and put the rewrites back, type for type."""
+class _Requests:
+    """LangChain inputs as request bodies for the core request rewriter, and its answer back in the
+    inputs' own types. A message list is viewed as chat messages that share each message's content,
+    so only the message the core rewrote is copied (ids, names and metadata kept)."""
 
     def __init__(self, inputs: Sequence[Any], input_key: str) -> None:
         self.inputs = list(inputs)
         self.input_key = input_key
-        self.slots: list[_Slot] = []
-        self.texts: list[str] = []
-        for i, value in enumerate(self.inputs):
-            if isinstance(value, str):
-                self._add(i, None, None, value)
-            elif isinstance(value, StringPromptValue):
-                self._add(i, None, None, value.text)
-            elif isinstance(value, (ChatPromptValue, list)):
+        self.bodies: list[dict[str, Any]] = []
+        self.shapes: list[Shape] = []
+        for value in self.inputs:
+            if isinstance(value, (ChatPromptValue, list)):
                 messages = value.messages if isinstance(value, ChatPromptValue) else value
                 if not all(isinstance(m, BaseMessage) for m in messages):
                     raise TypeError("BPORewriter takes a list of BaseMessage objects")
-                index = _last_human(messages)
-                if index is not None:
-                    for part, text in _message_texts(messages[index]):
-                        self._add(i, index, part, text)
-            elif isinstance(value, dict):
-                if not isinstance(value.get(input_key), str):
-                    raise TypeError(f"BPORewriter needs a string under input_key={input_key!r}; got keys {sorted(value)}")
-                self._add(i, None, None, value[input_key])
+                roles = ["user" if isinstance(m, HumanMessage) else m.type for m in messages]
+                self._add({"messages": [{"role": r, "content": m.content} for r, m in zip(roles, messages)]}, Shape.CHAT)
             else:
-                raise TypeError(
-                    f"BPORewriter takes a str, PromptValue, list of messages or dict, not {type(value).__name__}"
-                )
+                self._add({"prompt": self._text(value)}, Shape.COMPLETIONS)
 
-    def _add(self, i: int, message: int | None, part: int | None, text: str) -> None:
-        self.slots.append((i, message, part))
-        self.texts.append(text)
+    def _text(self, value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, StringPromptValue):
+            return value.text
+        if isinstance(value, dict):
+            if not isinstance(value.get(self.input_key), str):
+                raise TypeError(f"BPORewriter needs a string under input_key={self.input_key!r}; got keys {sorted(value)}")
+            return value[self.input_key]
+        raise TypeError(f"BPORewriter takes a str, PromptValue, list of messages or dict, not {type(value).__name__}")
 
-    def rebuild(self, results: Sequence[RewriteResult]) -> list[Any]:
-        outputs = list(self.inputs)
-        for (i, message, part), result in zip(self.slots, results):
-            value = outputs[i]
+    def _add(self, body: dict[str, Any], shape: Shape) -> None:
+        self.bodies.append(body)
+        self.shapes.append(shape)
+
+    def rebuild(self, done: Sequence[tuple[dict[str, Any], Outcome]]) -> list[Any]:
+        outputs = []
+        for value, view, (body, _) in zip(self.inputs, self.bodies, done):
             if isinstance(value, str):
-                outputs[i] = result.rewritten
+                outputs.append(body["prompt"])
             elif isinstance(value, StringPromptValue):
-                outputs[i] = StringPromptValue(text=result.rewritten)
+                outputs.append(StringPromptValue(text=body["prompt"]))
             elif isinstance(value, dict):
-                outputs[i] = {**value, self.input_key: result.rewritten}
+                outputs.append({**value, self.input_key: body["prompt"]})
             else:
                 messages = list(value.messages if isinstance(value, ChatPromptValue) else value)
-                assert message is not None
-                messages[message] = _with_text(messages[message], part, result.rewritten)
-                outputs[i] = ChatPromptValue(messages=messages) if isinstance(value, ChatPromptValue) else messages
+                for i, (seen, sent) in enumerate(zip(view["messages"], body["messages"])):
+                    if sent is not seen:  # the one message the core copied and rewrote
+                        messages[i] = messages[i].model_copy(update={"content": sent["content"]})
+                outputs.append(ChatPromptValue(messages=messages) if isinstance(value, ChatPromptValue) else messages)
         return outputs
 
-    def results_of(self, i: int, results: Sequence[RewriteResult]) -> list[RewriteResult]:
-        return [r for (j, _, _), r in zip(self.slots, results) if j == i]
+
+def _results(done: Sequence[tuple[dict[str, Any], Outcome]]) -> list[list[RewriteResult]]:
+    """Each input's rewrite, as a list (empty when there was no user text to rewrite)."""
+    return [[outcome.result] if outcome.result is not None else [] for _, outcome in done]
 
 
 def _metadata(results: Sequence[RewriteResult]) -> dict[str, Any]:
@@ -141,32 +122,29 @@ class BPORewriter(RunnableSerializable[Any, Any]):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    @property
-    def core(self) -> Rewriter:
-        if self.rewriter is None:
-            self.rewriter = Rewriter.default()
-        return self.rewriter
+    def _edge(self) -> EdgeRewriter:
+        return EdgeRewriter(self.rewriter, mode=self.mode, fail_open=self.fail_open)
 
-    def _rewrite(self, inputs: Sequence[Any]) -> tuple[_Texts, list[Any], list[RewriteResult]]:
-        texts = _Texts(inputs, self.input_key)
-        results = self.core.rewrite_batch(texts.texts, mode=self.mode, strict=not self.fail_open) if texts.texts else []
-        return texts, texts.rebuild(results), results
+    def _rewrite(self, inputs: Sequence[Any]) -> tuple[list[Any], list[list[RewriteResult]]]:
+        requests = _Requests(inputs, self.input_key)
+        done = self._edge().rewrite(requests.bodies, requests.shapes)
+        return requests.rebuild(done), _results(done)
 
-    async def _arewrite(self, inputs: Sequence[Any]) -> tuple[_Texts, list[Any], list[RewriteResult]]:
-        texts = _Texts(inputs, self.input_key)
-        results = await self.core.arewrite_batch(texts.texts, mode=self.mode, strict=not self.fail_open) if texts.texts else []
-        return texts, texts.rebuild(results), results
+    async def _arewrite(self, inputs: Sequence[Any]) -> tuple[list[Any], list[list[RewriteResult]]]:
+        requests = _Requests(inputs, self.input_key)
+        done = await self._edge().arewrite(requests.bodies, requests.shapes)
+        return requests.rebuild(done), _results(done)
 
     # -- single --------------------------------------------------------------------------------
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Any:
-        _, outputs, results = self._rewrite([value])
-        _annotate(run_manager, results)
+        outputs, results = self._rewrite([value])
+        _annotate(run_manager, results[0])
         return outputs[0]
 
     async def _ainvoke(self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig) -> Any:
-        _, outputs, results = await self._arewrite([value])
-        _annotate(run_manager, results)
+        outputs, results = await self._arewrite([value])
+        _annotate(run_manager, results[0])
         return outputs[0]
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -178,17 +156,17 @@ class BPORewriter(RunnableSerializable[Any, Any]):
     # -- batch: one core batch (one generate call), one traced run per input ------------------
 
     def _batch(self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig]) -> list[Any]:
-        texts, outputs, results = self._rewrite(values)
-        for i, manager in enumerate(run_manager):
-            _annotate(manager, texts.results_of(i, results))
+        outputs, results = self._rewrite(values)
+        for manager, own in zip(run_manager, results):
+            _annotate(manager, own)
         return outputs
 
     async def _abatch(
         self, values: list[Any], run_manager: list[AsyncCallbackManagerForChainRun], config: list[RunnableConfig]
     ) -> list[Any]:
-        texts, outputs, results = await self._arewrite(values)
-        for i, manager in enumerate(run_manager):
-            _annotate(manager, texts.results_of(i, results))
+        outputs, results = await self._arewrite(values)
+        for manager, own in zip(run_manager, results):
+            _annotate(manager, own)
         return outputs
 
     def batch(
@@ -215,17 +193,10 @@ class BPOMiddleware(AgentMiddleware):
 
     def __init__(self, rewriter: Rewriter | None = None, mode: Mode = "greedy", fail_open: bool = True) -> None:
         super().__init__()
-        self.rewriter = rewriter
-        self.mode: Mode = mode
-        self.fail_open = fail_open
+        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
 
-    @property
-    def core(self) -> Rewriter:
-        if self.rewriter is None:
-            self.rewriter = Rewriter.default()
-        return self.rewriter
-
-    def _request(self, request: ModelRequest, texts: _Texts, results: list[RewriteResult]) -> ModelRequest:
+    def _request(self, request: ModelRequest, requests: _Requests, done: list[tuple[dict[str, Any], Outcome]]) -> ModelRequest:
+        results = _results(done)[0]
         if not results:
             return request
         try:
@@ -233,19 +204,17 @@ class BPOMiddleware(AgentMiddleware):
             dispatch_custom_event("bpo_rewrite", _metadata(results))
         except RuntimeError:
             pass  # called outside a runnable context: there is no run to report to
-        return request.override(messages=texts.rebuild(results)[0])
+        return request.override(messages=requests.rebuild(done)[0])
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
-        texts = _Texts([request.messages], "input")
-        results = self.core.rewrite_batch(texts.texts, mode=self.mode, strict=not self.fail_open) if texts.texts else []
-        return handler(self._request(request, texts, results))
+        requests = _Requests([request.messages], "input")
+        return handler(self._request(request, requests, self.edge.rewrite(requests.bodies, requests.shapes)))
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> Any:
-        texts = _Texts([request.messages], "input")
-        results = await self.core.arewrite_batch(texts.texts, mode=self.mode, strict=not self.fail_open) if texts.texts else []
-        return await handler(self._request(request, texts, results))
+        requests = _Requests([request.messages], "input")
+        return await handler(self._request(request, requests, await self.edge.arewrite(requests.bodies, requests.shapes)))
 
 
 def _as_dicts(value: Any) -> list[dict[str, Any]]:
@@ -297,10 +266,23 @@ class DRPOAligner(RunnableSerializable[Any, Any]):
 
         return await self._acall_with_config(one, input, config, run_type="prompt")
 
+    # One BPO batch (one generate call) for every conversation, and one traced run per input with its own config.
     def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
               return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        # One BPO batch (one generate call) for every conversation, not one per thread.
-        return self._align(list(inputs)) if inputs else []
+        if not inputs:
+            return []
+        return self._batch_with_config(lambda values: self._align(list(values)), inputs, config,
+                                       return_exceptions=return_exceptions, run_type="prompt")
+
+    async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        if not inputs:
+            return []
+
+        async def align(values: list[Any]) -> list[Any]:
+            return await self._aalign(list(values))
+
+        return await self._abatch_with_config(align, inputs, config, return_exceptions=return_exceptions, run_type="prompt")
 
 
 class DRPOMiddleware(AgentMiddleware):

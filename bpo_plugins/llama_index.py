@@ -23,6 +23,7 @@ from llama_index.core.query_engine import TransformQueryEngine
 from llama_index.core.schema import QueryBundle, QueryType
 
 from bpo_plugins.drpo import AlignmentPipeline
+from bpo_plugins.requests import EdgeRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
@@ -58,10 +59,12 @@ class BPOQueryTransform(BaseQueryTransform):
     def __init__(
         self, rewriter: Rewriter | None = None, mode: Mode = "greedy", rewrite_retrieval: bool = False, fail_open: bool = True
     ) -> None:
-        self.rewriter = rewriter or Rewriter.default()
-        self.mode: Mode = mode
+        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
         self.rewrite_retrieval = rewrite_retrieval
-        self.fail_open = fail_open
+
+    @property
+    def rewriter(self) -> Rewriter:
+        return self.edge.rewriter
 
     def _bundle(self, query_bundle: QueryBundle, result: RewriteResult) -> QueryBundle:
         dispatcher.event(
@@ -78,14 +81,12 @@ class BPOQueryTransform(BaseQueryTransform):
         return QueryBundle(query_str=query, custom_embedding_strs=[query]) if isinstance(query, str) else query
 
     def _run(self, query_bundle: QueryBundle, metadata: dict[str, Any]) -> QueryBundle:
-        result = self.rewriter.rewrite(query_bundle.query_str, mode=self.mode, strict=not self.fail_open)
-        return self._bundle(query_bundle, result)
+        return self._bundle(query_bundle, self.edge.rewrite_texts([query_bundle.query_str])[0])
 
     async def arun(self, query: QueryType, metadata: dict[str, Any] | None = None) -> QueryBundle:
         """The async twin of ``run``: the rewrite runs off the event loop."""
         bundle = self._as_bundle(query)
-        result = await self.rewriter.arewrite(bundle.query_str, mode=self.mode, strict=not self.fail_open)
-        return self._bundle(bundle, result)
+        return self._bundle(bundle, (await self.edge.arewrite_texts([bundle.query_str]))[0])
 
     def _get_prompts(self) -> PromptDictType:
         return {"rewrite_prompt": LlamaPromptTemplate(self.rewriter.template.user)}
@@ -93,9 +94,10 @@ class BPOQueryTransform(BaseQueryTransform):
     def _update_prompts(self, prompts: PromptDictType) -> None:
         if "rewrite_prompt" in prompts:
             text = prompts["rewrite_prompt"].get_template()
-            self.rewriter = self.rewriter.with_options(template=PromptTemplate(
+            rewriter = self.rewriter.with_options(template=PromptTemplate(
                 name="custom", user=text, system=self.rewriter.template.system, raw=self.rewriter.template.raw
             ))
+            self.edge = EdgeRewriter(rewriter, mode=self.edge.mode, fail_open=self.edge.fail_open)
 
 
 class BPOTransformQueryEngine(TransformQueryEngine):

@@ -28,14 +28,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from bpo_plugins.chat import UserPrompt, content_text, last_user_prompt
+from bpo_plugins.chat import UserPrompt, content_text, last_user_index, last_user_prompt
 from bpo_plugins.result import Mode, RewriteResult
 
 if TYPE_CHECKING:
     from bpo_plugins.drpo.alignment import Alignment
     from bpo_plugins.rewriter import Rewriter
 
-__all__ = ["AsyncRewrite", "Outcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt", "rewrite_requests"]
+__all__ = ["AsyncRewrite", "EdgeRewriter", "Outcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt",
+           "rewrite_requests"]
 
 log = logging.getLogger("bpo_plugins.requests")
 
@@ -97,14 +98,11 @@ def _copy_last_user(body: dict[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(items, list):
         return body
     items = list(items)
-    for i in range(len(items) - 1, -1, -1):
-        item = items[i]
-        if isinstance(item, dict) and item.get("role") == "user":
-            item = dict(item)
-            if isinstance(item.get("content"), list):
-                item["content"] = [dict(p) if isinstance(p, dict) and isinstance(p.get("text"), str) else p for p in item["content"]]
-            items[i] = item
-            break
+    i = last_user_index(items)
+    if i is not None:
+        item = items[i] = dict(items[i])
+        if isinstance(item.get("content"), list):
+            item["content"] = [dict(p) if isinstance(p, dict) and isinstance(p.get("text"), str) else p for p in item["content"]]
     body[key] = items
     return body
 
@@ -268,17 +266,23 @@ class RequestRewriter:
 
 # -- batches: one rewrite_batch for many requests ------------------------------------------------
 
-
-def _batch_inputs(bodies: Sequence[dict[str, Any]], shape: Shape) -> tuple[list[tuple[dict[str, Any], UserPrompt | None, str | None]], list[str]]:
-    found = [find_prompt(body, Shape(shape)) for body in bodies]
-    return found, [prompt.text for _, prompt, _ in found if prompt is not None]
+Shapes = Shape | Sequence[Shape]
+_Found = tuple[dict[str, Any], UserPrompt | None, str | None, Shape]
 
 
-def _batch_finish(found: list[tuple[dict[str, Any], UserPrompt | None, str | None]], results: Sequence[RewriteResult],
-                  seconds: float, shape: Shape, alignment: Alignment | None, rewriting: bool) -> list[tuple[dict[str, Any], Outcome]]:
+def _batch_inputs(bodies: Sequence[dict[str, Any]], shapes: Shapes) -> tuple[list[_Found], list[str]]:
+    per_body = [Shape(shapes)] * len(bodies) if isinstance(shapes, (str, Shape)) else [Shape(s) for s in shapes]
+    if len(per_body) != len(bodies):
+        raise ValueError("give one shape, or one shape per body")
+    found = [(*find_prompt(body, shape), shape) for body, shape in zip(bodies, per_body)]
+    return found, [prompt.text for _, prompt, _, _ in found if prompt is not None]  # type: ignore[misc]
+
+
+def _batch_finish(found: list[_Found], results: Sequence[RewriteResult], seconds: float, alignment: Alignment | None,
+                  rewriting: bool) -> list[tuple[dict[str, Any], Outcome]]:
     out = []
     pending = iter(results)
-    for body, prompt, reason in found:
+    for body, prompt, reason, shape in found:
         original = prompt.text if prompt is not None else None
         if not rewriting:
             outcome = Outcome("skipped", "model_not_rewritten")
@@ -289,25 +293,77 @@ def _batch_finish(found: list[tuple[dict[str, Any], UserPrompt | None, str | Non
             if outcome.status == "applied":
                 prompt.replace(outcome.result.rewritten)  # type: ignore[union-attr]
         if alignment is not None:
-            body = _align(body, Shape(shape), alignment, original, outcome)
+            body = _align(body, shape, alignment, original, outcome)
         out.append((body, outcome))
     return out
 
 
-def rewrite_requests(bodies: Sequence[dict[str, Any]], shape: Shape, rewriter: Rewriter | None, *, mode: Mode | None = None,
+def rewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, rewriter: Rewriter | None, *, mode: Mode | None = None,
                      strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], Outcome]]:
-    """Many requests rewritten with one ``rewrite_batch`` call (one generate call), then aligned.
-    ``rewriter=None``: alignment only. ``strict``: a fallback raises :class:`~bpo_plugins.RewriteError`."""
-    found, texts = _batch_inputs(bodies, shape)
+    """Many requests (one shape, or one per body) rewritten with one ``rewrite_batch`` call (one
+    generate call), then aligned. ``rewriter=None``: alignment only. ``strict``: a fallback raises
+    :class:`~bpo_plugins.RewriteError` instead of passing the original on."""
+    found, texts = _batch_inputs(bodies, shapes)
     start = time.perf_counter()
     results = rewriter.rewrite_batch(texts, mode=mode, strict=strict) if rewriter is not None and texts else []
-    return _batch_finish(found, results, time.perf_counter() - start, shape, alignment, rewriter is not None)
+    return _batch_finish(found, results, time.perf_counter() - start, alignment, rewriter is not None)
 
 
-async def arewrite_requests(bodies: Sequence[dict[str, Any]], shape: Shape, rewriter: Rewriter | None, *, mode: Mode | None = None,
+async def arewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, rewriter: Rewriter | None, *, mode: Mode | None = None,
                             strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], Outcome]]:
     """:func:`rewrite_requests` off the event loop's thread for local models."""
-    found, texts = _batch_inputs(bodies, shape)
+    found, texts = _batch_inputs(bodies, shapes)
     start = time.perf_counter()
     results = await rewriter.arewrite_batch(texts, mode=mode, strict=strict) if rewriter is not None and texts else []
-    return _batch_finish(found, results, time.perf_counter() - start, shape, alignment, rewriter is not None)
+    return _batch_finish(found, results, time.perf_counter() - start, alignment, rewriter is not None)
+
+
+# -- what every framework integration holds ------------------------------------------------------
+
+
+class EdgeRewriter:
+    """The settings each framework integration holds, and its calls into the request rewriter.
+
+    ``rewriter``: the BPO optimizer; None means the process-wide bundled ``bpo-small``
+    (:meth:`Rewriter.shared`), loaded on first use. ``bpo=False``: no rewrite (alignment only).
+    ``fail_open``: a failed rewrite passes the original on (else :class:`~bpo_plugins.RewriteError`).
+    ``alignment``: a DRPO :class:`~bpo_plugins.drpo.Alignment` applied to every request.
+    """
+
+    def __init__(self, rewriter: Rewriter | None = None, *, mode: Mode = "greedy", fail_open: bool = True, bpo: bool = True,
+                 alignment: Alignment | None = None) -> None:
+        self._rewriter = rewriter
+        self.mode: Mode = mode
+        self.fail_open = fail_open
+        self.bpo = bpo
+        self.alignment = alignment
+
+    @property
+    def rewriter(self) -> Rewriter:
+        if self._rewriter is None:
+            from bpo_plugins.rewriter import Rewriter
+
+            self._rewriter = Rewriter.shared()
+        return self._rewriter
+
+    def rewrite(self, bodies: Sequence[dict[str, Any]], shapes: Shapes) -> list[tuple[dict[str, Any], Outcome]]:
+        return rewrite_requests(bodies, shapes, self.rewriter if self.bpo else None, mode=self.mode,
+                                strict=not self.fail_open, alignment=self.alignment)
+
+    async def arewrite(self, bodies: Sequence[dict[str, Any]], shapes: Shapes) -> list[tuple[dict[str, Any], Outcome]]:
+        return await arewrite_requests(bodies, shapes, self.rewriter if self.bpo else None, mode=self.mode,
+                                       strict=not self.fail_open, alignment=self.alignment)
+
+    def rewrite_texts(self, texts: Sequence[str]) -> list[RewriteResult]:
+        """Plain texts (a query string, a program's input fields), each rewritten as one prompt."""
+        return _results(self.rewrite([{"prompt": t} for t in texts], Shape.COMPLETIONS))
+
+    async def arewrite_texts(self, texts: Sequence[str]) -> list[RewriteResult]:
+        return _results(await self.arewrite([{"prompt": t} for t in texts], Shape.COMPLETIONS))
+
+
+def _results(done: list[tuple[dict[str, Any], Outcome]]) -> list[RewriteResult]:
+    results = [outcome.result for _, outcome in done]
+    if any(r is None for r in results):
+        raise ValueError("rewrite_texts needs BPO on (bpo=True)")
+    return results  # type: ignore[return-value]

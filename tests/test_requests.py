@@ -70,9 +70,15 @@ async def test_anthropic_blocks_stay_byte_for_byte_and_a_tool_loop_is_not_rewrit
     assert outcome.status == "applied" and new["messages"][:2] == turns[:2]
     last = new["messages"][2]["content"]
     assert last[:2] == turns[2]["content"][:2] and last[2] == {"type": "text", "text": REWRITE, "cache_control": {"type": "ephemeral"}}
-    loop = {**body, "messages": [*turns[:2], {"role": "user", "content": [turns[2]["content"][0]]}]}
-    same, skipped = await requests_rewriter.arewrite(loop, Shape.MESSAGES)
-    assert (skipped.status, skipped.reason) == ("skipped", "no_text") and same == loop
+    # An agent's tool loop: the user turn that only returns tool results is not the prompt; the turn
+    # before it is, so every call of the loop sends the same (cached) rewrite, as in OpenAI's shape.
+    result_turn = {"role": "user", "content": [turns[2]["content"][0]]}
+    loop = {**body, "messages": [{"role": "user", "content": PROMPT}, turns[1], result_turn]}
+    new, outcome = await requests_rewriter.arewrite(loop, Shape.MESSAGES)
+    assert outcome.status == "applied" and outcome.cache == "hit" and new["messages"] == [{"role": "user", "content": REWRITE}, *loop["messages"][1:]]
+    images = {**body, "messages": [{"role": "user", "content": [turns[2]["content"][1]]}]}
+    same, skipped = await requests_rewriter.arewrite(images, Shape.MESSAGES)
+    assert (skipped.status, skipped.reason) == ("skipped", "no_text") and same == images
 
 
 async def test_policy_and_failures_fail_open(requests_rewriter):
