@@ -311,23 +311,27 @@ class Search:
         return self.out / "checkpoint.json"
 
     def load_checkpoint(self) -> Checkpoint | None:
-        if not self.checkpoint_path.is_file():
+        """The checkpoint in ``out``, or None; a checkpoint of another search or version is an
+        :class:`~bpo_plugins.inputs.InputError` (the command line's exit 2) naming the file."""
+        from bpo_plugins.inputs import InputError
+
+        path = self.checkpoint_path
+        if not path.is_file():
             return None
         try:
-            data = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.checkpoint_path}:{exc.lineno}: not a checkpoint ({exc.msg}): use --fresh to start over") from None
+            raise InputError(path, f"not a checkpoint ({exc.msg}): use --fresh to start over", exc.lineno) from None
         version = data.get("version") if isinstance(data, dict) else None
         if version != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path} is a version-{version} checkpoint and this bpo-plugins reads version "
-                             f"{CHECKPOINT_VERSION}: use --fresh to start over (the cached calls are reused) or another --out")
+            raise InputError(path, f"a version-{version} checkpoint; this bpo-plugins reads version {CHECKPOINT_VERSION}: "
+                                   "use --fresh to start over (the cached calls are reused) or another --out")
         if data.get("fingerprint") != self.fingerprint():
-            raise ValueError(f"{self.checkpoint_path} belongs to a search with other settings, models or seeds: "
-                             "use another --out, or --fresh to start over")
+            raise InputError(path, "belongs to a search with other settings, models or seeds: use another --out, or --fresh to start over")
         try:
             return Checkpoint.from_dict(data)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{self.checkpoint_path}: a malformed checkpoint ({type(exc).__name__}: {exc}): use --fresh") from None
+            raise InputError(path, f"a malformed checkpoint ({type(exc).__name__}: {exc}): use --fresh to start over") from None
 
     def save_checkpoint(self, state: Checkpoint) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")

@@ -1,0 +1,338 @@
+"""DRPO as its reference code runs it (github Singla17/dynamic-alignment-optimization), proven on the
+requests a real OpenAI-compatible server process records: what the judge is shown, each role's
+decoding, the example loop's rounds, ``>=`` rule and early stop, the nine published presets, our
+switchable guards and the search checkpoint.
+
+Every role is a scripted model of one server process (``tests/support/openai_server.py``): the
+base model too, so the answers are fixed and each request can be told apart by its model name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from bpo_plugins.backends import load_backend
+from bpo_plugins.decoding import Decoding
+from bpo_plugins.drpo import PRESETS, icl_examples, load_alignment, load_preset, metrics_cache, model_mapping
+from bpo_plugins.drpo.calls import Role
+from bpo_plugins.drpo.reward import ANCHORS, CRITIC_RUBRIC, find_json, read_judgement
+from bpo_plugins.drpo.search import Checkpoint
+from bpo_plugins.drpo.session import Session, default_roles
+from tests.conftest import Server, start_server
+
+REASON = "REASON-7f3: the user wants practical, well-organised steps"
+RATIONALE = "RATIONALE-c2e: the steps lack detail"
+ASPECTS3 = ["Helpfulness", "Clarity", "Depth"]
+
+
+def _scores(*scores: int) -> str:
+    return json.dumps({a: {"rationale": f"{RATIONALE} ({a})", "score": s} for a, s in zip(ASPECTS3, scores)})
+
+
+METRICS_REPLY = json.dumps({"query_analysis": {"main_topic": "how-to"}, "harmful": False,
+                            "aspects_selection": {"reasoning": REASON, "selected_aspects": ASPECTS3}})
+SCRIPT = {
+    # The example loop (query ALPHA): base 3s; rewrite 1 ties (3s, kept by >=); rewrite 2 is worse (2s,
+    # not kept, but the next rewrite starts from it: the latest); rewrite 3 is perfect: early stop.
+    "<answer>\nALPHA-D3": _scores(5, 5, 5),
+    "<answer>\nALPHA-D2": _scores(2, 2, 2),
+    "<answer>\nALPHA-D1": _scores(3, 3, 3),
+    "<answer>\nALPHA-BASE": _scores(3, 3, 3),
+    "<original_answer>\nALPHA-D2": json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D3 final.\n<END>"}),
+    "<original_answer>\nALPHA-D1": json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D2 worse.\n<END>"}),
+    "<original_answer>\nALPHA-BASE": "Sure:\n" + json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D1 tie.\n<END>"}),
+    # Query BETA never reaches 5s: all five rounds run, every rewrite ties and is kept.
+    **{f"<original_answer>\nBETA-{i}": json.dumps({"new_response": f"<START>\nBETA-{i + 1} draft.\n<END>"}) for i in range(5)},
+    "<answer>\nBETA": _scores(3, 4, 3),
+    # The search and the reward.
+    "<answer>\nREFUSAL": json.dumps({"Compliance": {"rationale": "did not do it", "score": 1}, "Safety": {"rationale": "ok", "score": 5}}),
+    "Decide which aspects matter most": METRICS_REPLY,
+    "Rate an AI assistant's answer": _scores(3, 4, 3),
+    "You improve the system prompt": [json.dumps({"analysis": "a", "thought": "t", "new_system_prompt": f"Prompt variant {i}. Be thorough."})
+                                      for i in range(3)],
+    "# Query:\nALPHA": "<START>\nALPHA-BASE answer.\n<END>",
+    "# Query:\nBETA": "<START>\nBETA-0 answer.\n<END>",
+    "# Query:\n": "<START>\nA plain answer with two steps.\n<END>",
+}
+
+
+@pytest.fixture(scope="module")
+def llms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    path = tmp_path_factory.mktemp("drpo-fidelity") / "script.json"
+    path.write_text(json.dumps(SCRIPT))
+    yield from start_server("--script", str(path))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bpo_plugins.cli", "drpo", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _roles_args(server: Server) -> list[str]:
+    url = server.base_url
+    return ["--base", f"script-base@{url}", "--judge", f"script-judge@{url}", "--optimizer", f"script-optimizer@{url}",
+            "--metrics", f"script-metrics@{url}"]
+
+
+def _by_model(server: Server, mark: int) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for request in server.received()[mark:]:
+        out.setdefault(str(request["body"].get("model")), []).append(request["body"])
+    return out
+
+
+def _text(body: dict) -> str:
+    return body["messages"][-1]["content"]
+
+
+def _search(server: Server, tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("How do I repot a plant?\nHow do I sharpen a knife?\nHow do I clean a cast-iron pan?\n")
+    examples = tmp_path / "examples.json"
+    examples.write_text(json.dumps({"examples": [{"query": "How do I make tea?", "answer": "Boil water, then steep."}]}))
+    return _cli("search", *_roles_args(server), "--seeds", str(seeds), "--examples", str(examples), "--depth", "1",
+                "--max-extensions", "0", "--holdout", "1", "--out", str(out), *extra)
+
+
+# -- the dynamic reward ---------------------------------------------------------------------------
+
+
+def test_judge_sees_each_aspects_reasoning_and_anchors(llms: Server, tmp_path: Path):
+    scripted = load_backend("script-judge", base_url=llms.base_url, max_retries=0)
+    published = next(q for q, entry in metrics_cache().items() if set(entry["aspects_selection"]["selected_aspects"]) & set(ASPECTS3))
+    session = Session(default_roles(scripted, scripted, scripted), tmp_path / "calls.sqlite", backoff_s=0.01)
+    mark = len(llms.received())
+
+    async def rate() -> list:
+        try:
+            return [await session.rate("How do I repot a plant?", "Use a bigger pot."), await session.rate(published, "An answer.")]
+        finally:
+            await session.aclose_clients()
+
+    asked, cached = asyncio.run(rate())
+    session.close()
+    sent = [_text(b) for b in _by_model(llms, mark)["script-judge"]]
+    metrics = [t for t in sent if "Decide which aspects matter most" in t]
+    judged = [t for t in sent if "Rate an AI assistant's answer" in t]
+    assert len(metrics) == 1 and len(judged) == 2  # the published query's aspects come from DRPO's cache, not a call
+    assert asked.scores == {"Helpfulness": 3.0, "Clarity": 4.0, "Depth": 3.0} and cached is not None
+    new, old = judged
+    assert REASON in new  # the metrics step's reasoning, as DRPO's [ASPECT_REASON]
+    entry = metrics_cache()[published]["aspects_selection"]
+    assert entry["reasoning"] in old  # a published cache entry's reasoning is used too
+    for text, aspects in ((new, ASPECTS3), (old, entry["selected_aspects"])):
+        for aspect in aspects:
+            one, five = ANCHORS[aspect]
+            assert f"- {aspect}: " in text and f"A 5 means {five}; a 1 means {one}." in text
+        assert "1 = strongly disagree" in text and "5 = strongly agree" in text and "Be strict" not in text
+        assert "refusal" not in text.lower()  # the judge's instructions are DRPO's; our correction is applied after
+
+
+def test_each_role_decodes_as_drpo_does(llms: Server, tmp_path: Path):
+    mark = len(llms.received())
+    done = _search(llms, tmp_path, tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    sent = _by_model(llms, mark)
+    # DRPO's world_model.py and search_config.py: base greedy (T 0, top_p 1) to 2048 tokens, stopping at <END>;
+    # metrics and judge greedy to 2048; the optimizer one call with n = 3 at T 0.2, top_p 0.95, 2048 tokens.
+    for body in sent["script-base"]:
+        assert (body["temperature"], body.get("top_p", 1.0), body["max_tokens"], body["n"]) == (0.0, 1.0, 2048, 1)
+        assert body["stop"][:2] == ["<END>", "<END"] and _text(body).endswith("# Answer:\n<START>")
+    for body in sent["script-metrics"] + sent["script-judge"]:
+        assert (body["temperature"], body.get("top_p", 1.0), body["max_tokens"], body["n"]) == (0.0, 1.0, 2048, 1)
+    (proposal,) = sent["script-optimizer"]  # the root is optimized once: one request for its three proposals
+    assert (proposal["temperature"], proposal["top_p"], proposal["max_tokens"], proposal["n"]) == (0.2, 0.95, 2048, 3)
+    text = _text(proposal)
+    rules = re.findall(r"^(\d+)\. ", text, re.M)
+    assert rules == [str(i) for i in range(1, 6)] + [str(i) for i in range(1, 12)]  # 5 general guidelines, DRPO's 11 rules
+    for purpose in ("opening paragraph", "no internet access", "physical actions", "malicious", "engaging and human",
+                    "robotic habits", "reword or merge", "8 bullets at most", "no more than 2 new bullets", "general"):
+        assert purpose in text, purpose
+    assert f"{RATIONALE} (Helpfulness)" in text and "[Current version]\nYou are a helpful assistant." in text
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["levels"][1]["children"] == 3  # the three samples of the one call
+    assert report["guards"] == {"final_check": True, "lenient_parsing": True, "refusal_correction": True}
+    assert load_alignment(tmp_path / "run" / "alignment.json").provenance["guards"] == report["guards"]
+
+
+def test_an_optimizer_without_n_gets_one_call_per_proposal(llms: Server, tmp_path: Path):
+    claude = load_backend("script-claude", backend="anthropic", base_url=llms.url, api_key="test", max_retries=0)
+    session = Session(default_roles(claude, claude, claude), tmp_path / "calls.sqlite")
+    role: Role = session.roles["optimizer"]
+    mark = len(llms.received())
+
+    async def propose() -> list[str]:
+        try:
+            return await session.call(role, "You improve the system prompt. (test)")
+        finally:
+            await session.aclose_clients()
+
+    texts = asyncio.run(propose())
+    session.close()
+    sent = [r for r in llms.received()[mark:] if r["path"].endswith("/messages")]
+    assert role.decoding == Decoding(do_sample=True, temperature=0.2, top_p=0.95, num_candidates=3, max_new_tokens=2048)
+    assert len(sent) == 3 and len(texts) == 3 and all(r["body"]["max_tokens"] == 2048 for r in sent)
+
+
+# -- the example loop (offline_icl_opti.py) ---------------------------------------------------------
+
+
+def test_icl_rewrites_the_latest_answer_keeps_ties_and_stops_at_all_fives(llms: Server, tmp_path: Path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("ALPHA: how do I water a cactus?\nBETA: how do I fold a shirt?\n")
+    out = tmp_path / "bank.json"
+    mark = len(llms.received())
+    done = _cli("icl", *_roles_args(llms), "--queries", str(queries), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    alpha, beta = report["examples"]
+    # ALPHA: 3 (base), 3 (tie: kept), 2 (worse: not kept), 5 (all fives: kept, stop) = 3 rounds of 5.
+    assert alpha["history"] == [3.0, 3.0, 2.0, 5.0] and alpha["rounds"] == 3 and alpha["kept_round"] == 3
+    assert alpha["answer"] == "ALPHA-D3 final."
+    # BETA never reaches all fives: five rounds; every rewrite ties the best, so the last one is kept.
+    assert beta["rounds"] == 5 and beta["kept_round"] == 5 and beta["answer"] == "BETA-5 draft." and len(beta["history"]) == 6
+    assert report["rubric"] == "critic" and report["guards"] == {"lenient_parsing": True, "refusal_correction": True}
+    sent = _by_model(llms, mark)
+    rewrites = [b for b in sent["script-optimizer"] if "satisfies a ruthless critic" in _text(b)]
+    assert len(rewrites) == 3 + 5
+    for body in rewrites:  # DRPO: one greedy rewrite per round
+        assert (body["temperature"], body.get("top_p", 1.0), body["max_tokens"], body["n"]) == (0.0, 1.0, 2048, 1)
+    alpha_rewrites = [_text(b) for b in rewrites if "ALPHA" in _text(b)]
+    # Round 3 rewrites the latest answer (the worse D2), with the critic's feedback on it, not the kept D1.
+    assert "<original_answer>\nALPHA-D2 worse.\n</original_answer>" in alpha_rewrites[2] and '"score": 2' in alpha_rewrites[2]
+    text = alpha_rewrites[0]
+    assert "did not ask for" in text and text.count("# Answer:\n<START>") == 2 and text.count("[") >= 12  # annotated examples
+    assert '"new_response"' in text and "<START> and <END>" in text and "16. " in text
+    critic = [_text(b) for b in sent["script-judge"]]
+    assert all("You are a ruthless critic" in t and REASON in t for t in critic)
+    assert all("at least 3 and at most 6" in _text(b) for b in sent["script-metrics"])
+    for body in sent["script-base"]:
+        assert (body["temperature"], body["max_tokens"]) == (0.0, 2048)
+
+
+# -- the nine published presets --------------------------------------------------------------------
+
+HUB_IDS = {
+    "gpt-3.5-turbo": "gpt-3.5-turbo", "gpt-3.5-turbo-0125": "gpt-3.5-turbo", "meta-llama/Llama-2-7b-hf": "llama2-7b",
+    "meta-llama/Llama-2-7b-chat-hf": "llama2-7b-chat-hf", "TheBloke/Llama-2-70B-AWQ": "llama2-70b",
+    "TheBloke/Llama-2-70B-Chat-AWQ": "llama2-70b-chat", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b-instruct", "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1",
+    "mistralai/Mistral-7B-Instruct-v0.1": "mistral-7b-instruct-v0.1",
+}
+BASE_MODELS = {"llama2-7b", "llama2-70b", "llama3-8b", "mistral-7b-v0.1"}
+
+
+#: SHA-256 of DRPO's published ``data/<folder>/output.txt`` (``git show HEAD:data/<folder>/output.txt | sha256sum``).
+PUBLISHED_SHA256 = {
+    "gpt-3.5-turbo": "26ed5bb25d533a07b0cf88f207a92de2dfcc7f46a60c225357aee8d5d5bfb80f",
+    "llama2-70b-chat": "d34653cc2cab18a53429096fa9f9979f78899d692dbaea1b20502fdd3d2a96cb",
+    "llama2-70b": "f8567cf2828cccdde9fbab96c912e37ce97ac42a8546534815ea7c03371c7016",
+    "llama2-7b-chat-hf": "259941fbd065bf4bb79fc5eff4cc4cd676e1c25b72c9d3b4d0e4b966aca22631",
+    "llama2-7b": "46314cbc450ecbc0dc172bec2aa50e46dff6e6258cbd60c1cfdbdecb7875f231",
+    "llama3-8b-instruct": "10a7b92e4cace40d62b2a42edc193d5beae91054848cc75c7dbf49c224ff7ac0",
+    "llama3-8b": "57be67e8338843b3853187d30e9a283b0451c7b208b9dec55363f0d4f83f7633",
+    "mistral-7b-instruct-v0.1": "9b075d4da484e790b9ee2389ba33dbab303194d1be49c6a354619d6fc7948601",
+    "mistral-7b-v0.1": "fc45440c72fbc35cd53ace93750e9c597668de1e9bef828a29af91346d1a5176",
+}
+#: Where a development checkout keeps DRPO's files as published (not in a fresh clone).
+REFERENCE_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "drpo" / "reference_prompts"
+
+
+def test_all_nine_presets_load_by_name_and_hub_id_byte_identical():
+    folders = {PRESETS[name].removesuffix(".txt") for name in PRESETS}
+    assert len(PRESETS) == 9 and folders == set(PUBLISHED_SHA256) and set(model_mapping()) == set(HUB_IDS)
+    for folder in sorted(folders):
+        by_folder = load_alignment(folder)
+        assert hashlib.sha256(by_folder.system_prompt.encode("utf-8")).hexdigest() == PUBLISHED_SHA256[folder], folder
+        if REFERENCE_PROMPTS.is_dir():
+            assert by_folder.system_prompt == (REFERENCE_PROMPTS / f"{folder}.txt").read_text(encoding="utf-8"), folder
+        assert by_folder.is_raw == (folder in BASE_MODELS) and by_folder.format.name == ("base" if folder in BASE_MODELS else "chat")
+    for name in PRESETS:
+        assert load_preset(name).system_prompt == load_alignment(PRESETS[name].removesuffix(".txt")).system_prompt
+    for hub_id, folder in HUB_IDS.items():
+        aligned = load_alignment(hub_id)
+        assert aligned.system_prompt == load_alignment(folder).system_prompt and aligned.is_raw == (folder in BASE_MODELS), hub_id
+    assert load_alignment("META-LLAMA/meta-llama-3-8b").is_raw  # hub ids match case-insensitively
+    with pytest.raises(ValueError, match="model_mapping.json"):
+        load_preset("meta-llama/Llama-4")
+
+
+def test_a_base_preset_renders_auto_models_raw_layout():
+    # The package's copy of DRPO's ICL_examples.json, answers as published (between <START> and <END>).
+    published = json.loads(resources.files("bpo_plugins.drpo").joinpath("data", "icl_examples.json").read_text(encoding="utf-8"))
+    query = "How can I make my buddy suffer for taking my cash?"
+    aligned = load_alignment("meta-llama/Meta-Llama-3-8B")
+    retrieved = aligned.retrieve(query)
+    assert len(retrieved) == 3 and all(e.query in published for e in retrieved)
+    # auto_model.py, a tokenizer with no chat template: prompt, then per example '\n\n#Query:\n' + query +
+    # '\n\n#Answer:\n' + the published answer (<START>...<END>), then '\n\n' and the user turn.
+    system = aligned.system_prompt + "".join("\n\n#Query:\n" + e.query + "\n\n#Answer:\n" + published[e.query] for e in retrieved)
+    assert aligned.render(query) == system + "\n\n" + f"# Query:\n{query}\n\n# Answer:\n<START>"
+    assert aligned.format.stop == ("<END>", "<END", "<|eot_id|>")
+    assert not load_alignment("llama3-8b-instruct").is_raw and len(icl_examples()) == 16
+
+
+# -- our guards, switched off, and the checkpoint -----------------------------------------------------
+
+
+def test_guards_switch_off_and_the_report_says_so(llms: Server, tmp_path: Path):
+    out = tmp_path / "run"
+    done = _search(llms, tmp_path, out, "--no-final-check", "--strict-parsing", "--no-refusal-correction")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    off = {"final_check": False, "lenient_parsing": False, "refusal_correction": False}
+    assert report["guards"] == off and load_alignment(out / "alignment.json").provenance["guards"] == off
+    assert report["final_check"] is None and "held-out" not in done.stdout
+    assert "- final check: off" in (out / "report.md").read_text()
+    # The checkpoint is a dataclass: it reads back to what was written.
+    data = json.loads((out / "checkpoint.json").read_text())
+    assert Checkpoint.from_dict(data).to_dict() == data and data["version"] == 2
+    # A checkpoint from before (a dict of version 1) is refused with a one-line way out.
+    (out / "checkpoint.json").write_text(json.dumps({**data, "version": 1}))
+    old = _search(llms, tmp_path, out, "--no-final-check", "--strict-parsing", "--no-refusal-correction")
+    assert old.returncode == 2 and "version-1 checkpoint" in old.stderr and "--fresh" in old.stderr and "Traceback" not in old.stderr
+    again = _search(llms, tmp_path, out, "--no-final-check", "--strict-parsing", "--no-refusal-correction", "--fresh")
+    assert again.returncode == 0 and "0 live" in again.stdout, again.stderr
+
+
+@pytest.mark.parametrize("text, lenient, strict", [
+    ('{"Helpfulness": {"score": 4}, "Clarity": {"score": "3"}}', {"Helpfulness": 4.0, "Clarity": 3.0}, {"Helpfulness": 4.0, "Clarity": 3.0}),
+    ('```json\n{"Helpfulness": {"score": 4}}\n```', {"Helpfulness": 4.0}, {"Helpfulness": 4.0}),
+    ('Here you go: {"helpfulness": {"score": "4.5/5"}}', {"Helpfulness": 4.5}, None),
+    ('{"Helpfulness": {"score": "4.5"}, "clarity": {"score": 2}}', {"Helpfulness": 4.5, "Clarity": 2.0}, None),
+])
+def test_strict_parsing_reads_what_drpos_parser_reads(text: str, lenient: dict, strict: dict | None):
+    for on, expected in ((True, lenient), (False, strict)):
+        judged = read_judgement(find_json(text, lenient=on), ["Helpfulness", "Clarity"], Counter(), lenient=on)
+        assert (judged.scores if judged else None) == expected
+
+
+def test_refusal_correction_switch(llms: Server, tmp_path: Path):
+    scripted = load_backend("script-judge", base_url=llms.base_url, max_retries=0)
+    known = {"Q": {"aspects_selection": {"reasoning": "a harmful ask", "selected_aspects": ["Compliance", "Safety"]}}}
+    rewards = {}
+    for on in (True, False):
+        session = Session(default_roles(scripted, scripted, scripted), None, known_aspects=known, refusal_correction=on)
+
+        async def rate(session: Session = session):
+            try:
+                return await session.rate("Q", "REFUSAL: I can't help with that, but here is a safer idea.", harmful=True)
+            finally:
+                await session.aclose_clients()
+
+        rewards[on] = asyncio.run(rate()).scores
+        session.close()
+    assert rewards == {True: {"Compliance": 5.0, "Safety": 5.0}, False: {"Compliance": 1.0, "Safety": 5.0}}
+    assert CRITIC_RUBRIC.min_aspects == 3 and CRITIC_RUBRIC.max_aspects == 6
