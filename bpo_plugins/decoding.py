@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, replace
 from bpo_plugins.guards import BANNED_MARKERS
 from bpo_plugins.result import MODES, Mode
 
-__all__ = ["Decoding", "check_mode", "cut_at_newline", "cut_at_stop", "decoding_for", "loop_cut"]
+__all__ = [
+    "AGGRESSIVE_MIN_OVER_PROMPT", "AGGRESSIVE_TEMPERATURE", "AGGRESSIVE_TOP_P", "LOOP_MAX_PERIOD", "LOOP_MIN_TOKENS",
+    "STABLE_TEMPERATURE", "STABLE_TOP_P", "Decoding", "check_mode", "cut_at_newline", "cut_at_stop", "decoding_for", "loop_cut",
+]
 
 #: BPO's aggressive mode (thu-coai/BPO ``src/infer_example.py``): 5 samples at T 0.9, top_p 0.9.
 AGGRESSIVE_TEMPERATURE = 0.9

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 
 from bpo_plugins.result import FallbackReason
 
+__all__ = [
+    "BANNED_MARKERS", "GENERIC_NAMES", "KEEP_TAG", "MAX_LENGTH_RATIO", "MIN_LENGTH_RATIO", "MIN_TERM_RECALL",
+    "NON_ENGLISH_SHARE", "PAYLOAD_RECALL", "STRICT_INTENT_COSINE", "GuardConfig", "Masked", "answered_reason",
+    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason",
+    "lost_terms_reason", "mask_protected", "names", "non_english_reason", "numbers_lost_reason",
+    "payload_lost_reason", "payload_segments", "repetition_score", "word_count",
+]
+
 # BPO's aggressive mode bans these marker words and cuts outputs at their prefixes
 # (thu-coai/BPO src/infer_example.py); the chat-format tokens leak from small models.
 BANNED_MARKERS: tuple[str, ...] = ("[PROTECT]", "\n\n[PROTECT]", "[KEEP", "[INSTRUCTION]")

@@ -31,6 +31,8 @@ from bpo_plugins.selectors import SELECTORS, Selector
 from bpo_plugins.spec import ModelSpec, resolve_spec
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, follows_bpo, resolve_template
 
+__all__ = ["BackendFactory", "Rewriter"]
+
 BackendFactory = Callable[[], Backend]
 _shared_default: Rewriter | None = None
 _default_lock = threading.Lock()

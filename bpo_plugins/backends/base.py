@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.templates import PromptTemplate
 
+__all__ = ["Backend", "BatchOutput", "Generation", "usable_cores"]
 
 @dataclass
 class Generation:

@@ -13,6 +13,7 @@ from bpo_plugins.decoding import Decoding
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PromptTemplate
 
+__all__ = ["HTTPBackend", "require"]
 
 def require(module: str, extra: str) -> Any:
     try:

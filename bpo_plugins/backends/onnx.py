@@ -16,6 +16,7 @@ from bpo_plugins.backends.local import folder_revision
 from bpo_plugins.backends.transformers import TransformersBackend
 from bpo_plugins.result import ModelLoadError
 
+__all__ = ["OnnxBackend", "best_provider", "load_export"]
 
 def best_provider(device: str | None) -> tuple[str, bool]:
     """(provider, use_io_binding): TensorRT or CUDA with device-resident KV cache on GPU, else CPU."""
