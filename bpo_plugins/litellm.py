@@ -1,4 +1,5 @@
-"""BPO inside LiteLLM's proxy: a ``pre_call`` guardrail that rewrites the last user message.
+"""BPO inside LiteLLM's proxy: a ``pre_call`` guardrail that rewrites the last user message, on its
+OpenAI routes and on its Anthropic ``/v1/messages`` route (call type ``anthropic_messages``).
 
 Register it in LiteLLM's ``config.yaml``::
 
@@ -28,7 +29,8 @@ from bpo_plugins.rewriter import Rewriter
 log = logging.getLogger("bpo_plugins.litellm")
 #: LiteLLM call types the guardrail rewrites, and the request shape each carries.
 REWRITTEN_CALLS = {"completion": Shape.CHAT, "acompletion": Shape.CHAT,
-                   "text_completion": Shape.COMPLETIONS, "atext_completion": Shape.COMPLETIONS}
+                   "text_completion": Shape.COMPLETIONS, "atext_completion": Shape.COMPLETIONS,
+                   "anthropic_messages": Shape.MESSAGES, "aanthropic_messages": Shape.MESSAGES}
 
 
 class BPOGuardrail(CustomGuardrail):
@@ -52,7 +54,7 @@ class BPOGuardrail(CustomGuardrail):
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any) -> dict:
         shape = REWRITTEN_CALLS.get(str(getattr(call_type, "value", call_type)))
-        if shape is None or (shape == Shape.CHAT and not isinstance(data.get("messages"), list)):
+        if shape is None or (shape in (Shape.CHAT, Shape.MESSAGES) and not isinstance(data.get("messages"), list)):
             return data
         try:
             body, outcome = await self.requests.arewrite(data, shape, mode=self.mode)  # type: ignore[arg-type]
