@@ -72,40 +72,22 @@ class TransformersBackend(LocalBackend):
     ) -> TransformersBackend:
         try:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:  # pragma: no cover - torch and transformers are core dependencies
             raise ModelLoadError(f"the transformers backend needs torch and transformers: {exc}") from exc
         if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelLoadError(f"--device {device} needs a GPU and a CUDA build of torch; this one has none (torch {torch.__version__})")
         source = str(name_or_path)
-        local = Path(source).expanduser()
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            torch_dtype = _pick_dtype(dtype, device)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-        except (OSError, ValueError) as exc:
-            hint = "" if local.exists() else " (not a local folder; offline machines need a local path)"
-            raise ModelLoadError(f"cannot load optimizer model {source!r}{hint}: {exc}") from exc
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model, tokenizer = _load_weights(source, kwargs, dtype, device, adapter)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        if local.is_dir():
-            rev = folder_revision(local) + ("" if adapter is None else "+" + folder_revision(Path(adapter)))
-        else:
-            rev = revision or getattr(model.config, "_commit_hash", None) or "main"
-        if device.startswith("cuda"):
-            # Batch-1 decode on a GPU is bound by reading the weights once per token: a static KV cache
-            # lets transformers compile the decode step into CUDA graphs (no per-token Python or kernel
-            # launch overhead).
-            return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template,
-                       static_cache_len=STATIC_CACHE_LEN)
-        return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template)
+        rev = _revision(source, revision, model, adapter)
+        # Batch-1 decode on a GPU is bound by reading the weights once per token: a static KV cache lets
+        # transformers compile the decode step into CUDA graphs (no per-token Python or kernel launch overhead).
+        return cls(model, tokenizer, model_id=model_id or source, revision=rev, template=template,
+                   static_cache_len=STATIC_CACHE_LEN if device.startswith("cuda") else None)
 
     def generate_texts(
         self, texts: Sequence[str], decoding: Decoding, timeout_s: float | None, add_special_tokens: bool,
@@ -272,6 +254,31 @@ def _min_new_tokens(start_at: int, floors: list[int], stop_ids: list[int]) -> An
             return scores
 
     return LogitsProcessorList([MinNewTokens()])
+
+
+def _load_weights(source: str, kwargs: dict[str, Any], dtype: str, device: str | None, adapter: str | Path | None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder or hub id, a LoRA adapter merged in; a ModelLoadError that says why not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_pick_dtype(dtype, device), **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if Path(source).expanduser().exists() else " (not a local folder; offline machines need a local path)"
+        raise ModelLoadError(f"cannot load optimizer model {source!r}{hint}: {exc}") from exc
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model, tokenizer
+
+
+def _revision(source: str, revision: str | None, model: Any, adapter: str | Path | None) -> str:
+    """What identifies these weights in cache keys: a local folder's (and adapter's) fingerprint, else the hub commit."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return folder_revision(local) + ("" if adapter is None else "+" + folder_revision(Path(adapter)))
+    return revision or getattr(model.config, "_commit_hash", None) or "main"
 
 
 def _pick_dtype(dtype: str, device: str | None) -> Any:
