@@ -67,7 +67,11 @@ def test_raw_format_and_custom_embedder():
     bank = (Example("aaaa aaaa", "A."), Example("zzzz zzzz", "Z."))
     aligned = Alignment("Be kind.", bank, k=1, format=RAW_FORMAT).use_embedder(Letters())
     assert aligned.embedder == "letter-counts" and aligned.retrieve("zz top")[0].answer == "Z."
-    assert aligned.render("zz top") == "# instructions\n\nBe kind.\n\n#Query:\nzzzz zzzz\n\n#Answer:\n<START>\nZ.\n<END>\n\n\n\n# Query:\nzz top\n\n# Answer:\n<START>"
+    # DRPO's world_model.py: "# instructions", the prompt, "# Query:" + the examples joined by "\n\n#Query:\n", a blank line, the turn.
+    assert aligned.render("zz top") == "# instructions\n\nBe kind.\n\n# Query:\nzzzz zzzz\n\n#Answer:\n<START>\nZ.\n<END>\n\n# Query:\nzz top\n\n# Answer:\n<START>"
+    two = Alignment("Be kind.", bank, k=2, format=RAW_FORMAT).use_embedder(Letters())
+    assert two.render("zz top") == ("# instructions\n\nBe kind.\n\n# Query:\nzzzz zzzz\n\n#Answer:\n<START>\nZ.\n<END>\n\n#Query:\n"
+                                    "aaaa aaaa\n\n#Answer:\n<START>\nA.\n<END>\n\n# Query:\nzz top\n\n# Answer:\n<START>")
 
 
 def test_artifact_round_trips_as_json(tmp_path):

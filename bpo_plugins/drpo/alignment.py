@@ -41,12 +41,16 @@ class PromptFormat:
     raw: bool = False
     #: In a raw input, the text between the system part (prompt and examples) and the user turn.
     joiner: str = ""
+    #: The first example's layout where it differs from the others' (DRPO's search format); "" = ``example``.
+    first_example: str = ""
 
-    def render_example(self, example: Example) -> str:
-        return self.example.replace("{query}", example.query).replace("{answer}", f"{self.start}\n{example.answer}\n{self.end}")
+    def render_example(self, example: Example, template: str | None = None) -> str:
+        template = self.example if template is None else template
+        return template.replace("{query}", example.query).replace("{answer}", f"{self.start}\n{example.answer}\n{self.end}")
 
     def render_system(self, prompt: str, examples: Sequence[Example]) -> str:
-        rendered = "".join(self.render_example(e) for e in examples)
+        rendered = "".join(self.render_example(e, self.first_example if i == 0 and self.first_example else None)
+                           for i, e in enumerate(examples))
         return self.system.replace("{prompt}", prompt).replace("{examples}", rendered)
 
     def render_user(self, query: str) -> str:
@@ -62,10 +66,12 @@ CHAT_FORMAT = PromptFormat(
     name="chat", system="{prompt}{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
     user="# Query:\n{query}\n\n# Answer:\n{start}",
 )
-#: DRPO's search format (``world_model.py``), also the raw, no-chat-template layout for local models.
+#: DRPO's search format (``world_model.py``), also the raw, no-chat-template layout for local models:
+#: ``# instructions``, the prompt, the examples (the first headed ``# Query:``, the others ``#Query:``,
+#: as its code writes them), then the user turn.
 RAW_FORMAT = PromptFormat(
-    name="raw", system="# instructions\n\n{prompt}\n\n{examples}\n\n", example="#Query:\n{query}\n\n#Answer:\n{answer}\n\n",
-    user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True,
+    name="raw", system="# instructions\n\n{prompt}\n\n{examples}\n\n", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
+    user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True, first_example="# Query:\n{query}\n\n#Answer:\n{answer}",
 )
 #: DRPO's inference layout for a base model (``auto_model.py`` when the tokenizer has no chat
 #: template): the chat format's system part and user turn as one text, joined by a blank line;
