@@ -340,7 +340,8 @@ class Judgement:
 
     def evaluation_json(self) -> str:
         """The rating as DRPO passes it on: ``{aspect: {rationale, score}}``."""
-        return json.dumps({a: {"rationale": self.rationales.get(a, ""), "score": s} for a, s in self.scores.items()}, indent=4)
+        return json.dumps({a: {"rationale": self.rationales.get(a, ""), "score": int(s) if s == int(s) else s}
+                           for a, s in self.scores.items()}, indent=4)
 
     def to_dict(self) -> dict[str, Any]:
         return {"reward": round(self.reward, 4), "scores": self.scores, "rationales": self.rationales, "corrected": list(self.corrected)}

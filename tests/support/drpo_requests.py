@@ -122,7 +122,7 @@ def carries(role: str, bodies: list[dict[str, Any]]) -> str:
                   "DRPO's reply shape (aspects_selection.reasoning)" if "aspects_selection" in text else "own reply shape"]
     elif role == "judge":
         anchored = all(re.search(rf"- {a}:.*\b5\b.*\b1\b", text) for a in ASPECTS)
-        notes += ["aspect reasoning" if REASON in text else "NO aspect reasoning",
+        notes += [f"aspect reasoning in {sum(REASON in t for t in texts)}/{len(texts)}",
                   "1/5 anchors" if anchored else "no anchors",
                   "1-5 agree scale" if "strongly agree" in text else "1 (very poor)-5 (excellent)"]
         if "Be strict" in text:
