@@ -146,13 +146,14 @@ class TransformersBackend(LocalBackend):
         banned = self._banned(decoding.banned_words)
         if banned:
             kwargs["bad_words_ids"] = banned
-        stop_ids = self._stop_ids(decoding)
+        config = getattr(self.model, "generation_config", None)
+        configured = getattr(config, "eos_token_id", None)
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        stop_ids = list(dict.fromkeys([*configured, *self._stop_ids(decoding)]))  # the model's own EOS ids too
         if decoding.stop_at_newline:
-            configured = self.model.generation_config.eos_token_id
-            configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-            kwargs["eos_token_id"] = list(dict.fromkeys([*configured, *stop_ids]))
+            kwargs["eos_token_id"] = stop_ids
         if any(floors):
-            kwargs["logits_processor"] = _min_new_tokens(start_at, floors, kwargs.get("eos_token_id", stop_ids))
+            kwargs["logits_processor"] = _min_new_tokens(start_at, floors, stop_ids)
         if decoding.stop_loops:
             kwargs["stopping_criteria"] = _loop_stop(start_at, prompts, self.tokenizer.pad_token_id)
         if decoding.stop:  # StopStringCriteria tokenizes with it, inside the generation's lock
