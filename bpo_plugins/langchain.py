@@ -234,7 +234,8 @@ def _like(value: Any, messages: list[dict[str, Any]]) -> Any:
 class DRPOAligner(RunnableSerializable[Any, Any]):
     """DRPO's aligned system prompt and retrieved examples on each conversation flowing through a
     chain; with ``bpo=True`` BPO rewrites the user's prompt first. The output is a chat prompt value
-    (or a message list), ready for any chat model."""
+    (or a message list), ready for any chat model; for a base-model (raw) preset such as ``llama3-8b``,
+    a string prompt value with DRPO's whole text, for a completion LLM (stop it at ``<END>``)."""
 
     alignment: Any = Field(description="A DRPO preset name, an artifact path, or an Alignment.")
     bpo: bool = False
@@ -250,12 +251,21 @@ class DRPOAligner(RunnableSerializable[Any, Any]):
         self._pipeline = AlignmentPipeline(alignment, self.rewriter, bpo=self.bpo, mode=self.mode, fail_open=self.fail_open, k=self.k)
 
     def _align(self, values: list[Any]) -> list[Any]:
-        aligned = self._pipeline.align_batch([_as_dicts(v) for v in values])
-        return [_like(v, a.messages) for v, a in zip(values, aligned)]
+        conversations = [_as_dicts(v) for v in values]
+        if self._raw:
+            return [StringPromptValue(text=text) for text in self._pipeline.render_batch(conversations)]
+        return [_like(v, a.messages) for v, a in zip(values, self._pipeline.align_batch(conversations))]
 
     async def _aalign(self, values: list[Any]) -> list[Any]:
-        aligned = await self._pipeline.aalign_batch([_as_dicts(v) for v in values])
-        return [_like(v, a.messages) for v, a in zip(values, aligned)]
+        conversations = [_as_dicts(v) for v in values]
+        if self._raw:
+            return [StringPromptValue(text=text) for text in await self._pipeline.arender_batch(conversations)]
+        return [_like(v, a.messages) for v, a in zip(values, await self._pipeline.aalign_batch(conversations))]
+
+    @property
+    def _raw(self) -> bool:
+        """A base-model preset: the output is DRPO's whole text prompt, for a completion LLM."""
+        return bool(self._pipeline.alignment is not None and self._pipeline.alignment.format.raw)
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(lambda value: self._align([value])[0], input, config, run_type="prompt")

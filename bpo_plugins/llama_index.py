@@ -128,8 +128,25 @@ def _system_text(messages: list[ChatMessage]) -> str | None:
     return own or None
 
 
-def _aligned_template(template: BasePromptTemplate, pipeline: AlignmentPipeline) -> ChatPromptTemplate:
+def _aligned_text_template(template: BasePromptTemplate, pipeline: AlignmentPipeline) -> LlamaPromptTemplate:
+    """For a base-model (raw) preset: one text template, DRPO's prompt and the examples retrieved
+    for each query, then the engine's own template as DRPO's query, answered after ``<START>``."""
+    if isinstance(template, SelectorPromptTemplate):
+        template = template.default_template
+    alignment = pipeline.alignment
+
+    def drpo_system(**kwargs: Any) -> str:
+        return alignment.system_message(str(kwargs.get("query_str", "")))
+
+    body = alignment.format.render_raw("", template.get_template())
+    return LlamaPromptTemplate("{drpo_system}" + body, prompt_type=template.metadata.get("prompt_type", "custom"),
+                               function_mappings={"drpo_system": drpo_system})
+
+
+def _aligned_template(template: BasePromptTemplate, pipeline: AlignmentPipeline) -> BasePromptTemplate:
     """``template`` with DRPO's system message, its examples retrieved for each query at format time."""
+    if pipeline.alignment.format.raw:
+        return _aligned_text_template(template, pipeline)
     if isinstance(template, SelectorPromptTemplate):  # prefer the chat variant LlamaIndex picks for chat models
         template = next((t for _, t in template.conditionals or [] if isinstance(t, ChatPromptTemplate)), template.default_template)
     if isinstance(template, ChatPromptTemplate):
@@ -147,7 +164,8 @@ def _aligned_template(template: BasePromptTemplate, pipeline: AlignmentPipeline)
 
 def align_query_engine(query_engine: Any, alignment: Any, k: int | None = None) -> Any:
     """Put DRPO's aligned system prompt, with examples retrieved per query, on a query engine's
-    synthesis prompts (in place; the engine is returned for chaining)."""
+    synthesis prompts (in place; the engine is returned for chaining). A base-model (raw) preset
+    makes them text templates for a completion LLM, as DRPO serves base models."""
     pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
     prompts = {key: _aligned_template(template, pipeline) for key, template in query_engine.get_prompts().items()
                if key.rsplit(":", 1)[-1] in SYNTHESIS_PROMPTS}

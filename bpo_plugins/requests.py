@@ -182,7 +182,7 @@ def _raw_completion(body: dict[str, Any], alignment: Alignment, query: str | Non
     fmt = alignment.format
     system = alignment.system_message(query if query is not None else text)
     own = " ".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
-    prompt = (own + "\n\n" if own else "") + system + "".join(fmt.render_example(e) for e in history) + fmt.render_user(text)
+    prompt = (own + "\n\n" if own else "") + fmt.render_raw(system + "".join(fmt.render_example(e) for e in history), text)
     request = {k: body[k] for k in _COMPLETION_FIELDS if k in body}
     if "max_completion_tokens" in body and "max_tokens" not in request:
         request["max_tokens"] = body["max_completion_tokens"]

@@ -217,3 +217,23 @@ async def test_drpo_middleware_aligns_each_agent_model_call(target, model_server
     assert sent[0]["content"].startswith(load_preset("gpt-3.5-turbo").system_prompt) and sent[0]["content"].count("#Query:") == 2
     assert sent[0]["content"].endswith("You are a librarian.") and TORTURE in sent[0]["content"]
     assert sent[-1]["content"] == REVENGE and state["messages"][0].content == REVENGE  # only the system prompt changes
+
+
+def test_drpo_aligner_with_a_base_model_preset_prompts_a_completion_llm(model_server):
+    """A raw (base-model) alignment gives DRPO's whole text prompt, and a completion LLM answers it."""
+    from langchain_openai import OpenAI
+
+    from bpo_plugins.drpo import RAW_FORMAT, Alignment, icl_examples
+    from bpo_plugins.langchain import DRPOAligner
+
+    raw = Alignment("You are a helpful, honest assistant.", icl_examples()[:4], k=1, format=RAW_FORMAT)
+    aligner = DRPOAligner(raw)
+    value = aligner.invoke("Name a fruit.")
+    assert isinstance(value, StringPromptValue) and value.text == raw.render("Name a fruit.")
+    assert value.text.startswith("# instructions\n\n") and value.text.endswith("# Query:\nName a fruit.\n\n# Answer:\n<START>")
+    llm = OpenAI(model="base", base_url=model_server.base_url, api_key="k", max_tokens=8, temperature=0, max_retries=0)
+    assert isinstance((aligner | llm.bind(stop=["<END>"])).invoke("Name a fruit."), str)
+    sent = model_server.received()[-1]
+    prompt = sent["body"]["prompt"]
+    assert sent["path"] == "/v1/completions" and (prompt[0] if isinstance(prompt, list) else prompt) == value.text
+    assert [v.text for v in aligner.batch(["Name a fruit.", "Name a tree."])] == [value.text, raw.render("Name a tree.")]

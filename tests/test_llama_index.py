@@ -168,3 +168,22 @@ async def test_drpo_chat_engine_aligns_every_message(llm, model_server):
     await engine.achat("Write a short poem about the sea")
     second = _sent(model_server)
     assert TORTURE not in second[0]["content"] and len(second) == 4  # system, the first turn and its answer, the new turn
+
+
+def test_base_model_preset_makes_text_prompts_for_a_completion_llm(index, model_server):
+    from llama_index.llms.openai_like import OpenAILike
+
+    from bpo_plugins.drpo import RAW_FORMAT, Alignment, icl_examples
+    from bpo_plugins.llama_index import align_query_engine
+
+    raw = Alignment("You are a helpful, honest assistant.", icl_examples(), k=1, format=RAW_FORMAT)
+    completion = OpenAILike(model="base", api_base=model_server.base_url, api_key="local", is_chat_model=False, max_tokens=8,
+                            temperature=0)
+    engine = align_query_engine(index.as_query_engine(llm=completion, similarity_top_k=1), raw)
+    assert str(engine.query(REVENGE)) is not None
+    sent = model_server.received()[-1]
+    assert sent["path"] == "/v1/completions"
+    prompt = sent["body"]["prompt"]
+    prompt = prompt[0] if isinstance(prompt, list) else prompt
+    assert prompt.startswith(raw.system_message(REVENGE)) and raw.retrieve(REVENGE)[0].query == TORTURE
+    assert REVENGE in prompt and prompt.endswith("# Answer:\n<START>")

@@ -127,8 +127,9 @@ def test_a_raw_alignment_turns_a_chat_request_into_one_completions_request():
     assert outcome.upstream_shape == Shape.COMPLETIONS and outcome.status == "skipped"
     assert set(request) == {"model", "max_tokens", "temperature", "stream", "prompt", "stop"}
     example = raw.retrieve("How do I bake bread?")[0]
-    assert request["prompt"] == (raw.system_message("How do I bake bread?") + RAW_FORMAT.render_example(type(example)("first", "one"))
-                                 + RAW_FORMAT.render_user("How do I bake bread?"))
+    history = RAW_FORMAT.render_example(type(example)("first", "one"))
+    assert request["prompt"] == RAW_FORMAT.render_raw(raw.system_message("How do I bake bread?") + history, "How do I bake bread?")
+    assert request["prompt"].endswith("#Answer:\n<START>\none\n<END>" + RAW_FORMAT.joiner + "# Query:\nHow do I bake bread?\n\n# Answer:\n<START>")
     assert request["stop"][0] == "###" and "<END>" in request["stop"]
 
 

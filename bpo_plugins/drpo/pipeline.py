@@ -79,9 +79,19 @@ class AlignmentPipeline(EdgeRewriter):
     def render(self, messages: Sequence[dict[str, Any]]) -> str:
         """The whole text prompt for a completion LLM (a base model): the user's prompt rewritten,
         then DRPO's prompt, the retrieved examples and the query, as DRPO's ``auto_model.py`` lays them out."""
+        return self.render_batch([messages])[0]
+
+    def render_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[str]:
+        return [str(body["prompt"]) for body, _ in self._text_edge.rewrite(_bodies(conversations), Shape.CHAT)]
+
+    async def arender_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[str]:
+        return [str(body["prompt"]) for body, _ in await self._text_edge.arewrite(_bodies(conversations), Shape.CHAT)]
+
+    @property
+    def _text_edge(self) -> EdgeRewriter:
         if self._text is None:
-            raise ValueError("render needs a DRPO alignment")
-        return str(self._text.rewrite([{"messages": list(messages)}], Shape.CHAT)[0][0]["prompt"])
+            raise ValueError("rendering a text prompt needs a DRPO alignment")
+        return self._text
 
 
 def _bodies(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:

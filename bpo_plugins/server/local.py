@@ -89,8 +89,10 @@ class LocalModelAPI:
     async def completions(self, request: Request) -> Response:
         body = api.parse_json_object(await request.body())
         prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]  # OpenAI's batch form with one prompt, as LangChain and LlamaIndex send it
         if not isinstance(prompt, str) or not prompt:
-            raise RequestError(400, "'prompt' must be a non-empty string", param="prompt")
+            raise RequestError(400, "'prompt' must be a non-empty string (or a list of one)", param="prompt")
         # As vLLM does: the prompt is raw text and the tokenizer adds its BOS (BPO's [INST] format needs it).
         return await self.generate(request, body, prompt, add_special_tokens=True, chat=False)
 
