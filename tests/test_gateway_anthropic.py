@@ -123,12 +123,14 @@ def test_tool_image_and_thinking_blocks_and_earlier_turns_stay_byte_for_byte(gat
     sent = received(claude_upstream)[-1]["body"]
     assert sent["messages"] == expected and sent["tools"] == tools
 
-    # An agent's tool loop: the last user turn holds only a tool result, so nothing is rewritten.
-    loop = [*turns[:2], {"role": "user", "content": [turns[2]["content"][0]]}]
+    # An agent's tool loop: a user turn of only tool results is not the prompt; the turn before it is
+    # (the same prompt each round, so one cached rewrite). The tool result and the rest stay as sent.
+    loop = [{"role": "user", "content": HARRY}, turns[1], {"role": "user", "content": [turns[2]["content"][0]]}]
     raw_body = json.dumps({"model": "claude-test", "max_tokens": 64, "messages": loop}, separators=(",", ":")).encode()
     response = httpx.post(gateway.url + "/v1/messages", content=raw_body, headers={"content-type": "application/json"}, timeout=30)
-    assert response.status_code == 200 and response.headers["x-bpo-rewrite"] == "skipped; reason=no_text"
-    assert received(claude_upstream)[-1]["body"] == json.loads(raw_body)
+    assert response.status_code == 200 and response.headers["x-bpo-rewrite"] == "applied"
+    assert response.headers["x-bpo-cache"] == "hit"  # rewritten once already, above
+    assert received(claude_upstream)[-1]["body"]["messages"] == [{"role": "user", "content": HARRY_REWRITE}, *loop[1:]]
 
 
 def test_count_tokens_passes_through(gateway, claude_upstream):

@@ -1,4 +1,4 @@
-"""bpo-plugins' servers, on one ASGI stack (Starlette, uvicorn, httpx2).
+"""bpo-plugins' servers, on one ASGI stack (Starlette, uvicorn; aiohttp's client to upstreams).
 
 - :mod:`bpo_plugins.server.local`: ``bpo serve``, a local model behind an OpenAI-compatible API;
 - :mod:`bpo_plugins.server.gateway`: ``bpo proxy``, BPO (and DRPO) in front of any OpenAI-compatible upstream.

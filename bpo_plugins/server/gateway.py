@@ -26,8 +26,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-import httpx2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -45,6 +45,15 @@ from bpo_plugins.server.asgi import BodyLimit, Endpoint, GatewayKeys, Timings
 from bpo_plugins.server.config import GatewayConfig, Treatment
 from bpo_plugins.server.metrics import GatewayMetrics
 from bpo_plugins.server.openai_api import RequestError
+from bpo_plugins.server.upstream import (
+    AiohttpClient,
+    Httpx2Client,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    make_client,
+)
 
 if TYPE_CHECKING:
     from bpo_plugins.drpo.alignment import Alignment
@@ -78,7 +87,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         if rewriter is not None and isinstance(rewriter.cache, RedisRewriteCache):
             rewriter.cache.on_error = lambda kind: self.metrics.cache_errors.labels(kind).inc()
-        self.client: httpx2.AsyncClient | None = None
+        self.client: AiohttpClient | Httpx2Client | None = None
         self.upstream = config.upstream.rstrip("/")
         # The anthropic client's base URL has no /v1; the OpenAI-style upstream's has.
         self.anthropic_upstream = (config.anthropic_upstream.rstrip("/") + "/v1") if config.anthropic_upstream else self.upstream
@@ -90,17 +99,7 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
-        cfg = self.config
-        # httpx2 (httpx's maintained successor by the same author) rather than httpx: its pool relays
-        # 1.2x the requests per second at 64 concurrent streams here (benchmarks/RESULTS.md).
-        self.client = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(cfg.upstream_timeout_s, connect=cfg.connect_timeout_s, pool=cfg.connect_timeout_s),
-            # Idle upstream connections expire after 2 s: servers close idle ones after 5 s (uvicorn) or
-            # more, and a connection reused just as the server closes it fails the request.
-            limits=httpx2.Limits(max_connections=cfg.max_connections, max_keepalive_connections=min(cfg.max_connections, 200),
-                                keepalive_expiry=2.0),
-            follow_redirects=False,
-        )
+        self.client = make_client(self.config)  # aiohttp or httpx2: benchmarks/RESULTS.md compares them
         self.tracing = telemetry.gateway_tracer()
         if self.rewriter is not None and not self.rewriter.loaded:
             # Load the optimizer in the background: the gateway relays (failing open) while it loads.
@@ -243,7 +242,7 @@ class Gateway:
             k: v for k, v in request.headers.items()
             if k not in HOP_BY_HOP and k not in connection_named and not k.startswith("x-bpo-")
         }
-        headers.setdefault("accept-encoding", "identity")  # else httpx2 asks for gzip the client never wanted
+        headers.setdefault("accept-encoding", "identity")  # else the upstream may gzip what the client never asked to
         gateway_key_in = request.scope.get("state", {}).get("gateway_key_in")
         if gateway_key_in is not None:
             headers.pop(gateway_key_in, None)
@@ -262,23 +261,22 @@ class Gateway:
         path = path or request.url.path[len("/v1"):]
         anthropic = endpoint in ANTHROPIC_ENDPOINTS
         content = body if body is not None else await request.body()
-        upstream_request = self.client.build_request(
-            request.method, (self.anthropic_upstream if anthropic else self.upstream) + path,
-            params=request.query_params.multi_items(), headers=self.upstream_headers(request, anthropic), content=content,
-        )
+        url = (self.anthropic_upstream if anthropic else self.upstream) + path
+        query = request.scope.get("query_string", b"")
+        if query:
+            url += "?" + query.decode("latin-1")  # as the client sent it, byte for byte
         extra = {} if outcome is None else {"x-bpo-rewrite": outcome.header}
         start = time.perf_counter()
         span = None if self.tracing is None else self.tracing[0].start_span("bpo.gateway.upstream", kind=_span_kind("CLIENT"), attributes={
-            "http.request.method": request.method, "server.address": upstream_request.url.host,
-            "server.port": upstream_request.url.port or 0, "url.path": upstream_request.url.path})
+            "http.request.method": request.method, "server.address": urlsplit(url).hostname or "", "url.path": path})
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
-        except httpx2.TimeoutException:
+            upstream = await self.client.send(request.method, url, self.upstream_headers(request, anthropic), content)
+        except UpstreamTimeout:
             self._upstream_done(request, span, start, 504)
             return self._error(endpoint, 504, "the upstream did not answer within the gateway's timeout", "upstream_timeout", extra)
-        except httpx2.HTTPError as exc:
+        except UpstreamUnreachable as exc:
             self._upstream_done(request, span, start, 502)
-            return self._error(endpoint, 502, f"cannot reach the upstream ({type(exc).__name__})", "upstream_unreachable", extra)
+            return self._error(endpoint, 502, f"cannot reach the upstream ({exc})", "upstream_unreachable", extra)
         except BaseException:  # cancelled: the client hung up
             self._upstream_done(request, span, start, None)
             raise
@@ -294,24 +292,24 @@ class Gateway:
             return StreamingResponse(answer.stream(chunks) if translate else chunks,  # type: ignore[union-attr]
                                      status_code=upstream.status_code, headers=headers)
         try:
-            data = b"".join([chunk async for chunk in upstream.aiter_raw()])
-        except httpx2.HTTPError as exc:
-            return self._error(endpoint, 502, f"the upstream broke off its answer ({type(exc).__name__})", "upstream_broken", extra)
+            data = await upstream.read()
+        except UpstreamError as exc:
+            return self._error(endpoint, 502, f"the upstream broke off its answer ({exc})", "upstream_broken", extra)
         finally:
             request.state.bpo_upstream_s = time.perf_counter() - start  # the body's time is the upstream's too
         if translate:
             data = answer.response(data)  # type: ignore[union-attr]
         return Response(data, status_code=upstream.status_code, headers=headers)
 
-    async def relay(self, upstream: httpx2.Response, endpoint: str) -> AsyncIterator[bytes]:
+    async def relay(self, upstream: UpstreamResponse, endpoint: str) -> AsyncIterator[bytes]:
         """Upstream SSE bytes as they arrive; a broken stream ends with an in-band error event."""
         self.metrics.open_streams.inc()
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 yield chunk
-        except httpx2.HTTPError as exc:
-            kind = "upstream_timeout" if isinstance(exc, httpx2.TimeoutException) else "upstream_broken"
-            message = f"the upstream stream broke off ({type(exc).__name__})"
+        except UpstreamError as exc:
+            kind = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_broken"
+            message = f"the upstream stream broke off ({exc})"
             self.metrics.stream_errors.labels(kind).inc()
             if endpoint == "responses":
                 yield api.sse({"type": "error", "code": kind, "message": message, "param": None}, event="error")
