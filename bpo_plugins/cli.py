@@ -13,9 +13,11 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.drpo.calls import DRPOError
-from bpo_plugins.inputs import UsageError, read_prompt_rows, row_prompt, usage_errors
+from bpo_plugins.inputs import UsageError, read_prompt_rows, read_text, row_prompt, usage_errors
 from bpo_plugins.onnx_export import ParityError
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="bpo",
@@ -39,7 +41,7 @@ def _done_rows(out: Path) -> int:
     """Rows already written by an earlier, interrupted run (a torn last line is rewritten)."""
     if not out.is_file():
         return 0
-    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = read_text(out).splitlines(keepends=True)  # an --out that is not UTF-8 text names its line
     good = 0
     for line in lines:
         try:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+__all__ = ["export_app"]
+
 export_app = typer.Typer(help="Export optimizers to low-latency runtimes.", no_args_is_help=True)
 
 
@@ -21,7 +23,7 @@ def export_onnx_command(
     check: Annotated[bool, typer.Option("--check/--no-check", help="Greedy and logit parity against the source.")] = True,
     min_token_agreement: Annotated[float | None, typer.Option("--min-token-agreement", min=0, max=1)] = None,
     logit_atol: Annotated[float | None, typer.Option("--logit-atol", min=0)] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Quantization block for int8/int4 (default 32 / 64).")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="Quantization block for int8/int4 (default 64).")] = None,
     int4_algo: Annotated[str, typer.Option("--int4-algo", help="GenAI int4 method: default | rtn | rtn_last | k_quant | k_quant_mixed | k_quant_last.")] = "default",
 ) -> None:
     """Export a decoder with past key values, quantize it, check parity, write a manifest."""

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("optimum.onnxruntime")
-
+# optimum-onnx and onnxruntime-genai are dependencies of the package: nothing here skips without them.
 from bpo_plugins import FallbackReason, ModelLoadError, Rewriter
 from bpo_plugins.export.onnx import export_onnx
 from bpo_plugins.inputs import MANIFEST
 from bpo_plugins.onnx_export import ParityError
 from tests.conftest import prefix_reuse_runs
 
-ENGINES = ["optimum", pytest.param("genai", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed"))]
+ENGINES = ["optimum", "genai"]
 BACKEND_NAME = {"optimum": "onnx", "genai": "onnx-genai"}
 
 
@@ -90,7 +88,6 @@ def test_int4_block_size_reaches_every_quantized_matmul(tiny_bpo_dir, tmp_path, 
 
 def test_genai_batches_prompts_that_contain_its_pad_token(tiny_bpo_dir, tmp_path):
     """GenAI masks every occurrence of its pad id: prompts holding it must still decode as they do alone."""
-    pytest.importorskip("onnxruntime_genai")
     folder = tmp_path / "genai"
     export_onnx(str(tiny_bpo_dir), folder, "fp32", engine="genai", check=False)
     rewriter = Rewriter.from_pretrained(folder, max_new_tokens=5)
@@ -102,7 +99,6 @@ def test_genai_batches_prompts_that_contain_its_pad_token(tiny_bpo_dir, tmp_path
 
 
 def test_genai_honours_banned_words(tiny_bpo_dir, tmp_path):
-    pytest.importorskip("onnxruntime_genai")
     from bpo_plugins.decoding import Decoding
 
     folder = tmp_path / "genai"
@@ -118,7 +114,6 @@ def test_genai_honours_banned_words(tiny_bpo_dir, tmp_path):
 
 
 def test_genai_engine_refuses_models_it_cannot_build(tmp_path):
-    pytest.importorskip("onnxruntime_genai")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4}))
     from bpo_plugins.onnx_export import pick_engine
 

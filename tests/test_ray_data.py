@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ray = pytest.importorskip("ray")
+import ray  # the test extra installs Ray Data; only the vLLM path below needs what cannot be installed here
 
 PROMPTS = ["Tell me about dogs", "Question 1?", "", "Write a haiku about rain", "Who owns it?", "Explain tides", "List three fruits"]
 

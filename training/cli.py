@@ -10,6 +10,8 @@ import typer
 
 from bpo_plugins.inputs import UsageError, usage_errors
 
+__all__ = ["data_app", "evaluate", "train"]
+
 data_app = typer.Typer(help="Build (prompt -> optimized prompt) training pairs from preference data.", no_args_is_help=True)
 
 
