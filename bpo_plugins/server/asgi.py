@@ -8,6 +8,7 @@ so the upstream request and any pending rewrite are cancelled with it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -133,32 +134,41 @@ class Endpoint:
         request = Request(scope, receive)
         await request.body()  # the body is read before the watcher takes over receive
         request.state.cleanups = []
+        # Plain asyncio rather than an anyio task group: one small task per request (the gateway's hot path).
+        task = asyncio.current_task()
+        assert task is not None
+        hung_up = False
+
+        async def watch() -> None:
+            nonlocal hung_up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            hung_up = True
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            async with anyio.create_task_group() as group:
-
-                async def watch() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    group.cancel_scope.cancel()
-
-                group.start_soon(watch)
-                try:
-                    response = await self.handler(request)
-                except RequestError as error:
-                    response = error.response()
-                except Exception:  # a bug of ours: an OpenAI-shaped 500, logged without the body
-                    log.exception("internal error on %s", scope.get("path"))
-                    response = RequestError(500, "internal server error", type="server_error").response()
-                # The response gets a receive that never answers: only the watcher reads disconnects.
-                await response(scope, _never, send)
-                group.cancel_scope.cancel()
+            try:
+                response = await self.handler(request)
+            except RequestError as error:
+                response = error.response()
+            except Exception:  # a bug of ours: an OpenAI-shaped 500, logged without the body
+                log.exception("internal error on %s", scope.get("path"))
+                response = RequestError(500, "internal server error", type="server_error").response()
+            # The response gets a receive that never answers: only the watcher reads disconnects.
+            await response(scope, _never, send)
+        except asyncio.CancelledError:
+            if not hung_up:
+                raise
+            if hasattr(task, "uncancel"):  # Python 3.11+
+                task.uncancel()  # the client left: the exchange ends here, quietly
         finally:
-            with anyio.CancelScope(shield=True):
-                for cleanup in reversed(request.state.cleanups):
-                    try:
-                        await cleanup()
-                    except Exception:  # noqa: BLE001 - a failed close must not mask the real outcome
-                        log.debug("cleanup failed", exc_info=True)
+            watcher.cancel()
+            for cleanup in reversed(request.state.cleanups):
+                try:
+                    await cleanup()
+                except Exception:  # noqa: BLE001 - a failed close must not mask the real outcome
+                    log.debug("cleanup failed", exc_info=True)
 
 
 class Timings:

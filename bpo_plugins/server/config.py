@@ -24,6 +24,7 @@ that holds any of them is refused, so keys stay out of repositories.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -112,7 +113,9 @@ class GatewayConfig:
             raise ValueError(f"batch must be auto, on or off, got {self.batch!r}")
 
     def treatment(self, model: str) -> Treatment:
-        return next((t for pattern, t in self.models if fnmatch.fnmatchcase(model, pattern)), self.default)
+        if not self.models:
+            return self.default
+        return _first_match(self.models, self.default, model)
 
     @property
     def rewrites_anything(self) -> bool:
@@ -121,6 +124,11 @@ class GatewayConfig:
     @property
     def batch_enabled(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.batch]
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_match(models: tuple[tuple[str, Treatment], ...], default: Treatment, model: str) -> Treatment:
+    return next((t for pattern, t in models if fnmatch.fnmatchcase(model, pattern)), default)
 
 
 def _treatment(value: Any, where: str) -> Treatment:
