@@ -268,7 +268,7 @@ def _server_module(name: str) -> Any:
 def _run_server(asgi_app: Any, host: str, port: int, what: str, drain_s: float = 5) -> None:
     import asyncio
 
-    from bpo_plugins.server import bound_port, uvicorn_server
+    from bpo_plugins.server import bound_port, run_loop, uvicorn_server
 
     server = uvicorn_server(asgi_app, host, port, drain_s=drain_s)
 
@@ -282,7 +282,7 @@ def _run_server(asgi_app: Any, host: str, port: int, what: str, drain_s: float =
         await task
 
     try:
-        asyncio.run(run())
+        run_loop(run())  # uvloop where installed
     except OSError as exc:  # the port is taken, or the host cannot be bound
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

@@ -24,6 +24,18 @@ def uvicorn_server(app: Any, host: str = "127.0.0.1", port: int = 0, *, log_leve
     return uvicorn.Server(config)
 
 
+def run_loop(main: Any) -> Any:
+    """``asyncio.run(main)`` on uvloop where it is installed (``uvicorn[standard]`` brings it), as uvicorn
+    itself runs: its event loop costs the gateway less per request than asyncio's own."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def bound_port(server: Any) -> int:
     return int(server.servers[0].sockets[0].getsockname()[1])
 
