@@ -237,11 +237,16 @@ class Gateway:
         """The client's end-to-end headers (``anthropic-version``, ``anthropic-beta``, ``openai-*``,
         idempotency keys...) less hop-by-hop ones and ours; the client's key goes on, a gateway key
         is swapped for the upstream key (``x-api-key`` for Anthropic, a Bearer token otherwise)."""
-        connection_named = {h.strip().lower() for h in request.headers.get("connection", "").split(",")}
-        headers = {
-            k: v for k, v in request.headers.items()
-            if k not in HOP_BY_HOP and k not in connection_named and not k.startswith("x-bpo-")
-        }
+        headers: dict[str, str] = {}
+        connection = b""
+        for key, value in request.scope["headers"]:  # raw ASGI headers: names already lower-case
+            if key == b"connection":
+                connection = value
+            name = key.decode("latin-1")
+            if name not in HOP_BY_HOP and not name.startswith("x-bpo-"):
+                headers[name] = value.decode("latin-1")
+        for named in connection.decode("latin-1").split(",") if connection else ():
+            headers.pop(named.strip().lower(), None)  # headers the Connection header names are hop-by-hop too
         headers.setdefault("accept-encoding", "identity")  # else the upstream may gzip what the client never asked to
         gateway_key_in = request.scope.get("state", {}).get("gateway_key_in")
         if gateway_key_in is not None:
