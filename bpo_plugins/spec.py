@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from bpo_plugins.inputs import UsageError
+
 __all__ = ["BACKEND_KINDS", "ModelSpec", "resolve_spec"]
 
 BackendKind = Literal["auto", "transformers", "onnx", "openai", "anthropic"]
@@ -63,23 +65,24 @@ def _is_local(model: str) -> bool:
 def resolve_spec(spec: str | ModelSpec, *, backend: str = "auto", base_url: str | None = None) -> ModelSpec:
     """The one rule that turns a spec (and an optional backend kind and base URL) into a :class:`ModelSpec`.
 
-    Raises ``ValueError`` for an unknown backend, an empty model name, or a URL given twice.
+    Raises :class:`~bpo_plugins.inputs.UsageError` (a ``ValueError``) for an unknown backend, an
+    empty model name, or a URL given twice.
     """
     if isinstance(spec, ModelSpec):
         return spec
     if backend not in BACKEND_KINDS:
-        raise ValueError(f"unknown backend {backend!r}: use {', '.join(BACKEND_KINDS)}")
+        raise UsageError(f"unknown backend {backend!r}: use {', '.join(BACKEND_KINDS)}")
     if not isinstance(spec, str):
         raise TypeError(f"a model spec is a string, not {type(spec).__name__}")
     model, url = (spec, None) if Path(spec).expanduser().exists() else _split_url(spec.strip())
     if url is not None and base_url is not None and url.rstrip("/") != base_url.rstrip("/"):
-        raise ValueError(f"{spec!r} names a server and base_url names another ({base_url}): give one")
+        raise UsageError(f"{spec!r} names a server and base_url names another ({base_url}): give one")
     url = url or base_url
     if not model:
-        raise ValueError(f"no model name in {spec!r}: use MODEL or MODEL@URL")
+        raise UsageError(f"no model name in {spec!r}: use MODEL or MODEL@URL")
     if backend in ("transformers", "onnx"):
         if url:
-            raise ValueError(f"backend {backend!r} runs the model locally; drop the server URL {url!r}")
+            raise UsageError(f"backend {backend!r} runs the model locally; drop the server URL {url!r}")
         return ModelSpec(model, "local", backend)  # type: ignore[arg-type]
     if backend == "anthropic":
         return ModelSpec(model, "anthropic", base_url=url)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import dspy
 import pytest
 
-dspy = pytest.importorskip("dspy")
-
-from bpo_plugins import Rewriter  # noqa: E402
-from bpo_plugins.dspy import BPO  # noqa: E402
+from bpo_plugins import Rewriter
+from bpo_plugins.dspy import BPO
 
 PROMPT = "Tell me about Harry Potter"
 REWRITE = "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes."
