@@ -576,7 +576,7 @@ class Search:
         answer = self.roles["base"].decoding.max_new_tokens
         chars = {
             "base": prompt_chars + c.k * mean_example + mean_query + len(fmt.system) + len(fmt.user),
-            "metrics": 2200 + mean_query, "judge": 1400 + mean_query + 4 * answer,
+            "metrics": 2200 + mean_query, "judge": 2100 + mean_query + 4 * answer,
             "optimizer": 2200 + (c.lineage + 1) * prompt_chars + mean_query + 4 * answer + 600,
         }
         calls = {"base": evaluations, "judge": evaluations, "metrics": new_queries, "optimizer": levels * c.beam_width}
