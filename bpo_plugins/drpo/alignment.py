@@ -62,16 +62,18 @@ class PromptFormat:
 
 
 #: DRPO's inference format (``auto_model.py``): what its published prompts are served with.
+#: As one text (:meth:`Alignment.render`; a model without a chat template), the system part and the
+#: user turn are joined by a blank line, as ``auto_model.py`` joins them.
 CHAT_FORMAT = PromptFormat(
     name="chat", system="{prompt}{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
-    user="# Query:\n{query}\n\n# Answer:\n{start}",
+    user="# Query:\n{query}\n\n# Answer:\n{start}", joiner="\n\n",
 )
 #: DRPO's search format (``world_model.py``), also the raw, no-chat-template layout for local models:
 #: ``# instructions``, the prompt, the examples (the first headed ``# Query:``, the others ``#Query:``,
 #: as its code writes them), then the user turn.
 RAW_FORMAT = PromptFormat(
-    name="raw", system="# instructions\n\n{prompt}\n\n{examples}\n\n", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
-    user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True, first_example="# Query:\n{query}\n\n#Answer:\n{answer}",
+    name="raw", system="# instructions\n\n{prompt}\n\n{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
+    user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True, joiner="\n\n", first_example="# Query:\n{query}\n\n#Answer:\n{answer}",
 )
 #: DRPO's inference layout for a base model (``auto_model.py`` when the tokenizer has no chat
 #: template): the chat format's system part and user turn as one text, joined by a blank line;
