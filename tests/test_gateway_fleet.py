@@ -121,6 +121,14 @@ def test_two_gateways_share_one_redis_cache_and_survive_redis_dying(script_serve
         assert b.headers["x-bpo-rewrite"] == a.headers["x-bpo-rewrite"]
         assert optimizer_calls(script_server, prompt) == 1  # the second gateway never called the optimizer
 
+        redis.process.send_signal(signal.SIGSTOP)  # Redis hangs: a miss after the 25 ms timeout, never a failure
+        try:
+            slow = ask(one, f"redis is frozen {time.time_ns()}")
+            assert (slow.status_code, slow.headers["x-bpo-cache"]) == (200, "miss")
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        assert 'bpo_gateway_cache_errors_total{kind="timeout"}' in httpx.get(one.url + "/metrics").text
+
         redis.stop()  # Redis dies mid-run: every request still gets its answer, as a cache miss
         for i in range(5):
             for gateway in (one, two):
