@@ -12,8 +12,9 @@ Processes (all on this machine, sharing its cores with wrk):
   (skipped with ``--no-litellm`` or when the ``litellm`` command is missing).
 
 Rows (each against the direct upstream on the same route): ``relay`` (chat), ``relay messages``
-(Anthropic's route, one worker), ``relay 2 workers`` (chat), ``litellm`` (chat), ``rewrite`` (chat,
-a new prompt each request so no cache answers). Load comes from wrk (C, one thread). For each
+(Anthropic's route, one worker), ``relay 2 workers`` (chat), ``relay httpx2 client`` (chat, the
+gateway's other upstream client), ``litellm`` (chat), ``rewrite`` (chat, a new prompt each request so
+no cache answers). Load comes from wrk (C, one thread). For each
 concurrency, every target is timed once per round, interleaved, and each figure is the median over
 rounds; the ratios (``2 workers / 1``, ``messages / chat``) compare medians of the same run. The
 gateway's own time per request (``X-BPO-Overhead-Ms``) is sampled one request at a time.
@@ -63,7 +64,7 @@ def start_litellm(upstream_url: str, folder: Path) -> tuple[subprocess.Popen[byt
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sink = (folder / "litellm.log").open("w")
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_MASTER_KEY": BENCH_KEY}
     process = subprocess.Popen([str(Path(sys.executable).with_name("litellm")), "--config", str(config), "--host", "127.0.0.1",
                                 "--port", str(port)], stdout=sink, stderr=sink, env=env, cwd=folder)
     deadline = time.monotonic() + 180
@@ -85,17 +86,20 @@ request = function()
   counter = counter + 1
   local text = "wrk request " .. counter .. " " .. math.random(1000000000)
   local body = BODY
-  return wrk.format("POST", "PATH", {["Content-Type"] = "application/json", ["anthropic-version"] = "2023-06-01"}, body)
+  return wrk.format("POST", "PATH", {["Content-Type"] = "application/json", ["anthropic-version"] = "2023-06-01",
+                                     ["Authorization"] = "Bearer KEY"}, body)
 end
 """
 CHAT = """'{"model": "MODEL", "messages": [SYSTEM{"role": "user", "content": "' .. text .. '"}]}'"""
 MESSAGES = """'{"model": "claude-bench", "max_tokens": 64, "messages": [{"role": "user", "content": "' .. text .. '"}]}'"""
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+#: LiteLLM's proxy refuses to start without a master key; every target gets it (the others ignore it).
+BENCH_KEY = "sk-bench-" + "0" * 32
 
 
 def lua(folder: Path, name: str, path: str, body: str) -> Path:
     script = folder / f"{name}.lua"
-    script.write_text(WRK_SCRIPT.replace("BODY", body).replace("PATH", path))
+    script.write_text(WRK_SCRIPT.replace("BODY", body).replace("PATH", path).replace("KEY", BENCH_KEY))
     return script
 
 
@@ -188,15 +192,18 @@ def main() -> None:
         pattern = r"at (http://\S+)/v1"
         relay, relay_url = start([*cli, "--no-rewrite"], pattern, folder / "relay.log")
         workers, workers_url = start([*cli, "--no-rewrite", "--workers", "2"], pattern, folder / "workers.log")
+        # The same relay on the other upstream client the gateway supports (httpx2), for the choice of client.
+        httpx2_relay, httpx2_url = start([*cli, "--no-rewrite"], pattern, folder / "relay-httpx2.log", env={"BPO_PROXY_HTTP_CLIENT": "httpx2"})
         rewriting, rewrite_url = start([*cli, "--optimizer", "script", "--optimizer-base-url", optimizer_url, "--rewrite-timeout", "30"],
                                        pattern, folder / "rewrite.log")
-        processes += [relay, workers, rewriting]
+        processes += [relay, workers, httpx2_relay, rewriting]
         chat = lua(folder, "chat", "/v1/chat/completions", CHAT.replace("MODEL", "echo").replace("SYSTEM", ""))
         messages = lua(folder, "messages", "/v1/messages", MESSAGES)
         direct = upstream_url.removesuffix("/v1")
         targets = {"direct": (direct, chat, ""), "direct messages": (direct, messages, ""),
                    "relay": (relay_url, chat, "direct"), "relay messages": (relay_url, messages, "direct messages"),
-                   "relay 2 workers": (workers_url, chat, "direct"), "rewrite": (rewrite_url, chat, "direct")}
+                   "relay 2 workers": (workers_url, chat, "direct"), "relay httpx2 client": (httpx2_url, chat, "direct"),
+                   "rewrite": (rewrite_url, chat, "direct")}
         if not args.no_litellm and Path(sys.executable).with_name("litellm").exists():
             litellm, litellm_url = start_litellm(upstream_url, folder)
             processes.append(litellm)
