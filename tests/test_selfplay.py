@@ -1,0 +1,205 @@
+"""bpo data selfplay: the likelihood proxy against a hand computation, guard-failing candidates never
+kept, and the whole loop (candidates, scores, selection, one SFT step, held-out figures, resume) on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpo_plugins.training.scores import RAW_TARGET, LikelihoodScorer, ScoreCache, answer_margins, win_tie_loss
+from bpo_plugins.training.selfplay import (
+    Item,
+    SelfplayConfig,
+    heldout_split,
+    load_round_optimizer,
+    round_prompts,
+    run,
+    run_round_data,
+    select,
+)
+from tests.conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_bpo_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_bpo_dir).eval(), AutoTokenizer.from_pretrained(tiny_bpo_dir)
+
+
+def _hand_mean_logprob(model, prefix_ids: list[int], response_ids: list[int]) -> float:
+    import torch
+
+    ids = torch.tensor([prefix_ids + response_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    values = [float(logprobs[len(prefix_ids) - 1 + i, token]) for i, token in enumerate(response_ids)]
+    return sum(values) / len(values)
+
+
+def test_likelihood_preference_equals_a_hand_computation(tiny_lm):
+    model, tokenizer = tiny_lm
+    prompt, good, bad = "Explain gravity to a child.", "Gravity is a pull between things that have mass.", "No."
+    scorer = LikelihoodScorer(model, tokenizer)
+    assert scorer.template == RAW_TARGET  # no chat template: prompt, line break, response
+    prefix = tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+    assert prefix[0] == tokenizer.bos_token_id
+    expected = [_hand_mean_logprob(model, prefix, tokenizer(r, add_special_tokens=False)["input_ids"]) for r in (good, bad)]
+    assert scorer.mean_logprobs([(prompt, good), (prompt, bad)]) == pytest.approx(expected, abs=1e-5)
+    assert scorer.preferences([(prompt, good, bad)]) == pytest.approx([expected[0] - expected[1]], abs=1e-5)
+    # Batched with longer and shorter rows (right padding), every score is the one of its row alone.
+    rows = [(prompt, good), ("Name three rivers in Europe and say where each one flows into the sea.", good), ("Hi", bad)]
+    alone = [LikelihoodScorer(model, tokenizer, batch_size=1).mean_logprobs([row])[0] for row in rows]
+    assert LikelihoodScorer(model, tokenizer, batch_size=8).mean_logprobs(rows) == pytest.approx(alone, abs=1e-5)
+
+
+def test_likelihood_in_the_targets_chat_template(tiny_lm, bundled_folder, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = tiny_lm
+    chat = AutoTokenizer.from_pretrained(tiny_lm[1].name_or_path)
+    chat.chat_template = AutoTokenizer.from_pretrained(bundled_folder).chat_template  # SmolLM2's template
+    scorer = LikelihoodScorer(model, chat, max_response_tokens=5, cache=ScoreCache(tmp_path / "scores.jsonl"))
+    prompt, response = "What is 2 + 2?", "Two plus two is four, a small even number."
+    text = chat.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    prefix = chat(text, add_special_tokens=False)["input_ids"]
+    truncated = chat(response, add_special_tokens=False)["input_ids"][:5]
+    assert scorer.mean_logprobs([(prompt, response)])[0] == pytest.approx(_hand_mean_logprob(model, prefix, truncated), abs=1e-5)
+    # Cached on disk: a new scorer over the same file returns the value without the model.
+    again = LikelihoodScorer(None, chat, max_response_tokens=5, cache=ScoreCache(tmp_path / "scores.jsonl"))
+    assert again.mean_logprobs([(prompt, response)]) == scorer.mean_logprobs([(prompt, response)])
+
+
+def test_answer_margin_and_win_tie_loss():
+    from bpo_plugins.embeddings import shared_embedder
+
+    good, bad = "Paris is the capital of France.", "I like turtles."
+    margins = answer_margins(shared_embedder(), ["The capital of France is Paris.", "Turtles are nice, I like them.", ""], [good] * 3, [bad] * 3)
+    assert margins[0] > 0.3 and margins[1] < -0.3 and margins[2] == 0.0
+    figures = win_tie_loss([0.5, 0.105, 0.0], [0.1, 0.1, 0.1], band=0.01)
+    assert (figures["win"], figures["tie"], figures["loss"], figures["net"]) == (1, 1, 1, 0)
+
+
+def test_heldout_split_is_fixed_and_contains_the_shipped_held_out_pairs():
+    train, held = heldout_split(shared_data("bpo", "bpo_val.json"))
+    assert (len(train), len(held)) == (240, 60)
+    shipped = [json.loads(line)["prompt"] for line in Path("training/results/bpo-small-val_pairs.jsonl").read_text().splitlines()]
+    assert set(shipped) <= {p.prompt for p in held} and not {p.prompt for p in held} & {p.prompt for p in train}
+    assert [p.prompt for p in heldout_split(shared_data("bpo", "bpo_val.json"))[1]] == [p.prompt for p in held]
+
+
+def _tiny_config(tiny_bpo_dir: Path, out: Path, bpo: Path, **changes) -> SelfplayConfig:
+    settings = dict(
+        out=str(out), bpo=str(bpo), hh=str(shared_data("preference", "hh_rlhf_harmless_base_test.jsonl.gz")), exclude=[],
+        rounds=1, prompts=3, num_candidates=3, base_model=str(tiny_bpo_dir), start_adapter=None, runtime="transformers",
+        target=str(tiny_bpo_dir), heldout_limit=2, max_new_tokens=8, response_tokens=16, answer_tokens=4, score_batch=4,
+        train={"batch_size": 4, "max_length": 96, "lora_r": 4, "lora_alpha": 8, "keep_as_is_fraction": 0.1},
+    )
+    return SelfplayConfig(**{**settings, **changes})
+
+
+def test_guard_failing_candidates_are_never_selected(tiny_bpo_dir, tiny_lm, tmp_path: Path):
+    model, tokenizer = tiny_lm
+    config = _tiny_config(tiny_bpo_dir, tmp_path, shared_data("bpo", "bpo_val.json"))
+    rewriter = load_round_optimizer(config, None)
+    prompt = "Is 37 bigger than 73? Explain the comparison of the two numbers step by step."
+    item = Item(prompt, "73 is bigger: compare the tens digits, 7 tens against 3 tens.", "37 is bigger.")
+    failing = [
+        "Sure! 73 is bigger than 37 because seven tens beat three tens.",  # answered
+        "Is one bigger than the other? Explain the comparison of the two numbers step by step.",  # numbers lost
+        "Is 37 bigger than 73?",  # length ratio
+        "Is 37 bigger than 73? " + "step by step " * 30,  # degenerate
+    ]
+    passing = [
+        "Is 37 bigger than 73? Explain, step by step, the comparison of the two numbers and name the larger one.",
+        "Is 37 bigger than 73? Explain the comparison of these two numbers step by step for a student.",
+        "Is 37 bigger than 73? Compare the two numbers step by step and explain which one is larger.",
+        "Is 37 bigger than 73? Explain the comparison of the two numbers step by step, with the tens digits first.",
+    ]
+    verdicts = rewriter.check([prompt] * 8, [[c] for c in failing + passing], mode="aggressive")
+    assert [v.fallback is None for v in verdicts] == [False] * 4 + [True] * 4  # the core guards decide, not this test
+    scorer = LikelihoodScorer(model, tokenizer)
+    scores = dict(zip(failing + passing, scorer.preferences([(c, item.chosen, item.rejected) for c in failing + passing])))
+    best_failing = max(failing, key=scores.get)
+    below = [c for c in passing if scores[c] < scores[best_failing]]
+    assert below  # the precondition: the best-scoring candidate of the offer fails a guard
+    chosen = select(item, failing + below, rewriter, scorer, margin=-10.0)  # any passing candidate beats raw
+    assert chosen.selected in below and chosen.selected != best_failing
+    assert all(row["score"] is None for row in chosen.candidates if row["guard"] is not None)
+    assert {row["guard"] for row in chosen.candidates if row["text"] in failing} >= {"answered", "numbers_lost"}
+    assert select(item, failing, rewriter, scorer, margin=-10.0).selected == prompt  # nothing passes: the raw prompt
+
+
+def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
+    bpo = tmp_path / "bpo.json"
+    bpo.write_text(json.dumps(json.loads(shared_data("bpo", "bpo_val.json").read_text())[:20]))
+    dolly = tmp_path / "dolly.json"
+    dolly.write_text(json.dumps([{"instruction": "Summarise the passage in one line.", "context": "Rivers carry water to the sea.",
+                                  "response": "Rivers flow into the sea.", "category": "summarization"}]))
+    config = _tiny_config(tiny_bpo_dir, tmp_path / "run", bpo, references=[str(dolly)])
+    report = run(config, train_overrides={"max_steps": 1})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {r["source"] for r in rows} == {"bpo", "hh-rlhf", "dolly.json"}  # one per source in turn
+    dolly_row = next(r for r in rows if r["source"] == "dolly.json")
+    assert dolly_row["bad_res"] and dolly_row["good_res"] == "Rivers flow into the sea."  # the target's raw answer is rejected
+    for row in rows:
+        assert isinstance(row["raw_score"], float)
+        passing = [c for c in row["candidates"] if c["guard"] is None]
+        assert all(isinstance(c["score"], float) for c in passing)
+        assert row["selected"] == row["prompt"] or row["selected"] in [c["text"] for c in passing]
+        if row["changed"]:
+            assert row["delta"] > config.margin
+    held_prompts = {p.prompt for p in heldout_split(bpo)[1]}
+    assert not held_prompts & {r["prompt"] for r in rows}
+    round_one = report["rounds"][0]
+    assert round_one["sft"]["steps"] == 1 and (tmp_path / "run" / "round-1" / "adapter" / "adapter_config.json").is_file()
+    trained = (tmp_path / "run" / "round-1" / "train.jsonl").read_text().splitlines()
+    assert len(trained) == 16 + 3  # the BPO training pairs (20 less 4 held out) and the round's pairs
+    held = round_one["heldout"]
+    assert held["n"] == 2 and held["likelihood"]["win"] + held["likelihood"]["tie"] + held["likelihood"]["loss"] == 2
+    assert {"answer_margin", "reference_cosine", "changed_share", "meaning_drift", "answered_rate", "answer_words_change"} <= set(held)
+    assert report["baselines"]["reference"]["reference_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert "| round 1 |" in (tmp_path / "run" / "selfplay.md").read_text()
+    assert json.loads((tmp_path / "run" / "round-1" / "figures.json").read_text())["data"]["generated"] == 3
+
+    again = run(config, train_overrides={"max_steps": 1})  # resumes: every prompt done, the adapter trained
+    assert again["rounds"][0]["data"]["resumed"] == 3 and again["rounds"][0]["data"]["generated"] == 0
+    assert len((tmp_path / "run" / "round-1" / "pairs.jsonl").read_text().splitlines()) == 3
+    assert again["rounds"][0]["heldout"]["likelihood"] == held["likelihood"]
+
+
+def test_round_data_resumes_per_prompt(tiny_bpo_dir, tiny_lm, tmp_path: Path):
+    from bpo_plugins.training.selfplay import load_pool
+
+    model, tokenizer = tiny_lm
+    config = _tiny_config(tiny_bpo_dir, tmp_path, shared_data("bpo", "bpo_val.json"), hh=None)
+    pools, _, _ = load_pool(config)
+    items = round_prompts(pools, 1, 3)
+    rewriter = load_round_optimizer(config, None, num_candidates=2)
+    scorer = LikelihoodScorer(model, tokenizer, max_response_tokens=16)
+    out = tmp_path / "pairs.jsonl"
+    first = run_round_data(items[:2], rewriter, scorer, None, out, margin=0.01, answer_tokens=4, cache=ScoreCache())
+    second = run_round_data(items, rewriter, scorer, None, out, margin=0.01, answer_tokens=4, cache=ScoreCache())
+    assert (first["generated"], second["resumed"], second["generated"], second["prompts"]) == (2, 2, 1, 3)
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [i.prompt for i in items]
+    assert round_prompts(pools, 2, 3)[0] not in items  # the next round draws new prompts
+
+
+def test_selfplay_cli_measures_cost(tiny_bpo_dir, tmp_path: Path):
+    bpo = tmp_path / "bpo.json"
+    bpo.write_text(json.dumps(json.loads(shared_data("bpo", "bpo_val.json").read_text())[:20]))
+    run_ = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay", "--out", str(tmp_path / "m"), "--bpo", str(bpo),
+                           "--no-hh", "--base-model", str(tiny_bpo_dir), "--target", str(tiny_bpo_dir), "--start-adapter", "none",
+                           "--runtime", "transformers", "-n", "2", "--measure", "2", "--response-tokens", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert run_.returncode == 0, run_.stderr[-2000:]
+    cost = json.loads((tmp_path / "m" / "cost.json").read_text())
+    assert cost["generated"] == 2 and cost["candidates_prompts_per_s"] > 0 and cost["scoring_prompts_per_s"] > 0
+    bad = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay", "--bpo", str(tmp_path / "missing.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing.json" in bad.stderr and bad.stderr.count("\n") == 1
