@@ -192,3 +192,8 @@ def _compare_arms(data: dict, alignment, arms: list[str], rewriter, target, judg
                          out / f"compare_{set_name}")
         typer.echo(comparison_markdown(report))
     session.close()
+
+
+from bpo_plugins.training.selfplay import selfplay_command  # noqa: E402  (models load lazily, in the command)
+
+data_app.command("selfplay")(selfplay_command)
