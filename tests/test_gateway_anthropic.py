@@ -28,6 +28,7 @@ HARRY = "Tell me about Harry Potter"
 HARRY_REWRITE = "Provide an overview of the Harry Potter book series, covering its plot, main characters and themes."
 UPSTREAM_KEY = "sk-ant-upstream-SECRET-9876"
 GATEWAY_KEY = "gw-key-SECRET-4242"
+DRPO_PROMPT = "You are a careful assistant who checks every claim."
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,13 @@ def claude_upstream() -> Process:
 
 
 def _gateway(script_server: Server, upstream: Process, folder: Path, env: dict[str, str]) -> CLIServer:
+    from bpo_plugins.drpo import Alignment, icl_examples
+
+    artifact = Alignment(DRPO_PROMPT, icl_examples()[:4], k=1).save(folder / "drpo.json")
     config = folder / "proxy.toml"
     config.write_text('upstream_timeout_s = 1.5\nrewrite_timeout_s = 2.0\nmax_body_bytes = 200000\n'
-                      '[models."claude-relay*"]\nrewrite = false\n')
+                      '[models."claude-relay*"]\nrewrite = false\n'
+                      f'[models."claude-drpo*"]\nrewrite = false\ndrpo = "{artifact}"\n')
     args = ["proxy", "--upstream", script_server.base_url, "--anthropic-upstream", upstream.url,
             "--optimizer", "script", "--optimizer-base-url", script_server.base_url, "--config", str(config)]
     return start_cli_server(args, folder / "gateway.log", env=env)
@@ -131,6 +136,20 @@ def test_tool_image_and_thinking_blocks_and_earlier_turns_stay_byte_for_byte(gat
     assert response.status_code == 200 and response.headers["x-bpo-rewrite"] == "applied"
     assert response.headers["x-bpo-cache"] == "hit"  # rewritten once already, above
     assert received(claude_upstream)[-1]["body"]["messages"] == [{"role": "user", "content": HARRY_REWRITE}, *loop[1:]]
+
+
+def test_a_drpo_alignment_goes_into_the_top_level_system(gateway, claude_upstream):
+    c = client(gateway)
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    for system in ("Answer in French.", [{"type": "text", "text": "Answer in French.", "cache_control": {"type": "ephemeral"}}]):
+        raw = c.messages.with_raw_response.create(model="claude-drpo", max_tokens=32, system=system, messages=messages)
+        assert raw.headers["x-bpo-rewrite"] == "skipped; reason=model_not_rewritten"
+        sent = received(claude_upstream)[-1]["body"]
+        assert sent["messages"] == messages  # never into a message
+        if isinstance(system, str):
+            assert sent["system"].startswith(DRPO_PROMPT) and "#Query:" in sent["system"] and "Answer in French." in sent["system"]
+        else:  # blocks stay blocks, the client's own (cache_control and all) after DRPO's
+            assert sent["system"][0]["text"].startswith(DRPO_PROMPT) and sent["system"][1:] == system
 
 
 def test_count_tokens_passes_through(gateway, claude_upstream):
