@@ -239,3 +239,20 @@ def test_the_rewriter_records_a_span_per_rewrite_when_a_tracer_provider_is_set(s
     assert harry["bpo.rewrite.outcome"] == "applied" and harry["bpo.optimizer.model"] == "script" and ms > 0
     assert france["bpo.rewrite.outcome"] == "fallback" and france["bpo.rewrite.fallback_reason"] == "answered"
     assert "bpo.prompt" not in harry and "Harry" not in run.stdout
+
+
+def test_without_otel_variables_no_exporter_starts_and_opentelemetry_is_never_imported(claude_upstream):
+    code = (
+        "import sys, httpx\n"
+        "from bpo_plugins.server import serve_in_thread\n"
+        "from bpo_plugins.server.config import load_config\n"
+        "from bpo_plugins.server.gateway import build_gateway_app\n"
+        "from bpo_plugins.server.workers import relay_only\n"
+        "config = relay_only(load_config(None, env={}, upstream=sys.argv[1] + '/v1', anthropic_upstream=sys.argv[1]))\n"
+        "server, url = serve_in_thread(build_gateway_app(config))\n"
+        "r = httpx.post(url + '/messages', json={'model': 'm', 'max_tokens': 8, 'messages': [{'role': 'user', 'content': 'hi'}]})\n"
+        "print(r.status_code, sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    run = subprocess.run([sys.executable, "-c", code, claude_upstream.url], capture_output=True, text=True, timeout=120, env=env)
+    assert run.stdout.strip() == "200 []", run.stderr[-1000:]
