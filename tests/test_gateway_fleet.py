@@ -256,3 +256,14 @@ def test_without_otel_variables_no_exporter_starts_and_opentelemetry_is_never_im
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     run = subprocess.run([sys.executable, "-c", code, claude_upstream.url], capture_output=True, text=True, timeout=120, env=env)
     assert run.stdout.strip() == "200 []", run.stderr[-1000:]
+
+
+def test_bad_fleet_settings_exit_2_with_one_line(tmp_path):
+    (tmp_path / "secret.toml").write_text('upstream_anthropic_api_key = "sk-ant-in-a-file"\n')
+    (tmp_path / "both-caches.toml").write_text(f'cache_path = "{tmp_path / "c.sqlite"}"\ncache_url = "redis://127.0.0.1:6379/0"\n')
+    for args in (["--cache-url", "http://127.0.0.1:6379"], ["--anthropic-upstream", "api.anthropic.com"], ["--workers", "0"],
+                 ["--config", str(tmp_path / "secret.toml")], ["--config", str(tmp_path / "both-caches.toml")]):
+        result = subprocess.run([sys.executable, "-m", "bpo_plugins.cli", "proxy", "--upstream", "http://127.0.0.1:9/v1", *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-500:])
+        assert "sk-ant-in-a-file" not in result.stderr
