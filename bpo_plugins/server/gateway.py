@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -113,6 +114,10 @@ class Gateway:
             await self.client.aclose()
             if self.tracing is not None:
                 await asyncio.to_thread(self.tracing[1].shutdown)  # flush the last spans
+            if self.metrics.multiprocess:  # a worker that stops takes its live gauges (open streams) with it
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())
 
     @staticmethod
     def _log_warmup(task: asyncio.Task[Any]) -> None:
