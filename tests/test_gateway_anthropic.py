@@ -306,10 +306,11 @@ def keyed_gateway(script_server: Server, claude_upstream: Process, tmp_path_fact
 def test_a_gateway_key_is_swapped_for_the_upstream_key(keyed_gateway, claude_upstream):
     body = {"model": "claude-relay", "max_tokens": 8, "messages": user("k1")}
     # Claude Code's ANTHROPIC_API_KEY (x-api-key) holding the gateway's key.
-    response = httpx.post(keyed_gateway.url + "/v1/messages", json=body, headers={"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"})
+    response = httpx.post(keyed_gateway.url + "/v1/messages?beta=true", json=body,  # as Claude Code sends it
+                          headers={"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"})
     assert response.status_code == 200
-    sent = received(claude_upstream)[-1]["headers"]
-    assert sent["x-api-key"] == UPSTREAM_KEY and "authorization" not in sent
+    sent = received(claude_upstream)[-1]
+    assert sent["headers"]["x-api-key"] == UPSTREAM_KEY and "authorization" not in sent["headers"] and sent["query"] == "beta=true"
 
     # The anthropic client's key (a Bearer token, as ANTHROPIC_AUTH_TOKEN) holding the gateway's key.
     client(keyed_gateway, api_key=GATEWAY_KEY).messages.create(model="claude-relay", max_tokens=8, messages=user("k2"))

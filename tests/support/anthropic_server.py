@@ -6,7 +6,7 @@ It stands in for Anthropic's API, which cannot be reached here:
   one ``content_block_delta`` per word, ``content_block_stop``, ``message_delta``, ``message_stop``);
 - ``POST /v1/messages/count_tokens``: ``{"input_tokens": <words in the request>}``;
 - ``POST /v1/chat/completions``: the same reply in OpenAI's chat shape (the benchmark's chat route);
-- ``GET /v1/received``: every request (path, body, headers), newest last (the last 5,000);
+- ``GET /v1/received``: every request (path, query, body, headers), newest last (the last 5,000);
 - ``GET /v1/events``: per ``x-test-id`` header, ``waiting``, ``open``, ``finished`` or ``closed``
   (the gateway hung up on it);
 - fault switches in the ``x-test-fault`` header: ``latency=S`` (before the answer), ``status=CODE``
@@ -108,7 +108,7 @@ class AnthropicUpstream:
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = {"_raw_bytes": len(raw)}
         if self.record:
-            self.received.append({"path": path, "body": body, "headers": headers})
+            self.received.append({"path": path, "query": scope.get("query_string", b"").decode("latin-1"), "body": body, "headers": headers})
         body = body if isinstance(body, dict) else {}
         faults = dict(p.split("=", 1) if "=" in p else (p, "") for p in headers.get("x-test-fault", "").split(",") if p)
         test_id = headers.get("x-test-id", "")
