@@ -105,8 +105,10 @@ class RedisRewriteCache(RewriteCache):
     ``errors`` and reported to ``on_error(kind)``), and Redis is then skipped for a second.
 
     Async callers (the gateway) call :meth:`aget` first, on ``redis.asyncio``: the event loop never
-    waits on a socket. :meth:`get` then answers from memory. Writes made on an event loop's thread
-    go out as tasks on that loop; elsewhere both go through the blocking client with the same timeout.
+    waits on a socket, and :meth:`get` then answers from memory. A :meth:`get` that no :meth:`aget`
+    preceded (``Rewriter.rewrite`` in a thread, or ``arewrite`` called directly) reads Redis with the
+    blocking client, bounded by the same timeout. Writes made on an event loop's thread go out as
+    tasks on that loop; elsewhere through the blocking client.
     """
 
     PREFIX = "bpo:rewrite:"
