@@ -164,6 +164,8 @@ def _align(body: dict[str, Any], shape: Shape, alignment: Alignment, query: str 
     return body
 
 
+#: How DRPO's ``auto_model.py`` samples answers: temperature 0.7, top_p 0.95, 512 new tokens.
+_DRPO_DECODING = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512}
 #: Chat request fields a completions request takes as they are.
 _COMPLETION_FIELDS = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "seed",
                       "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs")
@@ -183,8 +185,10 @@ def _raw_completion(body: dict[str, Any], alignment: Alignment, query: str | Non
     system = alignment.system_message(query if query is not None else text)
     own = " ".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
     prompt = (own + "\n\n" if own else "") + fmt.render_raw(system + "".join(fmt.render_example(e) for e in history), text)
-    request = {k: body[k] for k in _COMPLETION_FIELDS if k in body}
-    if "max_completion_tokens" in body and "max_tokens" not in request:
+    # DRPO's inference defaults (auto_model.py) where the client set none: a completions server's own
+    # default length (16 tokens on OpenAI-compatible servers) would cut every answer short.
+    request = {**_DRPO_DECODING, **{k: body[k] for k in _COMPLETION_FIELDS if k in body}}
+    if "max_completion_tokens" in body and "max_tokens" not in body:
         request["max_tokens"] = body["max_completion_tokens"]
     stops = body.get("stop")
     stops = [stops] if isinstance(stops, str) else list(stops or [])

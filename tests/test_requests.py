@@ -125,7 +125,10 @@ def test_a_raw_alignment_turns_a_chat_request_into_one_completions_request():
                          {"role": "user", "content": "How do I bake bread?"}]}
     ((request, outcome),) = rewrite_requests([body], Shape.CHAT, None, alignment=raw)
     assert outcome.upstream_shape == Shape.COMPLETIONS and outcome.status == "skipped"
-    assert set(request) == {"model", "max_tokens", "temperature", "stream", "prompt", "stop"}
+    assert set(request) == {"model", "max_tokens", "temperature", "top_p", "stream", "prompt", "stop"}
+    assert (request["max_tokens"], request["temperature"], request["top_p"]) == (7, 0, 0.95)  # the client's, else DRPO's
+    ((defaults, _),) = rewrite_requests([{"model": "base", "messages": body["messages"]}], Shape.CHAT, None, alignment=raw)
+    assert (defaults["max_tokens"], defaults["temperature"], defaults["top_p"]) == (512, 0.7, 0.95)
     example = raw.retrieve("How do I bake bread?")[0]
     history = RAW_FORMAT.render_example(type(example)("first", "one"))
     assert request["prompt"] == RAW_FORMAT.render_raw(raw.system_message("How do I bake bread?") + history, "How do I bake bread?")
