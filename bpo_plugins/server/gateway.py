@@ -425,17 +425,15 @@ def _span_kind(name: str) -> Any:
 
 def _greedy_cache_key(rewriter: Rewriter, text: str) -> str | None:
     """The key the rewriter's own greedy lookup will use for ``text`` (no protected spans, no context),
-    or None where it looks nothing up (empty or too long), so the gateway can read Redis first."""
-    from bpo_plugins.decoding import decoding_for
-    from bpo_plugins.guards import mask_protected, word_count
+    or None where it looks nothing up (a pass-through: empty, too long, not English), so the gateway
+    can read Redis first. It asks the rewriter's own steps, so the two cannot drift apart."""
+    from bpo_plugins.guards import mask_protected
     from bpo_plugins.rewriter import _Item
 
-    masked = mask_protected(text, ())
-    if not masked.plain.strip() or word_count(masked.plain) > rewriter.max_input_words:
+    item = _Item(text, None, mask_protected(text, ()))
+    if rewriter._pass_through(item) is not None:
         return None
-    decoding = decoding_for("greedy", max_new_tokens=rewriter.max_new_tokens, num_candidates=rewriter.num_candidates,
-                            stop_loops=rewriter.stop_loops)
-    return rewriter._cache_key(_Item(text, None, masked), decoding)
+    return rewriter._cache_key(item, rewriter._decoding("greedy"))
 
 
 def load_alignments(config: GatewayConfig) -> dict[str, Alignment]:
