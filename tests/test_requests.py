@@ -174,3 +174,17 @@ def test_gateway_serves_a_raw_preset_as_one_completions_call(model_server: Serve
         assert model_server.received()[-1]["path"] == "/v1/completions"
         error = httpx.post(gateway.base_url + "/chat/completions", json={"model": "base-model", "messages": "nope"}, timeout=30)
         assert error.status_code == 400 and json.loads(error.content)["error"]["param"] == "messages"
+
+
+def test_drpo_base_model_presets_are_served_raw_and_instruct_presets_as_chat():
+    from bpo_plugins.drpo import load_alignment
+
+    messages = [{"role": "user", "content": "How do I bake bread?"}]
+    for name in ("llama3-8b", "meta-llama/Meta-Llama-3-8B", "mistral-7b-v0.1"):
+        base = load_alignment(name)
+        ((request, outcome),) = rewrite_requests([{"model": "m", "messages": messages}], Shape.CHAT, None, alignment=base)
+        assert outcome.upstream_shape == Shape.COMPLETIONS and request["prompt"].startswith(base.system_prompt)
+        assert request["prompt"] == base.render("How do I bake bread?")  # DRPO's auto_model.py text, nothing added
+    ((chat, outcome),) = rewrite_requests([{"model": "m", "messages": messages}], Shape.CHAT, None,
+                                          alignment=load_alignment("llama3-8b-instruct"))
+    assert outcome.upstream_shape is None and chat["messages"][0]["role"] == "system"
