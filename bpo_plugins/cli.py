@@ -85,37 +85,45 @@ def optimize(
         raise UsageError("--file needs --out for the results")
     if ray and file is None:
         raise UsageError("--ray rewrites a --file")
-    if text == "-":
-        text = sys.stdin.read()
-    from bpo_plugins import Rewriter
-
     spec = {"model": model, "backend": backend, "base_url": base_url, "mode": mode, "timeout_s": timeout, "max_new_tokens": max_new_tokens}
     if file is not None:
         assert out is not None
-        rows, done = read_prompt_rows(file), _done_rows(out)
-        if ray:
-            outcomes = _ray_outcomes(spec, rows[done:], batch_size, ray_address, actors)
-            how = {"engine": "ray", "actors": actors}
-        else:
-            from bpo_plugins.batching import file_batch_size
-
-            with usage_errors():  # the flags are checked, and the model loaded, here
-                rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
-            batch = batch_size or file_batch_size(rewriter)
-            outcomes = _local_outcomes(rewriter, rows[done:], batch)
-            how = {"engine": "local", "batch_size": batch}
-        _write_file(rows, done, outcomes, file, out, how)
+        _optimize_file(file, out, spec, strict=strict, cache=cache, batch_size=batch_size, ray_address=ray_address,
+                       actors=actors, ray=ray)
         return
     with usage_errors():
-        rewriter = Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
-    assert text is not None
-    result = rewriter.rewrite(text, context=context)
+        rewriter = _rewriter(spec, strict=strict, cache=cache)
+    result = rewriter.rewrite(sys.stdin.read() if text == "-" else str(text), context=context)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return
     typer.echo(result.prompt)
     if result.fallback is not None:
         typer.secho(f"[fallback: {result.fallback.value}] {result.detail}", err=True, fg=typer.colors.YELLOW)
+
+
+def _rewriter(spec: dict[str, Any], *, strict: bool, cache: Path | None) -> Any:
+    from bpo_plugins import Rewriter
+
+    return Rewriter.from_spec(**spec, strict=strict, cache_path=cache)
+
+
+def _optimize_file(file: Path, out: Path, spec: dict[str, Any], *, strict: bool, cache: Path | None, batch_size: int | None,
+                   ray: bool, ray_address: str | None, actors: int) -> None:
+    """``bpo optimize --file``: rows rewritten locally or on Ray Data, appended to ``out`` (a rerun resumes)."""
+    rows, done = read_prompt_rows(file), _done_rows(out)
+    if ray:
+        outcomes = _ray_outcomes(spec, rows[done:], batch_size, ray_address, actors)
+        how: dict[str, Any] = {"engine": "ray", "actors": actors}
+    else:
+        from bpo_plugins.batching import file_batch_size
+
+        with usage_errors():  # the flags are checked, and the model loaded, here
+            rewriter = _rewriter(spec, strict=strict, cache=cache)
+        batch = batch_size or file_batch_size(rewriter)
+        outcomes = _local_outcomes(rewriter, rows[done:], batch)
+        how = {"engine": "local", "batch_size": batch}
+    _write_file(rows, done, outcomes, file, out, how)
 
 
 #: One output row's outcome: (rewritten, fallback reason or None, detail or None).
