@@ -148,9 +148,7 @@ def _align(body: dict[str, Any], shape: Shape, alignment: Alignment, query: str 
     elif shape == Shape.CHAT:
         body = dict(body)
         body["messages"] = alignment.apply(body.get("messages") or [], query=query)
-        stops = body.get("stop")
-        stops = [stops] if isinstance(stops, str) else list(stops or [])
-        body["stop"] = list(dict.fromkeys(stops + list(alignment.format.stop)))[:4]  # OpenAI takes at most 4
+        body["stop"] = _stops(body, alignment)
     elif shape == Shape.MESSAGES:
         body = dict(body)
         own = body.get("system")
@@ -182,19 +180,25 @@ def _raw_completion(body: dict[str, Any], alignment: Alignment, query: str | Non
     text = turns[last][1] if last is not None else ""
     history = [Example(q, a) for (r1, q), (r2, a) in zip(turns[: last or 0], turns[1 : last or 0]) if r1 == "user" and r2 == "assistant"]
     fmt = alignment.format
-    system = alignment.system_message(query if query is not None else text)
-    own = " ".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
-    prompt = (own + "\n\n" if own else "") + fmt.render_raw(system + "".join(fmt.render_example(e) for e in history), text)
+    # The app's own system text follows DRPO's prompt and examples, as Alignment.apply keeps it in chat.
+    own = "\n\n".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    system = alignment.system_message(query if query is not None else text, keep=own or None)
+    prompt = fmt.render_raw(system + "".join(fmt.render_example(e) for e in history), text)
     # DRPO's inference defaults (auto_model.py) where the client set none: a completions server's own
     # default length (16 tokens on OpenAI-compatible servers) would cut every answer short.
     request = {**_DRPO_DECODING, **{k: body[k] for k in _COMPLETION_FIELDS if k in body}}
     if "max_completion_tokens" in body and "max_tokens" not in body:
         request["max_tokens"] = body["max_completion_tokens"]
-    stops = body.get("stop")
-    stops = [stops] if isinstance(stops, str) else list(stops or [])
     request["prompt"] = prompt
-    request["stop"] = list(dict.fromkeys(stops + list(fmt.stop)))[:4]
+    request["stop"] = _stops(body, alignment)
     return request
+
+
+def _stops(body: dict[str, Any], alignment: Alignment) -> list[str]:
+    """DRPO's stop strings first (an answer ends at ``<END>``), then the client's, four at most (OpenAI's limit)."""
+    own = body.get("stop")
+    own = [own] if isinstance(own, str) else list(own or [])
+    return list(dict.fromkeys([*alignment.format.stop, *own]))[:4]
 
 
 # -- the rewriter --------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_apply_lays_out_drpo_inference_format():
     assert messages[1] == {"role": "assistant", "content": "Bonjour"}
     assert messages[2]["content"] == f"# Query:\n{TORTURE}\n\n# Answer:\n<START>"
     body = aligned.apply_to_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "###"})
-    assert body["stop"] == ["###", "<END>", "<END", "<|eot_id|>"] and body["messages"][0]["role"] == "system"
+    assert body["stop"] == ["<END>", "<END", "<|eot_id|>", "###"] and body["messages"][0]["role"] == "system"
     assert aligned.answer("<START>\nBread needs flour.\n<END> trailing") == "Bread needs flour."
 
 

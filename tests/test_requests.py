@@ -133,7 +133,7 @@ def test_a_raw_alignment_turns_a_chat_request_into_one_completions_request():
     history = RAW_FORMAT.render_example(type(example)("first", "one"))
     assert request["prompt"] == RAW_FORMAT.render_raw(raw.system_message("How do I bake bread?") + history, "How do I bake bread?")
     assert request["prompt"].endswith("#Answer:\n<START>\none\n<END>" + RAW_FORMAT.joiner + "# Query:\nHow do I bake bread?\n\n# Answer:\n<START>")
-    assert request["stop"][0] == "###" and "<END>" in request["stop"]
+    assert request["stop"] == ["<END>", "<END", "<|eot_id|>", "###"]  # DRPO's stops are never cut off by the client's
 
 
 def test_find_prompt_copies_only_what_it_may_edit():
@@ -188,3 +188,13 @@ def test_drpo_base_model_presets_are_served_raw_and_instruct_presets_as_chat():
     ((chat, outcome),) = rewrite_requests([{"model": "m", "messages": messages}], Shape.CHAT, None,
                                           alignment=load_alignment("llama3-8b-instruct"))
     assert outcome.upstream_shape is None and chat["messages"][0]["role"] == "system"
+
+
+def test_a_raw_request_keeps_the_apps_system_text_after_drpos_prompt():
+    raw = Alignment("Be helpful.", icl_examples(), k=1, format=RAW_FORMAT)
+    body = {"model": "base", "stop": ["a", "b", "c", "d"],
+            "messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How do I bake bread?"}]}
+    ((request, _),) = rewrite_requests([body], Shape.CHAT, None, alignment=raw)
+    assert request["prompt"] == RAW_FORMAT.render_raw(raw.system_message("How do I bake bread?", keep="Answer in French."),
+                                                      "How do I bake bread?")
+    assert request["stop"] == ["<END>", "<END", "<|eot_id|>", "a"]
