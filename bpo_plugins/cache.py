@@ -42,6 +42,10 @@ class RewriteCache:
             self._db.execute("CREATE TABLE IF NOT EXISTS rewrites (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
             self._db.commit()
 
+    async def aget(self, key: str) -> dict[str, Any] | None:
+        """:meth:`get` for the event loop (memory and a local SQLite file answer in microseconds)."""
+        return self.get(key)
+
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
             record = self._memory.get(key)

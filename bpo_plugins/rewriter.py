@@ -79,6 +79,7 @@ class Rewriter:
         cache_path: str | Path | None = None,
         cache_url: str | None = None,
         stop_loops: bool = True,
+        length_budget: bool = True,
     ) -> None:
         self._backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._factory: BackendFactory | None = None if isinstance(backend, Backend) else backend
@@ -104,6 +105,9 @@ class Rewriter:
         self.guards = guards or GuardConfig()
         self.cache: RewriteCache = make_cache(cache_size, cache_path, cache_url)  # cache_url: Redis, shared by every host
         self.stop_loops = stop_loops
+        #: Our guard: decode at most ~9 tokens per prompt word + 16 (within max_new_tokens). False:
+        #: every rewrite may use max_new_tokens, as the reference's fixed max_new_tokens=1024 does.
+        self.length_budget = length_budget
 
     # -- construction -------------------------------------------------------------------------
 
@@ -303,7 +307,7 @@ class Rewriter:
         start = time.perf_counter()
         if not self.loaded:
             await asyncio.to_thread(self.warmup)  # never load weights on the event loop
-        items, mode, decoding = self._prepare(prompts, contexts, mode, protect)
+        items, mode, decoding = await self._aprepare(prompts, contexts, mode, protect)
         pending = [item for item in items if item.result is None]
         if pending:
             coroutine = self.backend.agenerate([i.masked.text for i in pending], self.template, decoding, self.timeout_s)
@@ -325,7 +329,7 @@ class Rewriter:
             "template": self._template_arg, "mode": self.mode, "strict": self.strict, "timeout_s": self.timeout_s,
             "max_new_tokens": self.max_new_tokens, "max_input_words": self.max_input_words,
             "num_candidates": self.num_candidates, "selector": self.selector, "guards": self.guards,
-            "stop_loops": self.stop_loops,
+            "stop_loops": self.stop_loops, "length_budget": self.length_budget,
         }
         settings.update(options)
         clone = Rewriter(lambda: self.backend, **settings)
@@ -356,6 +360,29 @@ class Rewriter:
     ) -> tuple[list[_Item], Mode, Decoding]:
         """Check the inputs, mask protected spans, settle what needs no generation (pass-throughs and
         cache hits), and cap the decoding's token budget for the rest."""
+        items, mode, decoding = self._admitted(prompts, contexts, mode, protect)
+        for item in items:
+            if item.key is not None:
+                self._settle_cached(item, mode, self.cache.get(item.key))
+        return items, mode, decoding.capped(self._token_budget(items))
+
+    async def _aprepare(
+        self,
+        prompts: Sequence[str],
+        contexts: Sequence[str | None] | None,
+        mode: Mode | None,
+        protect: Sequence[str],
+    ) -> tuple[list[_Item], Mode, Decoding]:
+        """:meth:`_prepare` for the event loop: a shared cache (Redis) is read without blocking it."""
+        items, mode, decoding = self._admitted(prompts, contexts, mode, protect)
+        keyed = [item for item in items if item.key is not None]
+        for item, record in zip(keyed, await asyncio.gather(*(self.cache.aget(item.key) for item in keyed))):  # type: ignore[arg-type]
+            self._settle_cached(item, mode, record)
+        return items, mode, decoding.capped(self._token_budget(items))
+
+    def _admitted(
+        self, prompts: Sequence[str], contexts: Sequence[str | None] | None, mode: Mode | None, protect: Sequence[str]
+    ) -> tuple[list[_Item], Mode, Decoding]:
         prompts, contexts = self._checked_inputs(prompts, contexts, protect)
         mode = check_mode(mode or self.mode)
         decoding = self._decoding(mode)
@@ -363,7 +390,7 @@ class Rewriter:
             self._admit(_Item(prompt, None if contexts is None else contexts[i], mask_protected(prompt, protect)), mode, decoding)
             for i, prompt in enumerate(prompts)
         ]
-        return items, mode, decoding.capped(self._token_budget(items))
+        return items, mode, decoding
 
     @staticmethod
     def _checked_inputs(
@@ -388,16 +415,17 @@ class Rewriter:
                             stop_loops=self.stop_loops, bpo_recipe=mode == "aggressive" and follows_bpo(self.template))
 
     def _admit(self, item: _Item, mode: Mode, decoding: Decoding) -> _Item:
-        """Settle ``item`` now when it needs no generation: a pass-through, or (greedy) a cached rewrite."""
+        """Settle ``item`` now when it is a pass-through; in greedy mode, give it its cache key."""
         passed = self._pass_through(item)
         if passed is not None:
             item.result = self._fallback(item, mode, *passed)
         elif mode == "greedy":
             item.key = self._cache_key(item, decoding)
-            record = self.cache.get(item.key)
-            if record is not None:
-                item.result = self._from_record(item, mode, record)
         return item
+
+    def _settle_cached(self, item: _Item, mode: Mode, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            item.result = self._from_record(item, mode, record)
 
     def _pass_through(self, item: _Item) -> tuple[FallbackReason, str] | None:
         """Why ``item`` goes through unchanged without a generation: empty, too long, or not English."""
@@ -419,7 +447,10 @@ class Rewriter:
         return follows_bpo(self.template) if on is None else on
 
     def _token_budget(self, items: list[_Item]) -> int:
-        """A rewrite is rarely more than max_length_ratio times the prompt: stop decoding there."""
+        """A rewrite is rarely more than max_length_ratio times the prompt: stop decoding there
+        (``length_budget=False``: no budget but max_new_tokens)."""
+        if not self.length_budget:
+            return self.max_new_tokens
         longest = max((word_count(i.masked.text) for i in items if i.result is None), default=0)
         return int(longest * self.guards.max_length_ratio * 1.5) + 16  # ~1.3-1.5 tokens a word
 

@@ -38,7 +38,6 @@ from bpo_plugins import telemetry
 from bpo_plugins.batching import MicroBatcher
 from bpo_plugins.cache import RedisRewriteCache
 from bpo_plugins.requests import Outcome, RequestRewriter, Shape
-from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.server import anthropic_api
 from bpo_plugins.server import openai_api as api
@@ -83,7 +82,9 @@ class Gateway:
         self.rewriter = rewriter
         self.batcher = None if rewriter is None else MicroBatcher(
             rewriter, window_ms=config.batch_window_ms, max_batch=config.max_batch, enabled=config.batch_enabled)
-        self.requests = RequestRewriter(None if self.batcher is None else self._rewrite_text, timeout_s=config.rewrite_timeout_s)
+        self.requests = RequestRewriter(
+            None if self.batcher is None else (lambda text, mode: self.batcher.rewrite(text, mode=mode)),  # type: ignore[union-attr]
+            timeout_s=config.rewrite_timeout_s)
         self.alignments = load_alignments(config)
         self.metrics = GatewayMetrics()
         if rewriter is not None and isinstance(rewriter.cache, RedisRewriteCache):
@@ -204,16 +205,6 @@ class Gateway:
         if model is not None and not isinstance(model, str):
             raise RequestError(400, "'model' must be a string", param="model")
         return self.config.treatment(model or "")
-
-    async def _rewrite_text(self, text: str, mode: Mode) -> RewriteResult:
-        """One prompt through the micro-batcher; a Redis cache is read first, without blocking the loop."""
-        assert self.rewriter is not None and self.batcher is not None
-        cache = self.rewriter.cache
-        if isinstance(cache, RedisRewriteCache) and mode == "greedy" and self.rewriter.loaded:
-            key = _greedy_cache_key(self.rewriter, text)
-            if key is not None:
-                await cache.aget(key)  # a hit lands in memory, where the rewriter's own lookup finds it
-        return await self.batcher.rewrite(text, mode=mode)
 
     @staticmethod
     def _rewrite_attributes(outcome: Outcome) -> dict[str, Any]:
@@ -421,19 +412,6 @@ def _span_kind(name: str) -> Any:
     from opentelemetry.trace import SpanKind  # only once tracing is on
 
     return SpanKind[name]
-
-
-def _greedy_cache_key(rewriter: Rewriter, text: str) -> str | None:
-    """The key the rewriter's own greedy lookup will use for ``text`` (no protected spans, no context),
-    or None where it looks nothing up (a pass-through: empty, too long, not English), so the gateway
-    can read Redis first. It asks the rewriter's own steps, so the two cannot drift apart."""
-    from bpo_plugins.guards import mask_protected
-    from bpo_plugins.rewriter import _Item
-
-    item = _Item(text, None, mask_protected(text, ()))
-    if rewriter._pass_through(item) is not None:
-        return None
-    return rewriter._cache_key(item, rewriter._decoding("greedy"))
 
 
 def load_alignments(config: GatewayConfig) -> dict[str, Alignment]:
