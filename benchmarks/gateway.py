@@ -12,8 +12,7 @@ Processes (all on this machine, sharing its cores with wrk):
   (skipped with ``--no-litellm`` or when the ``litellm`` command is missing).
 
 Rows (each against the direct upstream on the same route): ``relay`` (chat), ``relay messages``
-(Anthropic's route, one worker), ``relay 2 workers`` (chat), ``relay httpx2 client`` (chat, the
-gateway's other upstream client), ``litellm`` (chat), ``rewrite`` (chat, a new prompt each request so
+(Anthropic's route, one worker), ``relay 2 workers`` (chat), ``litellm`` (chat), ``rewrite`` (chat, a new prompt each request so
 no cache answers). Load comes from wrk (C, one thread). For each
 concurrency, every target is timed once per round, interleaved, and each figure is the median over
 rounds; the ratios (``2 workers / 1``, ``messages / chat``) compare medians of the same run. The
@@ -192,17 +191,15 @@ def main() -> None:
         pattern = r"at (http://\S+)/v1"
         relay, relay_url = start([*cli, "--no-rewrite"], pattern, folder / "relay.log")
         workers, workers_url = start([*cli, "--no-rewrite", "--workers", "2"], pattern, folder / "workers.log")
-        # The same relay on the other upstream client the gateway supports (httpx2), for the choice of client.
-        httpx2_relay, httpx2_url = start([*cli, "--no-rewrite"], pattern, folder / "relay-httpx2.log", env={"BPO_PROXY_HTTP_CLIENT": "httpx2"})
         rewriting, rewrite_url = start([*cli, "--optimizer", "script", "--optimizer-base-url", optimizer_url, "--rewrite-timeout", "30"],
                                        pattern, folder / "rewrite.log")
-        processes += [relay, workers, httpx2_relay, rewriting]
+        processes += [relay, workers, rewriting]
         chat = lua(folder, "chat", "/v1/chat/completions", CHAT.replace("MODEL", "echo").replace("SYSTEM", ""))
         messages = lua(folder, "messages", "/v1/messages", MESSAGES)
         direct = upstream_url.removesuffix("/v1")
         targets = {"direct": (direct, chat, ""), "direct messages": (direct, messages, ""),
                    "relay": (relay_url, chat, "direct"), "relay messages": (relay_url, messages, "direct messages"),
-                   "relay 2 workers": (workers_url, chat, "direct"), "relay httpx2 client": (httpx2_url, chat, "direct"),
+                   "relay 2 workers": (workers_url, chat, "direct"),
                    "rewrite": (rewrite_url, chat, "direct")}
         if not args.no_litellm and Path(sys.executable).with_name("litellm").exists():
             litellm, litellm_url = start_litellm(upstream_url, folder)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
-import httpx2
+import httpx2  # the anthropic SDK's own HTTP client
 import pytest
 
 from tests.conftest import CLIServer, Server, start_cli_server

@@ -76,8 +76,6 @@ class GatewayConfig:
     upstream_timeout_s: float = 600.0
     max_body_bytes: int = 32 << 20
     max_connections: int = 1000
-    #: The HTTP client to the upstreams: ``aiohttp`` or ``httpx2`` (benchmarks/gateway.py compares them).
-    http_client: str = "aiohttp"
     #: ``auto`` batches concurrent rewrites only on runtimes measured to gain from it; ``on`` / ``off`` force it.
     batch: str = "auto"
     batch_window_ms: float = 5.0
@@ -107,8 +105,6 @@ class GatewayConfig:
                      "workers", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.http_client not in ("aiohttp", "httpx2"):
-            raise ValueError(f"http_client must be aiohttp or httpx2, got {self.http_client!r}")
         if self.batch not in ("auto", "on", "off"):
             raise ValueError(f"batch must be auto, on or off, got {self.batch!r}")
 

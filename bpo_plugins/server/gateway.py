@@ -47,7 +47,6 @@ from bpo_plugins.server.metrics import GatewayMetrics
 from bpo_plugins.server.openai_api import RequestError
 from bpo_plugins.server.upstream import (
     AiohttpClient,
-    Httpx2Client,
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeout,
@@ -89,7 +88,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         if rewriter is not None and isinstance(rewriter.cache, RedisRewriteCache):
             rewriter.cache.on_error = lambda kind: self.metrics.cache_errors.labels(kind).inc()
-        self.client: AiohttpClient | Httpx2Client | None = None
+        self.client: AiohttpClient | None = None
         self.upstream = config.upstream.rstrip("/")
         # The anthropic client's base URL has no /v1; the OpenAI-style upstream's has.
         self.anthropic_upstream = (config.anthropic_upstream.rstrip("/") + "/v1") if config.anthropic_upstream else self.upstream
@@ -101,7 +100,7 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
-        self.client = make_client(self.config)  # aiohttp or httpx2: benchmarks/RESULTS.md compares them
+        self.client = make_client(self.config)
         self.tracing = telemetry.gateway_tracer()
         if self.rewriter is not None and not self.rewriter.loaded:
             # Load the optimizer in the background: the gateway relays (failing open) while it loads.
