@@ -20,6 +20,7 @@ import anthropic
 import httpx
 import pytest
 
+from bpo_plugins.cache import REDIS_BACKOFF_S
 from tests.conftest import CLIServer, Server, start_cli_server
 from tests.support.anthropic_server import reply_for
 from tests.support.otlp_receiver import read_records
@@ -130,6 +131,7 @@ def test_two_gateways_share_one_redis_cache_and_survive_redis_dying(script_serve
         assert 'bpo_gateway_cache_errors_total{kind="timeout"}' in httpx.get(one.url + "/metrics").text
 
         redis.stop()  # Redis dies mid-run: every request still gets its answer, as a cache miss
+        time.sleep(REDIS_BACKOFF_S + 0.2)  # past the frozen Redis's backoff, so the next calls try (and fail) again
         for i in range(5):
             for gateway in (one, two):
                 response = ask(gateway, f"after redis {i} {time.time_ns()}")
