@@ -258,15 +258,23 @@ class Gateway:
         """Send the request (``body`` when it changed) upstream and relay the answer. ``path``: another
         upstream path than the request's; ``answer``: turns a completions answer into a chat answer."""
         assert self.client is not None, "the gateway's lifespan has not started"
-        path = path or request.url.path[len("/v1"):]
+        extra = {} if outcome is None else {"x-bpo-rewrite": outcome.header}
+        start = time.perf_counter()
+        sent = await self._send(request, endpoint, path or request.url.path[len("/v1"):], body, extra, start)
+        if isinstance(sent, Response):
+            return sent
+        return await self._answer(request, endpoint, sent, extra, answer, start)
+
+    async def _send(self, request: Request, endpoint: str, path: str, body: bytes | None, extra: dict[str, str],
+                    start: float) -> UpstreamResponse | Response:
+        """The upstream's answer once its headers arrive, or the gateway's error response (502, 504)."""
+        assert self.client is not None
         anthropic = endpoint in ANTHROPIC_ENDPOINTS
         content = body if body is not None else await request.body()
         url = (self.anthropic_upstream if anthropic else self.upstream) + path
         query = request.scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")  # as the client sent it, byte for byte
-        extra = {} if outcome is None else {"x-bpo-rewrite": outcome.header}
-        start = time.perf_counter()
         span = None if self.tracing is None else self.tracing[0].start_span("bpo.gateway.upstream", kind=_span_kind("CLIENT"), attributes={
             "http.request.method": request.method, "server.address": urlsplit(url).hostname or "", "url.path": path})
         try:
@@ -283,6 +291,11 @@ class Gateway:
         request.state.cleanups.append(upstream.aclose)
         self._upstream_done(request, span, start, upstream.status_code)
         self.metrics.requests.labels(endpoint, str(upstream.status_code)).inc()
+        return upstream
+
+    async def _answer(self, request: Request, endpoint: str, upstream: UpstreamResponse, extra: dict[str, str],
+                      answer: api.ChatFromCompletion | None, start: float) -> Response:
+        """The upstream's answer relayed: a stream chunk by chunk, else whole; translated by ``answer``."""
         headers = {k: v for k, v in upstream.headers.items() if k not in HOP_BY_HOP}
         headers.update(extra)
         translate = answer is not None and upstream.status_code == 200  # errors pass through verbatim
