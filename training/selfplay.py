@@ -298,7 +298,6 @@ def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScore
     """Candidates, guards, scores and selection for every item not yet in ``out``; figures of this call."""
     done = _done_rows(out)
     todo = [item for item in items if item.key not in done]
-    gen_s = score_s = 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as sink:
         for item in todo:
@@ -307,12 +306,12 @@ def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScore
                 item = Item(item.prompt, item.chosen, answer or "(no answer)", item.context, item.source, item.reference)
             start = time.perf_counter()
             result = rewriter.rewrite_batch([item.prompt], contexts=[item.context], mode="aggressive")[0]
-            gen_s += time.perf_counter() - start
+            took = time.perf_counter() - start
             start = time.perf_counter()
             chosen = select(item, list(result.candidates), rewriter, scorer, margin)
-            score_s += time.perf_counter() - start
+            scored = time.perf_counter() - start
             row = {"key": item.key, "source": item.source, "prompt": item.prompt, "context": item.context, "good_res": item.chosen,
-                   "bad_res": item.rejected, "raw_score": chosen.raw_score, "candidates": chosen.candidates,
+                   "candidates_s": round(took, 3), "scoring_s": round(scored, 3), "bad_res": item.rejected, "raw_score": chosen.raw_score, "candidates": chosen.candidates,
                    "selected": chosen.selected, "selected_score": chosen.selected_score, "changed": chosen.changed,
                    "delta": round(chosen.selected_score - chosen.raw_score, 5)}
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -321,13 +320,16 @@ def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScore
             if progress:
                 progress(1)
     rows = [done[item.key] for item in items if item.key in done]
+    # Timings of every prompt done, in this call or an earlier one (rows written before they were kept have none).
+    timed = [r for r in rows if "candidates_s" in r]
+    gen_s, score_s = sum(r["candidates_s"] for r in timed), sum(r["scoring_s"] for r in timed)
     guards = Counter(c["guard"] or "passed" for r in rows for c in r["candidates"])
-    n = max(len(todo), 1)
+    n = max(len(timed), 1)
     return {
         "prompts": len(rows), "resumed": len(items) - len(todo), "generated": len(todo),
         "candidates_s_per_prompt": round(gen_s / n, 2), "scoring_s_per_prompt": round(score_s / n, 2),
-        "candidates_prompts_per_s": round(len(todo) / gen_s, 4) if gen_s else None,
-        "scoring_prompts_per_s": round(len(todo) / score_s, 4) if score_s else None,
+        "candidates_prompts_per_s": round(len(timed) / gen_s, 4) if gen_s else None,
+        "scoring_prompts_per_s": round(len(timed) / score_s, 4) if score_s else None,
         "candidates_per_prompt": round(statistics.fmean([len(r["candidates"]) for r in rows]), 2) if rows else 0,
         "guard_verdicts": dict(guards),
         "changed_share": round(statistics.fmean([r["changed"] for r in rows]), 4) if rows else 0,
