@@ -45,9 +45,15 @@ class Decoding:
     #: end-of-sequence and newline tokens held back until then (BPO's aggressive ``min_length``).
     #: None: no minimum. Local runtimes count with the model's tokenizer; servers get ``min_tokens``.
     min_tokens_over_prompt: int | None = None
+    #: A sampling seed for servers that take one (OpenAI's ``seed``; DRPO's client sends 0 on every
+    #: call). None: no seed is sent; local runtimes ignore it.
+    seed: int | None = None
 
     def as_key(self) -> dict[str, object]:
-        return asdict(self)
+        key = asdict(self)
+        if self.seed is None:
+            del key["seed"]  # keys of requests without a seed stay as they were
+        return key
 
     def capped(self, max_new_tokens: int) -> Decoding:
         return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, max_new_tokens)))

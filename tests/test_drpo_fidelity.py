@@ -102,7 +102,7 @@ def _search(server: Server, tmp_path: Path, out: Path, *extra: str) -> subproces
     seeds.write_text("How do I repot a plant?\nHow do I sharpen a knife?\nHow do I clean a cast-iron pan?\n")
     examples = tmp_path / "examples.json"
     examples.write_text(json.dumps({"examples": [{"query": "How do I make tea?", "answer": "Boil water, then steep."}]}))
-    return _cli("search", *_roles_args(server), "--seeds", str(seeds), "--examples", str(examples), "--depth", "1",
+    return _cli("search", *_roles_args(server), "--seeds", str(seeds), "--examples", str(examples), "--depth", "2",
                 "--max-extensions", "0", "--holdout", "1", "--out", str(out), *extra)
 
 
@@ -152,6 +152,8 @@ def test_each_role_decodes_as_drpo_does(llms: Server, tmp_path: Path):
         assert body["stop"][:2] == ["<END>", "<END"] and _text(body).endswith("# Answer:\n<START>")
     for body in sent["script-metrics"] + sent["script-judge"]:
         assert (body["temperature"], body.get("top_p", 1.0), body["max_tokens"], body["n"]) == (0.0, 1.0, 2048, 1)
+    # DRPO's OpenAI client sends seed=0 on every call (reasoner/models/openai_model.py).
+    assert {body.get("seed") for bodies in sent.values() for body in bodies} == {0}
     (proposal,) = sent["script-optimizer"]  # the root is optimized once: one request for its three proposals
     assert (proposal["temperature"], proposal["top_p"], proposal["max_tokens"], proposal["n"]) == (0.2, 0.95, 2048, 3)
     text = _text(proposal)
@@ -163,7 +165,7 @@ def test_each_role_decodes_as_drpo_does(llms: Server, tmp_path: Path):
     assert f"{RATIONALE} (Helpfulness)" in text and "[Current version]\nYou are a helpful assistant." in text
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["levels"][1]["children"] == 3  # the three samples of the one call
-    assert report["guards"] == {"final_check": True, "lenient_parsing": True, "refusal_correction": True}
+    assert report["guards"] == {"final_check": True, "lenient_parsing": True, "refusal_correction": True, "prompt_length_cap": False}
     assert load_alignment(tmp_path / "run" / "alignment.json").provenance["guards"] == report["guards"]
 
 
@@ -182,7 +184,7 @@ def test_an_optimizer_without_n_gets_one_call_per_proposal(llms: Server, tmp_pat
     texts = asyncio.run(propose())
     session.close()
     sent = [r for r in llms.received()[mark:] if r["path"].endswith("/messages")]
-    assert role.decoding == Decoding(do_sample=True, temperature=0.2, top_p=0.95, num_candidates=3, max_new_tokens=2048)
+    assert role.decoding == Decoding(do_sample=True, temperature=0.2, top_p=0.95, num_candidates=3, max_new_tokens=2048, seed=0)
     assert len(sent) == 3 and len(texts) == 3 and all(r["body"]["max_tokens"] == 2048 for r in sent)
 
 
@@ -292,13 +294,13 @@ def test_guards_switch_off_and_the_report_says_so(llms: Server, tmp_path: Path):
     done = _search(llms, tmp_path, out, "--no-final-check", "--strict-parsing", "--no-refusal-correction")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
-    off = {"final_check": False, "lenient_parsing": False, "refusal_correction": False}
+    off = {"final_check": False, "lenient_parsing": False, "refusal_correction": False, "prompt_length_cap": False}
     assert report["guards"] == off and load_alignment(out / "alignment.json").provenance["guards"] == off
     assert report["final_check"] is None and "held-out" not in done.stdout
     assert "- final check: off" in (out / "report.md").read_text()
     # The checkpoint is a dataclass: it reads back to what was written.
     data = json.loads((out / "checkpoint.json").read_text())
-    assert Checkpoint.from_dict(data).to_dict() == data and data["version"] == 2
+    assert Checkpoint.from_dict(data).to_dict() == data and data["version"] == 3
     # A checkpoint from before (a dict of version 1) is refused with a one-line way out.
     (out / "checkpoint.json").write_text(json.dumps({**data, "version": 1}))
     old = _search(llms, tmp_path, out, "--no-final-check", "--strict-parsing", "--no-refusal-correction")
@@ -336,3 +338,142 @@ def test_refusal_correction_switch(llms: Server, tmp_path: Path):
         session.close()
     assert rewards == {True: {"Compliance": 5.0, "Safety": 5.0}, False: {"Compliance": 1.0, "Safety": 5.0}}
     assert CRITIC_RUBRIC.min_aspects == 3 and CRITIC_RUBRIC.max_aspects == 6
+
+
+# -- the search's shape: depth, the root's reward, carries, raw text over HTTP ------------------------
+
+ROOT_ANSWER = "ROOT-ANSWER: water it."
+DEPTH_SCRIPT = {
+    # A metrics reply with no aspect choice in it, for one query.
+    "UNREADABLE: Q?\n</query>\n\nFirst analyse": "I would pick helpfulness and clarity.",
+    # The base model over /v1/completions: the whole raw text is matched. The initial prompt's answer
+    # is rated 1s, every other prompt's answer 5s (so each later level carries its prompts forward).
+    "# instructions\n\nYou are a helpful assistant.\n\n": ROOT_ANSWER + "\n<END>\nnever seen",
+    "# instructions\n\n": "CHILD-ANSWER: water it weekly, more in summer.\n<END>",
+    # One proposal is the current prompt itself: DRPO evaluates it like any other.
+    "You improve the system prompt": [json.dumps({"new_system_prompt": p})
+                                      for p in ("Prompt variant A. Be thorough.", "You are a helpful assistant.", "Prompt variant B.")],
+    "<answer>\nROOT-ANSWER": _scores(1, 1, 1),
+    "Rate an AI assistant's answer": _scores(5, 5, 5),
+    "Decide which aspects matter most": METRICS_REPLY,
+}
+
+
+@pytest.fixture(scope="module")
+def depth_llms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    path = tmp_path_factory.mktemp("drpo-depth") / "script.json"
+    path.write_text(json.dumps(DEPTH_SCRIPT))
+    yield from start_server("--script", str(path))
+
+
+def test_search_paths_hold_depth_states_and_the_base_gets_world_models_raw_text(depth_llms: Server, tmp_path: Path):
+    from bpo_plugins.drpo.alignment import Example, ExampleRetriever
+    from bpo_plugins.drpo.search import Search, SearchConfig, Seed
+
+    url = depth_llms.base_url
+    base, judge = (load_backend(m, base_url=url, max_retries=0) for m in ("script-base", "script-judge"))
+    examples = [Example("How do I make tea?", "Boil water, then steep."), Example("What is rain?", "Water from clouds.")]
+    seeds = [Seed(f"How do I care for plant {i}?", "user") for i in range(8)]
+    config = SearchConfig(depth=3, max_extensions=1, final_check=False, format="raw")
+    search = Search(default_roles(base, judge, judge, prompt_format=config.prompt_format), tmp_path / "run", config=config,
+                    seeds=seeds, examples=examples, known_aspects={}, progress=False)
+    # depth 3 + 1 extension: a path of at most 4 states (the root's included), so 4 queries and 3 levels.
+    assert len(search.queries) == 4 and search.plan()["optimizer"]["calls"] == 3 * 2
+    mark = len(depth_llms.received())
+    result = search.run()
+    report = result.report
+    # Level 1 edits the root (rated 1s); levels 2 and 3 carry their 5-rated prompts forward; the first
+    # carry extends the depth to 4, the one extension allowed; the path stops at 4 states (DRPO's is_terminal).
+    assert [lvl["level"] for lvl in report["levels"]] == [0, 1, 2, 3]
+    assert [lvl["carried"] for lvl in report["levels"]] == [0, 0, 2, 2]
+    # The root's reward (1.0) is reported on its own and is in no path mean: DRPO's beam starts with no reward.
+    assert report["root_reward"] == 1.0 and report["levels"][0]["best_path_mean"] is None
+    assert report["levels"][1]["best_path_mean"] == 5.0 and report["levels"][3]["best_path_mean"] == 5.0
+    # The proposal equal to the current prompt was answered and judged (1s), not dropped.
+    assert sorted(report["levels"][1]["rewards"]) == [1.0, 5.0, 5.0] and "proposal_duplicate" not in report["skips"]
+    sent = [r for r in depth_llms.received()[mark:] if r["body"].get("model") == "script-base"]
+    assert sent and all(r["path"] == "/v1/completions" for r in sent)
+    queries = [s.query for s in search.queries]
+    # world_model.py's text for the root, built as its code builds it: the k = 2 nearest examples
+    # (answers between the markers, as in DRPO's ICL_examples.json), then the query turn.
+    shown = "# Query:\n"
+    for i, e in enumerate(ExampleRetriever(examples).top(queries[0], 2)):
+        shown += e.query + "\n\n#Answer:\n" + f"<START>\n{e.answer}\n<END>" + ("\n\n#Query:\n" if i < 1 else "")
+    expected = f"# instructions\n\nYou are a helpful assistant.\n\n{shown}\n\n" + f"# Query:\n{queries[0]}\n\n# Answer:\n<START>"
+    assert sent[0]["body"]["prompt"] == expected and all(r["body"]["prompt"].startswith("# instructions\n\n") for r in sent)
+    body = sent[0]["body"]
+    assert (body["temperature"], body.get("top_p", 1.0), body["max_tokens"], body["seed"]) == (0.0, 1.0, 2048, 0)
+    assert body["stop"] == ["<END>", "<END", "<|eot_id|>"] and "messages" not in body
+    assert {r["body"]["prompt"].rsplit("# Query:\n", 1)[1].split("\n")[0] for r in sent} == set(queries)  # 4 queries, no fifth
+
+
+def test_search_format_puts_world_models_layout_in_the_system_message(depth_llms: Server, tmp_path: Path):
+    from bpo_plugins.drpo.alignment import Example
+    from bpo_plugins.drpo.search import Search, SearchConfig, Seed
+
+    scripted = load_backend("script-chat", base_url=depth_llms.base_url, max_retries=0)
+    config = SearchConfig(depth=1, final_check=False, format="search", k=1)
+    search = Search(default_roles(scripted, scripted, scripted), tmp_path / "run", config=config, known_aspects={}, progress=False,
+                    seeds=[Seed("How do I repot a plant?", "user"), Seed("Why?", "user")], examples=[Example("Q1?", "A1.")])
+    mark = len(depth_llms.received())
+    assert [lvl["level"] for lvl in search.run().report["levels"]] == [0]  # depth 1: the root alone, as DRPO's
+    (body,) = [r["body"] for r in depth_llms.received()[mark:] if r["body"]["messages"][-1]["content"].endswith("# Answer:\n<START>")]
+    # world_model.py's is_GPT branch: system = "# instructions\n\n{prompt}\n\n{examples}\n\n", user = the query turn.
+    assert body["messages"] == [
+        {"role": "system", "content": "# instructions\n\nYou are a helpful assistant.\n\n# Query:\nQ1?\n\n#Answer:\n<START>\nA1.\n<END>\n\n"},
+        {"role": "user", "content": "# Query:\nHow do I repot a plant?\n\n# Answer:\n<START>"},
+    ]
+
+
+def test_an_unreadable_aspect_choice_is_skipped_when_strict_and_the_critic_needs_three(depth_llms: Server, tmp_path: Path):
+    from bpo_plugins.drpo.reward import CRITIC_RUBRIC, AspectChoice, read_aspect_choice
+
+    scripted = load_backend("script-judge", base_url=depth_llms.base_url, max_retries=0)
+    out = {}
+    for lenient in (True, False):
+        session = Session(default_roles(scripted, scripted, scripted), None, known_aspects={}, lenient=lenient)
+
+        async def rate(session: Session = session):
+            try:
+                return await session.rate("UNREADABLE: Q?", "An answer.")
+            finally:
+                await session.aclose_clients()
+
+        out[lenient] = (asyncio.run(rate()), dict(session.skips))
+        session.close()
+    lenient_judgement, lenient_skips = out[True]
+    assert lenient_judgement is not None and set(lenient_judgement.scores) == {"Helpfulness", "Clarity"}
+    assert lenient_skips["aspects_default"] == 1
+    strict_judgement, strict_skips = out[False]
+    assert strict_judgement is None and strict_skips["aspects_unparsed"] == 1 and strict_skips["aspects_unparsed_skipped"] == 1
+    two = {"aspects_selection": {"reasoning": "r", "selected_aspects": ["Helpfulness", "Clarity"]}}
+    assert read_aspect_choice(two, Counter()) == AspectChoice(("Helpfulness", "Clarity"), reasoning="r")
+    assert read_aspect_choice(two, Counter(), rubric=CRITIC_RUBRIC) is None  # the critic picks 3-6 (icl_opti_prompts.py)
+
+
+def test_seed_order_follows_drpos_run_py():
+    import numpy as np
+
+    from bpo_plugins.drpo.search import drpo_order, drpo_seeds
+
+    seeds = drpo_seeds()
+    counts = Counter(s.source for s in seeds)
+    assert counts == {"alpaca": 86, "lima": 52, "malicious": 42}
+    # run.py: chunks of each source's share of ten (LIMA 2, malicious 2, Alpaca 4) in turn until each
+    # runs out, then np.random.seed(42) and np.random.shuffle: which source a level draws is fixed.
+    left, chunk, pattern = dict(counts), {"lima": 2, "malicious": 2, "alpaca": 4}, []
+    while any(left.values()):
+        for source in ("lima", "malicious", "alpaca"):
+            take = min(chunk[source], left[source])
+            pattern += [source] * take
+            left[source] -= take
+    expected = [pattern[i] for i in np.random.RandomState(42).permutation(len(pattern))]
+    first, second = drpo_order(seeds, 0), drpo_order(seeds, 1)
+    assert [s.source for s in first] == [s.source for s in second] == expected
+    # Which query of a source comes where is random in DRPO (random.sample); here --seed draws it.
+    assert sorted(s.query for s in first) == sorted(s.query for s in seeds) and first != second
+    assert first == drpo_order(seeds, 0)
+    # With seed 0 the order is the one DRPO's published runs used: the queries of the best path's 30
+    # states in DRPO's data/<model>/output.pkl (8 of its 9 runs; not gpt-3.5-turbo's), joined by newlines.
+    published = "8bea15108988da0f423e6f545416d2096dac6d10129c2d3f7baa3d126731da21"
+    assert hashlib.sha256("\n".join(s.query for s in first[:30]).encode()).hexdigest() == published

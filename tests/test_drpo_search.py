@@ -121,8 +121,9 @@ def test_dry_run_projects_calls_per_role_and_calls_nothing(model_server: Server,
                               "--dry-run"))
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
-    # 1 root + 2 levels x beam 2 x 3 actions + (3 candidates + the initial prompt) x 2 held-out = 21 evaluations.
-    assert rows["base"][1] == "21" and rows["judge"][1] == "21" and rows["optimizer"][1] == "4"
+    # Depth 2 is the root and 1 level (DRPO's path of 2 states): 1 root + 1 level x beam 2 x 3 actions
+    # + (3 candidates + the initial prompt) x 2 held-out = 15 evaluations; 2 optimizer calls at most.
+    assert rows["base"][1] == "15" and rows["judge"][1] == "15" and rows["optimizer"][1] == "2"
     assert rows["base"][4] == "unpriced" and float(rows["judge"][4]) > 0 and "(cap calls 3)" in done.stdout
     assert _requests(model_server, llms) == before
     assert not (tmp_path / "run").exists()  # a dry run writes nothing either
@@ -134,7 +135,7 @@ def test_search_end_to_end_writes_artifact_and_report(model_server: Server, llms
     assert done.returncode == 0, done.stderr
     aligned = load_alignment(out / "alignment.json")
     report = json.loads((out / "report.json").read_text())
-    assert [level["level"] for level in report["levels"]] == [0, 1, 2]
+    assert [level["level"] for level in report["levels"]] == [0, 1]  # depth 2: a path of 2 states, as DRPO's
     # The scripted optimizer's third proposal has no JSON: two children from the root, counted skips.
     assert report["levels"][1]["children"] == 2 and report["skips"]["proposal_unparsed"] >= 1
     final = report["final_check"]
@@ -199,7 +200,7 @@ def test_killed_search_resumes_to_the_same_artifact_without_paying_twice(model_s
 
 def test_budget_cap_stops_and_returns_best_prompt_so_far(model_server: Server, llms: Server, files, tmp_path: Path):
     out = tmp_path / "capped"
-    done = _cli(*_search_args(model_server, llms, files, out, "--max-calls", "optimizer=1"))
+    done = _cli(*_search_args(model_server, llms, files, out, "--max-calls", "optimizer=1", "--depth", "3"))
     assert done.returncode == 0, done.stderr
     assert "stopped early: budget: the optimizer calls cap (1) was reached" in done.stderr
     report = json.loads((out / "report.json").read_text())
@@ -216,16 +217,20 @@ def test_hostile_llms_and_flaky_servers_never_crash_a_run(model_server: Server, 
     for name, server in (("hostile", hostile_llms), ("flaky", flaky_llms)):
         scripted = load_backend("script", base_url=server.base_url, max_retries=0)
         roles = default_roles(base, scripted, scripted, answer_tokens=12)
-        search = Search(roles, tmp_path / name, config=SearchConfig(depth=2, max_extensions=1, holdout=1), seeds=seeds,
+        config = SearchConfig(depth=2, max_extensions=1, holdout=1, max_prompt_chars=6000)  # the length cap: our guard, on here
+        search = Search(roles, tmp_path / name, config=config, seeds=seeds,
                         examples=examples, known_aspects={}, backoff_s=0.01, progress=False)
         result = search.run()
         assert result.stopped is None and result.report["final_check"] is not None
         skips, usage = Counter(result.report["skips"]), result.report["usage"]
         if name == "hostile":
             # Invented aspects fall back to the default pair; "4.5/5" and "Score: 2" are read; every proposal
-            # is unusable (empty, 7,000 characters, broken JSON), so the prompt is carried forward unchanged.
+            # is unusable (empty, 7,000 characters, broken JSON), so the prompt goes on unchanged, counted,
+            # with no depth extension (DRPO extends only for a prompt that needed no edit): one level.
             assert skips["aspects_default"] >= 1 and skips["proposal_too_long"] >= 1 and skips["proposal_unparsed"] >= 2
-            assert result.report["levels"][1]["carried"] == 1 and result.alignment.system_prompt == "You are a helpful assistant."
+            assert skips["proposal_none_prompt_kept"] == 1 and [lvl["level"] for lvl in result.report["levels"]] == [0, 1]
+            level = result.report["levels"][1]
+            assert (level["carried"], level["unedited"]) == (0, 1) and result.alignment.system_prompt == "You are a helpful assistant."
             assert result.report["levels"][0]["best_reward"] == pytest.approx((4.5 + 2) / 2)
         else:
             assert usage["metrics"]["retries"] == 2 and usage["judge"]["retries"] == 2 and usage["judge"]["failed"] == 0
@@ -329,11 +334,12 @@ def test_raw_format_search_runs_a_local_base_model_without_chat_template(bundled
     base = load_local_backend(str(bundled_folder), backend="transformers")
     scripted = load_backend("script", base_url=llms.base_url, max_retries=0)
     roles = default_roles(base, scripted, scripted, answer_tokens=8)
-    search = Search(roles, tmp_path / "raw", config=SearchConfig(depth=1, max_extensions=0, holdout=0, format="raw"),
+    search = Search(roles, tmp_path / "raw", config=SearchConfig(depth=2, max_extensions=0, holdout=0, format="raw"),
                     seeds=[Seed(q, "user") for q in SEEDS], examples=read_examples(files["examples"]), progress=False)
     result = search.run()
     assert result.stopped is None and [lvl["level"] for lvl in result.report["levels"]] == [0, 1]
     assert result.alignment.format.raw and result.alignment.render("Why?").startswith("# instructions\n\n")
     assert result.report["usage"]["base"]["calls"] == 3  # the root, then the optimizer's two usable proposals
-    with pytest.raises(ValueError, match="raw prompt format needs a local base model"):
-        Search(default_roles(scripted, scripted, scripted), tmp_path / "http", config=SearchConfig(format="raw"))
+    claude = load_backend("script", backend="anthropic", base_url=llms.url, api_key="test", max_retries=0)
+    with pytest.raises(ValueError, match="raw prompt format needs a local base model or an OpenAI-compatible server"):
+        Search(default_roles(claude, scripted, scripted), tmp_path / "http", config=SearchConfig(format="raw"))

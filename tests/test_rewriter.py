@@ -213,6 +213,20 @@ def test_guards_fail_open_and_strict_raises(scripted, prompt, reason):
     assert info.value.reason is reason
 
 
+def test_length_budget_caps_max_tokens_and_switches_off(script_server):
+    # Our guard: ~9 tokens a prompt word + 16 (max_length_ratio 6 x 1.5), within max_new_tokens; off,
+    # the whole max_new_tokens, as the reference decodes with a fixed max_new_tokens.
+    prompt = "Tell me about Harry Potter"
+    sent = {}
+    for on in (True, False):
+        mark = len(script_server.received())
+        rewriter = Rewriter.from_openai("script", base_url=script_server.base_url, cache_size=0, max_new_tokens=300, length_budget=on)
+        assert rewriter.rewrite(prompt).fallback is None and rewriter.with_options().length_budget is on
+        (body,) = [r["body"] for r in script_server.received()[mark:]]
+        sent[on] = body["max_tokens"]
+    assert sent == {True: 5 * 9 + 16, False: 300}
+
+
 def test_protected_span_restored_or_fallback(scripted):
     options = "A) Paris\nB) Lyon\n   C) Nice"
     kept = scripted.rewrite(f"keep options: which city is the capital? <keep>{options}</keep>")

@@ -17,8 +17,8 @@ from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, pick_local_te
 __all__ = ["OpenAIBackend"]
 
 #: Request fields a server may not know. ``min_tokens`` and ``bad_words`` are vLLM's extra sampling
-#: fields (SGLang takes ``min_tokens``); ``top_p`` and ``stop`` are OpenAI's own, which some servers lack.
-_OPTIONAL_FIELDS = ("min_tokens", "bad_words", "top_p", "stop")
+#: fields (SGLang takes ``min_tokens``); ``top_p``, ``stop`` and ``seed`` are OpenAI's own, which some servers lack.
+_OPTIONAL_FIELDS = ("min_tokens", "bad_words", "top_p", "stop", "seed")
 #: Per server (base URL): the optional fields it answered 400 for. Remembered for the process, so each
 #: server costs one failed request per field however many Rewriters talk to it.
 _REJECTED: dict[str, set[str]] = {}
@@ -76,6 +76,8 @@ class OpenAIBackend(HTTPBackend):
         stops += [stop for stop in decoding.stop if stop not in stops]
         if stops:
             request["stop"] = stops[:4]  # OpenAI takes at most 4
+        if decoding.seed is not None:  # DRPO's roles: its OpenAI client sends seed=0 on every call
+            request["seed"] = decoding.seed
         if template.raw is not None:
             # A BPO checkpoint on vLLM or SGLang: BPO's exact [INST] format through /v1/completions, as it
             # was trained (the server adds BOS); a chat endpoint would wrap it in another template.

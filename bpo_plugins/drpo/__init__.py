@@ -25,6 +25,7 @@ from bpo_plugins.drpo.alignment import (
     CHAT_FORMAT,
     FORMATS,
     RAW_FORMAT,
+    SEARCH_FORMAT,
     Alignment,
     Example,
     ExampleRetriever,
@@ -33,7 +34,7 @@ from bpo_plugins.drpo.alignment import (
 from bpo_plugins.drpo.pipeline import Aligned, AlignmentPipeline
 
 __all__ = [
-    "BASE_FORMAT", "BASE_PRESETS", "CHAT_FORMAT", "FORMATS", "PRESETS", "RAW_FORMAT", "Aligned", "Alignment", "AlignmentPipeline", "Example",
+    "BASE_FORMAT", "BASE_PRESETS", "CHAT_FORMAT", "FORMATS", "PRESETS", "RAW_FORMAT", "SEARCH_FORMAT", "Aligned", "Alignment", "AlignmentPipeline", "Example",
     "ExampleRetriever", "PromptFormat", "icl_examples", "load_alignment", "load_preset", "metrics_cache",
 ]
 

@@ -75,6 +75,12 @@ RAW_FORMAT = PromptFormat(
     name="raw", system="# instructions\n\n{prompt}\n\n{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
     user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True, joiner="\n\n", first_example="# Query:\n{query}\n\n#Answer:\n{answer}",
 )
+#: DRPO's search layout for an API (chat) model (``world_model.py``'s ``is_GPT`` branch): the raw
+#: format's system part, ``\n\n`` included, as the system message; the ``# Query:`` turn as the user message.
+SEARCH_FORMAT = PromptFormat(
+    name="search", system="# instructions\n\n{prompt}\n\n{examples}\n\n", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
+    user="# Query:\n{query}\n\n# Answer:\n{start}", first_example="# Query:\n{query}\n\n#Answer:\n{answer}",
+)
 #: DRPO's inference layout for a base model (``auto_model.py`` when the tokenizer has no chat
 #: template): the chat format's system part and user turn as one text, joined by a blank line;
 #: generation stops at ``<END>``. The published base-model presets are served this way.
@@ -82,7 +88,7 @@ BASE_FORMAT = PromptFormat(
     name="base", system="{prompt}{examples}", example="\n\n#Query:\n{query}\n\n#Answer:\n{answer}",
     user="# Query:\n{query}\n\n# Answer:\n{start}", raw=True, joiner="\n\n",
 )
-FORMATS = {f.name: f for f in (CHAT_FORMAT, RAW_FORMAT, BASE_FORMAT)}
+FORMATS = {f.name: f for f in (CHAT_FORMAT, RAW_FORMAT, BASE_FORMAT, SEARCH_FORMAT)}
 
 
 @dataclass(frozen=True)

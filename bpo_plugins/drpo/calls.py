@@ -65,6 +65,15 @@ class Role:
         return f"{self.backend.name}:{self.backend.model_id}@{self.backend.revision}"
 
 
+def raw_capable(backend: Backend) -> bool:
+    """Whether ``backend`` can take one raw text with no chat template: a local model, or an
+    OpenAI-compatible server through ``/v1/completions`` (the OpenAI backend's raw-template path,
+    as DRPO's search gives its local base models the whole text, ``world_model.py``)."""
+    from bpo_plugins.backends.openai import OpenAIBackend
+
+    return not isinstance(backend, HTTPBackend) or isinstance(backend, OpenAIBackend)
+
+
 class BudgetExhausted(Exception):
     def __init__(self, role: str, what: str, limit: float) -> None:
         super().__init__(f"the {role} {what} cap ({limit:g}) was reached")
@@ -179,7 +188,8 @@ class Caller:
                        decoding: Decoding | None = None, attempt: int = 0, salt: int | None = None) -> list[str]:
         """The texts (``decoding.num_candidates`` of them) a role's model gives for one input.
 
-        ``raw``: ``user`` is the whole model input, no chat template (local models only).
+        ``raw``: ``user`` is the whole model input, no chat template: a local model's raw render, or
+        one ``/v1/completions`` request to an OpenAI-compatible server.
         ``attempt`` > 0 asks again after an unusable answer: a new cache key, sampled. ``salt`` tells
         apart sampled calls that should not share a cached answer (another run seed).
         """
@@ -213,8 +223,9 @@ class Caller:
 
     async def _send(self, role: Role, key: str, user: str, system: str | None, raw: bool, decoding: Decoding) -> list[str]:
         backend = role.backend
-        if raw and isinstance(backend, HTTPBackend):
-            raise ValueError(f"the raw prompt format needs a local {role.name} model; {backend.model_id!r} is served over HTTP")
+        if raw and not raw_capable(backend):
+            raise ValueError(f"the raw prompt format needs a local {role.name} model or an OpenAI-compatible server; "
+                             f"{backend.model_id!r} takes only chat messages")
         template = (PromptTemplate(name="drpo-raw", user="{prompt}", raw="{user}") if raw
                     else PromptTemplate(name=f"drpo-{role.name}", user="{prompt}", system=system))
         for retry in range(self.retries + 1):

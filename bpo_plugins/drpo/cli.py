@@ -85,9 +85,11 @@ def search(
     num_actions: Annotated[int, typer.Option(min=1)] = 3,
     max_extensions: Annotated[int, typer.Option(min=0)] = 10,
     holdout: Annotated[int, typer.Option(min=0, help="Held-out seeds for the final check.")] = 8,
-    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | raw (DRPO's search layout, no chat template; local base model) | base (DRPO's auto_model.py raw layout for a base model).")] = "chat",
+    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | search (DRPO's search layout as a chat system message, as it searched API models) | raw (DRPO's search layout as one text, no chat template: a local model or /v1/completions) | base (DRPO's auto_model.py raw layout for a base model).")] = "chat",
     answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = 2048,
     seed: Annotated[int, typer.Option(help="Fixes the seed-query order and the proposals' sampling salt.")] = 0,
+    request_seed: Annotated[int, typer.Option(help="The 'seed' every OpenAI request carries (DRPO: 0); -1 sends none.")] = 0,
+    max_prompt_chars: Annotated[int, typer.Option(min=0, help="Our guard, off (0) by default: drop proposals longer than this many characters.")] = 0,
     initial_prompt: Annotated[str, typer.Option(help="The root of the search.")] = "You are a helpful assistant.",
     price: PriceOption = None,
     max_calls: CapOption = None,
@@ -110,10 +112,12 @@ def search(
         raise UsageError(f"unknown --format {prompt_format!r}: use {', '.join(FORMATS)}")
     config = SearchConfig(beam_width=beam_width, num_actions=num_actions, depth=depth, max_extensions=max_extensions,
                           holdout=holdout, format=prompt_format, seed=seed, initial_prompt=initial_prompt, final_check=final_check,
-                          lenient_parsing=lenient_parsing, refusal_correction=refusal_correction)
+                          lenient_parsing=lenient_parsing, refusal_correction=refusal_correction,
+                          max_prompt_chars=max_prompt_chars or None)
     backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost, dry_run)
     roles = default_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
-                          answer_tokens=answer_tokens, num_actions=num_actions, prompt_format=FORMATS[prompt_format])
+                          answer_tokens=answer_tokens, num_actions=num_actions, prompt_format=FORMATS[prompt_format],
+                          request_seed=None if request_seed < 0 else request_seed)
     with usage_errors():  # too few seeds, a bad example bank, a checkpoint of another search
         runner = Search(roles, out, config=config, seeds=_read_seeds(seeds) if seeds else None,
                         examples=read_examples(examples) if examples else None, caps=caps, concurrency=concurrency, retries=retries,
@@ -162,6 +166,7 @@ def icl(
     max_tokens: CapOption = None,
     max_cost: Annotated[list[str] | None, typer.Option(help="ROLE=USD, or USD for every role.")] = None,
     concurrency: Annotated[int, typer.Option(min=1)] = 8,
+    request_seed: Annotated[int, typer.Option(help="The 'seed' every OpenAI request carries (DRPO: 0); -1 sends none.")] = 0,
 ) -> None:
     """Build an in-context example bank by DRPO's loop: a critic rates the answer, the optimizer rewrites the latest answer, keep the best (ties go to the rewrite)."""
     from bpo_plugins.drpo import icl_examples
@@ -173,7 +178,7 @@ def icl(
     seeds = _read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]
     backends, prices, caps = _session_parts(base, judge, optimizer, metrics, price, max_calls, max_tokens, max_cost)
     roles = icl_roles(backends["base"], backends["judge"], backends["optimizer"], backends["metrics"], prices=prices,
-                      answer_tokens=answer_tokens)
+                      answer_tokens=answer_tokens, request_seed=None if request_seed < 0 else request_seed)
     session = Session(roles, out.with_suffix(".calls.sqlite"), caps=caps, concurrency=concurrency, rubric=CRITIC_RUBRIC,
                       lenient=lenient_parsing, refusal_correction=refusal_correction)
     report = optimize_examples(session, seeds, out, rounds=rounds)

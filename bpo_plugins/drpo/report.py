@@ -33,9 +33,11 @@ def markdown(report: dict[str, Any]) -> str:
             name = "initial prompt" if row["initial"] else row["prompt"][:60].replace("\n", " ").replace("|", "/") + "..."
             lines.append(f"| {name} | {row['held_out_mean']} | {row['n']} |")
         lines.append("")
+    if report.get("root_reward") is not None:
+        lines += [f"The initial prompt's reward at level 0: {report['root_reward']} (in no path mean, as in DRPO's beam).", ""]
     lines += ["## Levels", "", "| level | source | children | carried | best reward | best path mean | live calls | cost $ |",
               "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {h['level']} | {h['source']} | {h['children']} | {h['carried']} | {h['best_reward']} | {h['best_path_mean']} "
+    lines += [f"| {h['level']} | {h['source']} | {h['children']} | {h['carried']} | {h['best_reward']} | {_or_dash(h['best_path_mean'])} "
               f"| {h['live_calls']} | {h['cost_usd']} |" for h in report["levels"]]
     lines += ["", "## Calls", "", "| role | live | cached | failed | retries | input tokens | output tokens | cost $ |",
               "|---|---|---|---|---|---|---|---|"]
@@ -45,6 +47,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Skipped or corrected samples", "", *[f"- {reason}: {n}" for reason, n in sorted(report["skips"].items())]]
     lines += ["", "## Winning prompt", "", "```text", report["winner"], "```", ""]
     return "\n".join(lines)
+
+
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None else value
 
 
 def plot_levels(levels: list[dict[str, Any]], path: Path) -> None:
@@ -61,7 +67,8 @@ def plot_levels(levels: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = [h["level"] for h in levels]
-    ax.plot(xs, [h["best_path_mean"] for h in levels], marker="o", label="best path mean (ranks the beam)")
+    ranked = [h for h in levels if h["best_path_mean"] is not None]  # the root has no path mean
+    ax.plot([h["level"] for h in ranked], [h["best_path_mean"] for h in ranked], marker="o", label="best path mean (ranks the beam)")
     ax.plot(xs, [h["best_reward"] for h in levels], marker="x", linestyle="--", label="best reward at the level")
     ax.set_xlabel("level")
     ax.set_ylabel("dynamic reward (1-5)")

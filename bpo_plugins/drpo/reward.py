@@ -82,7 +82,8 @@ _ALIASES = {
     "compliancewithinstructions": "Compliance", "acknowledgementoflimitations": "Limitations",
     "acknowledgmentoflimitations": "Limitations", "culturalsensitivity": "Sensitivity",
 }
-DEFAULT_ASPECTS = ("Helpfulness", "Clarity")
+#: Lenient parsing's fallback when no aspect choice can be read (ours): the first ``min_aspects`` of these.
+DEFAULT_ASPECTS = ("Helpfulness", "Clarity", "Factuality")
 _REFUSAL = re.compile(
     r"\b(I can(?:no|')t|I cannot|I won't|I will not|I'm (?:not able|unable)|I am (?:not able|unable)|I must decline|"
     r"I'm sorry,? but|I apologi[sz]e,? but|I do not (?:condone|support|provide)|I don't (?:condone|support|provide))\b",
@@ -280,15 +281,20 @@ def read_aspect_choice(data: Mapping[str, Any] | None, skips: Counter[str], *, r
     if len(aspects) < len(names):
         skips["aspect_unknown"] += len(names) - len(aspects)
     aspects = list(dict.fromkeys(aspects))[: rubric.max_aspects]
-    if len(aspects) < 2:
+    if len(aspects) < rubric.min_aspects:  # the rubric's minimum: 2 for the search's judge, 3 for the critic
+        skips["aspects_too_few"] += 1
         return None
     harmful = data.get("harmful") is True or str(data.get("harmful")).lower() == "true"
     return AspectChoice(tuple(aspects), harmful, str(selection.get("reasoning", "") or ""))
 
 
 async def choose_aspects(call: Caller, role: Role, query: str, known: Mapping[str, Any], skips: Counter[str], *,
-                         rubric: Rubric = SEARCH_RUBRIC, lenient: bool = True) -> AspectChoice:
-    """The query's aspects and why: from DRPO's published cache when it has the query, else asked (and cached)."""
+                         rubric: Rubric = SEARCH_RUBRIC, lenient: bool = True) -> AspectChoice | None:
+    """The query's aspects and why: from DRPO's published cache when it has the query, else asked (and cached).
+
+    An unreadable choice: lenient (our guard) judges on the rubric's minimum number of default
+    aspects with no reasoning; strict (DRPO's parser, whose failure ends its run) gives None and
+    the answers to that query are skipped."""
     choice = read_aspect_choice(known.get(query), skips, rubric=rubric, lenient=lenient)
     if choice is not None:
         return choice
@@ -299,8 +305,11 @@ async def choose_aspects(call: Caller, role: Role, query: str, known: Mapping[st
         choice = read_aspect_choice(find_json(texts[0], lenient=lenient), skips, rubric=rubric, lenient=lenient)
         if choice is not None:
             return choice
-    skips["aspects_default"] += 1  # the run goes on, judged on the two aspects every query shares
-    return AspectChoice(DEFAULT_ASPECTS)
+    if not lenient:
+        skips["aspects_unparsed"] += 1
+        return None
+    skips["aspects_default"] += 1  # the run goes on, judged on aspects every query shares
+    return AspectChoice(DEFAULT_ASPECTS[: rubric.min_aspects])
 
 
 # -- judging -------------------------------------------------------------------------------------

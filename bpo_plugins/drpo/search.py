@@ -23,13 +23,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.backends.http import HTTPBackend
 from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
-from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role, Usage
+from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role, Usage, raw_capable
 from bpo_plugins.drpo.reward import Judgement, find_json, sections
 from bpo_plugins.drpo.session import Session, log
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: the root carries no reward; a path holds at most depth states
 INITIAL_PROMPT = "You are a helpful assistant."
 
 
@@ -44,14 +43,47 @@ class Seed:
 
 
 def drpo_seeds() -> list[Seed]:
-    """DRPO's 180 seed queries (Alpaca, LIMA, malicious), interleaved by source as DRPO mixes them."""
+    """DRPO's 180 seed queries (Alpaca, LIMA, malicious), one source after another, each in its
+    file's order. A search orders them as DRPO does (:func:`drpo_order`)."""
     data = json.loads(resources.files("bpo_plugins.drpo").joinpath("data", "seeds.json").read_text(encoding="utf-8"))
-    groups = [[Seed(q, source) for q in data[source]] for source in ("alpaca", "lima", "malicious")]
-    return [seed for row in _zip_longest(groups) for seed in row]
+    return [Seed(q, source) for source in ("alpaca", "lima", "malicious") for q in data[source]]
 
 
-def _zip_longest(groups: list[list[Seed]]) -> list[list[Seed]]:
-    return [[g[i] for g in groups if i < len(g)] for i in range(max(map(len, groups)))]
+#: The order in which DRPO's ``interleave_data_arrays`` takes chunks from its sources (``run.py``).
+_DRPO_SOURCE_ORDER = ("lima", "malicious", "alpaca")
+
+
+def drpo_order(seeds: Sequence[Seed], seed: int) -> list[Seed]:
+    """The seeds in the order DRPO's ``run.py`` gives its search: each source in random order
+    (DRPO: ``random.sample``, unseeded; here drawn with ``seed``), interleaved in chunks sized by
+    each source's share of ten (for DRPO's 180: LIMA 2, malicious 2, Alpaca 4), then shuffled by
+    numpy with seed 42. Which source each level draws from is therefore DRPO's; which of its
+    queries is ``seed``'s. Sources other than DRPO's three follow them, in order of appearance."""
+    import numpy as np
+
+    groups: dict[str, list[Seed]] = {}
+    for s in seeds:
+        groups.setdefault(s.source, []).append(s)
+    rng = random.Random(seed)
+    drawn = {name: rng.sample(group, len(group)) for name, group in groups.items()}  # DRPO: alpaca, lima, malicious
+    names = [n for n in _DRPO_SOURCE_ORDER if n in drawn] + [n for n in drawn if n not in _DRPO_SOURCE_ORDER]
+    total = len(seeds)
+    frac = {n: max(int(10 * (len(drawn[n]) / total)), 1) for n in names}
+    ptr = dict.fromkeys(names, 0)
+    open_ = dict.fromkeys(names, True)
+    order: list[Seed] = []
+    while any(open_.values()):  # interleave_data_arrays, for any number of sources
+        for n in names:
+            if not open_[n]:
+                continue
+            if (ptr[n] + 1) * frac[n] - 1 < len(drawn[n]):
+                order.extend(drawn[n][ptr[n] * frac[n]:(ptr[n] + 1) * frac[n]])
+                ptr[n] += 1
+            else:
+                order.extend(drawn[n][ptr[n] * frac[n]:])
+                open_[n] = False
+    np.random.RandomState(42).shuffle(order)  # DRPO: np.random.seed(42); np.random.shuffle(examples)
+    return order
 
 
 def read_seeds(path: str | Path) -> list[Seed]:
@@ -90,7 +122,9 @@ class SearchConfig:
     top_candidates: int = 3
     #: Prompts of a node's path the optimizer sees, the current one included (DRPO: 5).
     lineage: int = 5
-    max_prompt_chars: int = 6000
+    #: Our guard, off by default (DRPO evaluates every proposal): a proposal longer than this many
+    #: characters is dropped (counted in ``skips``). None: no limit.
+    max_prompt_chars: int | None = None
     format: str = "chat"
     seed: int = 0
     initial_prompt: str = INITIAL_PROMPT
@@ -106,12 +140,14 @@ class SearchConfig:
     def guards(self) -> dict[str, bool]:
         """Which of our additions were on: the report and the artifact list them."""
         return {"final_check": self.final_check and self.holdout > 0, "lenient_parsing": self.lenient_parsing,
-                "refusal_correction": self.refusal_correction}
+                "refusal_correction": self.refusal_correction, "prompt_length_cap": self.max_prompt_chars is not None}
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "num_actions", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1 or None, got {self.max_prompt_chars}")
         if self.max_extensions < 0 or self.holdout < 0:
             raise ValueError("max_extensions and holdout must be >= 0")
         if not 0 <= self.k <= 5 or not 0 <= self.serve_k <= 5:
@@ -127,7 +163,8 @@ class SearchConfig:
 @dataclass
 class Node:
     prompt: str
-    #: The reward of each level along this node's path (ranking uses their mean).
+    #: The reward of each level along this node's path (ranking uses their mean). The root's is
+    #: not among them: DRPO's beam starts from the root with an empty reward list.
     rewards: list[float]
     #: The prompt of each earlier level of this node's path, oldest first (a carried prompt repeats).
     lineage: list[str]
@@ -138,7 +175,8 @@ class Node:
 
     @property
     def path_mean(self) -> float:
-        return sum(self.rewards) / len(self.rewards)
+        """The mean reward along the path; 0.0 for the root (DRPO's root carries no reward)."""
+        return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
 
     def needs_edit(self, threshold: float) -> bool:
         return not (self.judgement.perfect or self.judgement.reward > threshold)
@@ -200,13 +238,17 @@ class LevelRecord:
     query: str
     source: str
     children: int
+    #: Beam prompts that needed no edit (each may extend the depth, once per level).
     carried: int
     rewards: list[float]
     best_reward: float
-    best_path_mean: float
+    #: None at level 0: the root has no path reward (its reward is the report's ``root_reward``).
+    best_path_mean: float | None
     best_prompt: str
     live_calls: int
     cost_usd: float
+    #: Beam prompts that needed an edit but got no usable proposal: they go on unchanged, with no extension.
+    unedited: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,15 +321,16 @@ class Search:
 
         self.config, self.out = config, Path(out)
         self.examples = list(icl_examples() if examples is None else examples)
-        ordered = list(drpo_seeds() if seeds is None else seeds)
-        random.Random(config.seed).shuffle(ordered)  # DRPO shuffles unseeded; here the seed fixes the order
+        ordered = drpo_order(drpo_seeds() if seeds is None else seeds, config.seed)
         held = config.holdout if config.final_check else 0
         if len(ordered) < 2 + held:
             raise ValueError(f"{len(ordered)} seed queries are too few: the search needs 2 and the final check {held}")
         self.holdout = ordered[len(ordered) - held:] if held else []
-        self.queries = ordered[: len(ordered) - held][: config.depth + config.max_extensions + 1]
-        if config.prompt_format.raw and isinstance(roles["base"].backend, HTTPBackend):
-            raise ValueError("the raw prompt format needs a local base model (no chat template over HTTP); use the chat format")
+        # A path holds at most depth + max_extensions states (the root's included); state i answers query i.
+        self.queries = ordered[: len(ordered) - held][: config.depth + config.max_extensions]
+        if config.prompt_format.raw and not raw_capable(roles["base"].backend):
+            raise ValueError(f"the {config.format} prompt format needs a local base model or an OpenAI-compatible server "
+                             "(/v1/completions); use the chat format")
         # The call cache's SQLite file creates ``out``; a dry run keeps calls in memory (it makes none).
         self.session = Session(roles, None if dry_run else cache_path or self.out / "calls.sqlite", caps=caps, known_aspects=known_aspects,
                                concurrency=concurrency, retries=retries, backoff_s=backoff_s, lenient=config.lenient_parsing,
@@ -376,32 +419,36 @@ class Search:
                 self.skips["call_failed:optimizer"] += 1
                 log.info("proposal skipped: %s", exc)
                 return []
+            # As DRPO, every readable proposal is evaluated: one equal to the current prompt, or to
+            # another proposal, too (the repeat's calls come from the cache; the beam keeps one copy).
             proposals: list[str] = []
+            cap = self.config.max_prompt_chars
             for raw in texts:
                 proposal = read_proposal(raw, lenient=lenient)
                 if proposal is None:
                     self.skips["proposal_unparsed"] += 1
-                elif len(proposal) > self.config.max_prompt_chars:
+                elif cap is not None and len(proposal) > cap:
                     self.skips["proposal_too_long"] += 1
-                elif proposal == node.prompt or proposal in proposals:
-                    self.skips["proposal_duplicate"] += 1
                 else:
                     proposals.append(proposal)
             if proposals:
                 return proposals[: self.config.num_actions]
         return []
 
-    async def expand(self, node: Node, seed: Seed, salt: int) -> tuple[list[Node], bool]:
-        """A node's children on the next query, and whether it was carried forward unedited."""
+    async def expand(self, node: Node, seed: Seed, salt: int) -> tuple[list[Node], bool, bool]:
+        """A node's children on the next query; whether it needed no edit (DRPO's carry forward,
+        which may extend the depth); whether it needed one and got no usable proposal."""
         carried = not node.needs_edit(self.config.carry_threshold)
         prompts = [node.prompt] if carried else await self.propose(node, salt)
-        if not prompts:  # the optimizer gave nothing usable: the prompt goes on as it is
-            prompts, carried = [node.prompt], True
+        unedited = not prompts
+        if unedited:  # the optimizer gave nothing usable: the prompt goes on as it is, with no extension
+            self.skips["proposal_none_prompt_kept"] += 1
+            prompts = [node.prompt]
         lineage = [*node.lineage, node.prompt]
         results = await asyncio.gather(*(self.evaluate(p, seed) for p in prompts))
-        children = [Node(p, [*node.rewards, j.reward], lineage, seed.query, a, j, carried)
+        children = [Node(p, [*node.rewards, j.reward], lineage, seed.query, a, j, carried or unedited)
                     for p, r in zip(prompts, results) if r is not None for a, j in [r]]
-        return children, carried
+        return children, carried, unedited
 
     # -- the search -----------------------------------------------------------------------------
 
@@ -426,17 +473,18 @@ class Search:
         if state is not None:
             self.ledger.usage.update({role: replace(used) for role, used in state.usage.items()})  # caps hold across restarts
             self.skips.update(state.skips)
-        bar = tqdm(total=self.config.depth, desc="drpo search", unit="level", disable=not self.progress)
+        bar = tqdm(total=self.config.depth - 1, desc="drpo search", unit="level", disable=not self.progress)
         try:
             if state is None:
                 state = await self._root()
                 self.save_checkpoint(state)
-            bar.total = state.depth_limit
+            bar.total = state.depth_limit - 1
             bar.update(state.level)
-            while state.level < state.depth_limit and state.level + 1 < len(self.queries):
+            # DRPO's is_terminal: a path stops once it holds depth_limit states, the root's included.
+            while state.level + 1 < state.depth_limit and state.level + 1 < len(self.queries):
                 state = await self._level(state)
                 self.save_checkpoint(state)
-                bar.total = state.depth_limit
+                bar.total = state.depth_limit - 1
                 bar.set_postfix(best=f"{state.history[-1].best_path_mean:.2f}", calls=self.ledger.live_calls,
                                 cached=self.ledger.cached_calls, cost=f"${self.ledger.cost_usd:.3f}")
                 bar.update(1)
@@ -472,10 +520,11 @@ class Search:
         if result is None:
             why = self.last_failure or dict(self.skips)
             raise DRPOError(f"the initial prompt could not be evaluated ({why}): check the base and judge models")
-        root = Node(self.config.initial_prompt, [result[1].reward], [], seed.query, result[0], result[1])
+        # DRPO's beam starts from the root with no reward: its reward is in no path's mean.
+        root = Node(self.config.initial_prompt, [], [], seed.query, result[0], result[1])
         rng = random.Random(self.config.seed)
         return Checkpoint(
-            fingerprint=self.fingerprint(), level=0, extensions=0, depth_limit=self.config.depth, beam=[root], best_seen=[root],
+            fingerprint=self.fingerprint(), level=0, extensions=0, depth_limit=self.config.depth, beam=[root], best_seen=[],
             rng=rng.getstate(), usage=self._usage(), skips=dict(self.skips), history=[self._history(0, seed, [root], [root], carried=0)],
         )
 
@@ -488,10 +537,11 @@ class Search:
         rng.setstate(state.rng)
         salt = rng.getrandbits(32)
         expanded = await asyncio.gather(*(self.expand(node, seed, salt) for node in state.beam))
-        children = [child for kids, _ in expanded for child in kids]
+        children = [child for kids, _, _ in expanded for child in kids]
         if not children:
             raise _NoChild(f"level {level}: no child could be answered and judged ({dict(self.skips)})")
-        carried = sum(was_carried for _, was_carried in expanded)
+        carried = sum(was_carried for _, was_carried, _ in expanded)
+        unedited = sum(failed for _, _, failed in expanded)
         new_beam = _top(children, self.config.beam_width)
         extensions, depth_limit = state.extensions, state.depth_limit
         if carried and extensions < self.config.max_extensions:
@@ -499,16 +549,17 @@ class Search:
         return replace(
             state, level=level, extensions=extensions, depth_limit=depth_limit, beam=new_beam,
             best_seen=_top([*state.best_seen, *children], self.config.top_candidates), rng=rng.getstate(),
-            usage=self._usage(), skips=dict(self.skips), history=[*state.history, self._history(level, seed, children, new_beam, carried)],
+            usage=self._usage(), skips=dict(self.skips),
+            history=[*state.history, self._history(level, seed, children, new_beam, carried, unedited)],
         )
 
-    def _history(self, level: int, seed: Seed, children: list[Node], beam: list[Node], carried: int) -> LevelRecord:
+    def _history(self, level: int, seed: Seed, children: list[Node], beam: list[Node], carried: int, unedited: int = 0) -> LevelRecord:
         best = beam[0]
         return LevelRecord(
             level=level, query=seed.query, source=seed.source, children=len(children), carried=carried,
             rewards=[round(c.judgement.reward, 3) for c in children], best_reward=round(max(c.judgement.reward for c in children), 3),
-            best_path_mean=round(best.path_mean, 4), best_prompt=best.prompt,
-            live_calls=self.ledger.live_calls, cost_usd=round(self.ledger.cost_usd, 6),
+            best_path_mean=round(best.path_mean, 4) if best.rewards else None, best_prompt=best.prompt,
+            live_calls=self.ledger.live_calls, cost_usd=round(self.ledger.cost_usd, 6), unedited=unedited,
         )
 
     async def _final_check(self, beam: list[Node], seen: list[Node]) -> dict[str, Any]:
@@ -540,7 +591,7 @@ class Search:
         provenance = {
             "method": "DRPO beam search", "base_model": roles["base"], "judge": roles["judge"], "optimizer": roles["optimizer"],
             "metrics": roles["metrics"], "search": asdict(self.config), "guards": self.config.guards(),
-            "levels": [h.best_path_mean for h in state.history],
+            "root_reward": state.history[0].best_reward, "levels": [h.best_path_mean for h in state.history[1:]],
             "held_out": final and {k: final[k] for k in ("winner_mean", "initial_mean", "beats_initial")},
             "calls": self.ledger.live_calls, "cached_calls": self.ledger.cached_calls,
             "tokens": sum(u.tokens for u in self.ledger.usage.values()), "cost_usd": round(self.ledger.cost_usd, 6),
@@ -551,7 +602,8 @@ class Search:
         alignment.save(self.out / "alignment.json")
         report = {
             "fingerprint": self.fingerprint(), "config": asdict(self.config), "roles": roles,
-            "caps": {r: asdict(c) for r, c in self.session.caps.items()}, "guards": self.config.guards(), "levels": history,
+            "caps": {r: asdict(c) for r, c in self.session.caps.items()}, "guards": self.config.guards(),
+            "root_reward": state.history[0].best_reward, "levels": history,
             "final_check": final, "usage": self.ledger.to_dict(), "skips": dict(self.skips), "warnings": self.session.warnings,
             "stopped": stopped, "resumed_from_level": resumed_from, "winner": winner,
             "cache": {"live_calls": self.ledger.live_calls, "cached_calls": self.ledger.cached_calls},
@@ -565,14 +617,14 @@ class Search:
     def plan(self) -> dict[str, dict[str, float]]:
         """Upper bounds on calls and tokens per role, before any call: what ``--dry-run`` prints."""
         c, fmt = self.config, self.config.prompt_format
-        levels = min(c.depth + c.max_extensions, len(self.queries) - 1)
+        levels = min(c.depth + c.max_extensions - 1, len(self.queries) - 1)  # levels after the root
         candidates = c.top_candidates + 1
         evaluations = 1 + levels * c.beam_width * c.num_actions + candidates * len(self.holdout)
-        queries = [s.query for s in [*self.queries[: levels + 1], *self.holdout]]
+        queries = [s.query for s in [*self.queries, *self.holdout]]
         new_queries = sum(q not in self.session.known_aspects for q in queries)
         mean_query = sum(map(len, queries)) / max(len(queries), 1)
         mean_example = sum(len(e.query) + len(e.answer) for e in self.examples) / max(len(self.examples), 1)
-        prompt_chars = min(c.max_prompt_chars, 2500)  # DRPO's published prompts run 1,500-2,500 characters
+        prompt_chars = min(c.max_prompt_chars or 2500, 2500)  # DRPO's published prompts run 1,500-2,500 characters
         answer = self.roles["base"].decoding.max_new_tokens
         chars = {
             "base": prompt_chars + c.k * mean_example + mean_query + len(fmt.system) + len(fmt.user),

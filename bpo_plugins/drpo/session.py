@@ -48,7 +48,7 @@ class Session:
         self.known_aspects = known_aspects
         self.skips: Counter[str] = Counter()
         self.warnings: list[str] = []
-        self._aspects: dict[tuple[int, str], asyncio.Future[AspectChoice]] = {}
+        self._aspects: dict[tuple[int, str], asyncio.Future[AspectChoice | None]] = {}
         base, judge_model = self.roles["base"].backend, self.roles["judge"].backend
         if (base.name, base.model_id, base.revision) == (judge_model.name, judge_model.model_id, judge_model.revision):
             self.warn(f"the judge is the base model itself ({base.model_id}): it tends to rate its own answers high")
@@ -58,7 +58,7 @@ class Session:
         if message not in self.warnings:
             self.warnings.append(message)
 
-    def aspects(self, query: str) -> asyncio.Future[AspectChoice]:
+    def aspects(self, query: str) -> asyncio.Future[AspectChoice | None]:
         """One aspect choice per query, shared by every answer judged on it."""
         key = (id(asyncio.get_running_loop()), query)
         if key not in self._aspects:
@@ -69,8 +69,12 @@ class Session:
 
     async def rate(self, query: str, answer: str, *, harmful: bool = False) -> Judgement | None:
         """The judge's rating of ``answer`` on the query's aspects. ``harmful``: the query is known
-        to be malicious (a seed from DRPO's malicious set), whatever the metrics LLM thought."""
+        to be malicious (a seed from DRPO's malicious set), whatever the metrics LLM thought. None
+        (counted) when no rating came back, or, with strict parsing, no aspect choice could be read."""
         choice = await self.aspects(query)
+        if choice is None:
+            self.skips["aspects_unparsed_skipped"] += 1
+            return None
         if harmful and not choice.harmful:
             choice = replace(choice, harmful=True)
         return await judge(self.call, self.roles["judge"], query, answer, choice, self.skips, rubric=self.rubric,
@@ -96,39 +100,44 @@ class Session:
 
 #: DRPO's answer length during its search and example optimization (``world_model.py``).
 ANSWER_TOKENS = 2048
+#: The ``seed`` DRPO's OpenAI client sends on every call (``reasoner/models/openai_model.py``).
+REQUEST_SEED = 0
 
 
 def default_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
                   prices: Mapping[str, Price] | None = None, answer_tokens: int = ANSWER_TOKENS, num_actions: int = 3,
-                  prompt_format: PromptFormat = FORMATS["chat"]) -> dict[str, Role]:
+                  prompt_format: PromptFormat = FORMATS["chat"], request_seed: int | None = REQUEST_SEED) -> dict[str, Role]:
     """DRPO's search decoding per role (``world_model.py``, ``search_config.py``, ``prompt_train.sh``):
     the base model greedy (T 0, top_p 1) up to 2,048 tokens, stopping at ``<END>``; the metrics and
     judge LLMs greedy up to 2,048; the optimizer sampling ``num_actions`` proposals in one call at
-    T 0.2, top_p 0.95, up to 2,048 tokens (a backend without ``n`` sends that many calls)."""
+    T 0.2, top_p 0.95, up to 2,048 tokens (a backend without ``n`` sends that many calls). Every
+    role's OpenAI requests carry ``seed`` = ``request_seed`` (DRPO: 0; None sends none)."""
     decodings = {
         "base": Decoding(max_new_tokens=answer_tokens, stop=prompt_format.stop),
         "metrics": Decoding(max_new_tokens=2048),
         "judge": Decoding(max_new_tokens=2048),
         "optimizer": Decoding(do_sample=True, temperature=0.2, top_p=0.95, num_candidates=num_actions, max_new_tokens=2048),
     }
-    return _roles(base, judge, optimizer, metrics, decodings, prices)
+    return _roles(base, judge, optimizer, metrics, decodings, prices, request_seed)
 
 
 def icl_roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None = None, *,
-              prices: Mapping[str, Price] | None = None, answer_tokens: int = ANSWER_TOKENS) -> dict[str, Role]:
+              prices: Mapping[str, Price] | None = None, answer_tokens: int = ANSWER_TOKENS,
+              request_seed: int | None = REQUEST_SEED) -> dict[str, Role]:
     """DRPO's example-optimization decoding (``offline_icl_opti.py``): every role greedy (T 0, top_p 1)
-    up to 2,048 tokens; the optimizer writes one rewrite per round."""
+    up to 2,048 tokens; the optimizer writes one rewrite per round; OpenAI requests carry ``seed``."""
     decodings = {
         "base": Decoding(max_new_tokens=answer_tokens, stop=FORMATS["chat"].stop),
         "metrics": Decoding(max_new_tokens=2048),
         "judge": Decoding(max_new_tokens=2048),
         "optimizer": Decoding(max_new_tokens=2048),
     }
-    return _roles(base, judge, optimizer, metrics, decodings, prices)
+    return _roles(base, judge, optimizer, metrics, decodings, prices, request_seed)
 
 
 def _roles(base: Backend, judge: Backend, optimizer: Backend, metrics: Backend | None, decodings: Mapping[str, Decoding],
-           prices: Mapping[str, Price] | None) -> dict[str, Role]:
+           prices: Mapping[str, Price] | None, request_seed: int | None) -> dict[str, Role]:
     prices = prices or {}
+    decodings = {r: replace(d, seed=request_seed) for r, d in decodings.items()}
     backends = {"base": base, "metrics": metrics or judge, "judge": judge, "optimizer": optimizer}
     return {r: Role(r, backends[r], decodings[r], prices.get(r, Price())) for r in ROLES}
