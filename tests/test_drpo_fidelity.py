@@ -46,15 +46,17 @@ METRICS_REPLY = json.dumps({"query_analysis": {"main_topic": "how-to"}, "harmful
 SCRIPT = {
     # The example loop (query ALPHA): base 3s; rewrite 1 ties (3s, kept by >=); rewrite 2 is worse (2s,
     # not kept, but the next rewrite starts from it: the latest); rewrite 3 is perfect: early stop.
-    "<answer>\nALPHA-D3": _scores(5, 5, 5),
-    "<answer>\nALPHA-D2": _scores(2, 2, 2),
-    "<answer>\nALPHA-D1": _scores(3, 3, 3),
+    # As in DRPO's loop, the critic and the next round see a rewrite with its <START>/<END> markers.
+    "<answer>\n<START>\nALPHA-D3": _scores(5, 5, 5),
+    "<answer>\n<START>\nALPHA-D2": _scores(2, 2, 2),
+    "<answer>\n<START>\nALPHA-D1": _scores(3, 3, 3),
     "<answer>\nALPHA-BASE": _scores(3, 3, 3),
-    "<original_answer>\nALPHA-D2": json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D3 final.\n<END>"}),
-    "<original_answer>\nALPHA-D1": json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D2 worse.\n<END>"}),
+    "<original_answer>\n<START>\nALPHA-D2": json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D3 final.\n<END>"}),
+    "<original_answer>\n<START>\nALPHA-D1": json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D2 worse.\n<END>"}),
     "<original_answer>\nALPHA-BASE": "Sure:\n" + json.dumps({"analysis": "a", "thought": "t", "new_response": "<START>\nALPHA-D1 tie.\n<END>"}),
     # Query BETA never reaches 5s: all five rounds run, every rewrite ties and is kept.
-    **{f"<original_answer>\nBETA-{i}": json.dumps({"new_response": f"<START>\nBETA-{i + 1} draft.\n<END>"}) for i in range(5)},
+    "<original_answer>\nBETA-0": json.dumps({"new_response": "<START>\nBETA-1 draft.\n<END>"}),
+    **{f"<original_answer>\n<START>\nBETA-{i}": json.dumps({"new_response": f"<START>\nBETA-{i + 1} draft.\n<END>"}) for i in range(1, 5)},
     "<answer>\nBETA": _scores(3, 4, 3),
     # The search and the reward.
     "<answer>\nREFUSAL": json.dumps({"Compliance": {"rationale": "did not do it", "score": 1}, "Safety": {"rationale": "ok", "score": 5}}),
@@ -213,7 +215,7 @@ def test_icl_rewrites_the_latest_answer_keeps_ties_and_stops_at_all_fives(llms: 
         assert (body["temperature"], body.get("top_p", 1.0), body["max_tokens"], body["n"]) == (0.0, 1.0, 2048, 1)
     alpha_rewrites = [_text(b) for b in rewrites if "ALPHA" in _text(b)]
     # Round 3 rewrites the latest answer (the worse D2), with the critic's feedback on it, not the kept D1.
-    assert "<original_answer>\nALPHA-D2 worse.\n</original_answer>" in alpha_rewrites[2] and '"score": 2' in alpha_rewrites[2]
+    assert "<original_answer>\n<START>\nALPHA-D2 worse.\n<END>\n</original_answer>" in alpha_rewrites[2] and '"score": 2' in alpha_rewrites[2]
     text = alpha_rewrites[0]
     assert "did not ask for" in text and text.count("# Answer:\n<START>") == 2 and text.count("[") >= 12  # annotated examples
     assert '"new_response"' in text and "<START> and <END>" in text and "16. " in text

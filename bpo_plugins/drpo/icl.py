@@ -95,14 +95,23 @@ def rewrite_prompt(query: str, answer: str, judgement: Judgement) -> str:
 def read_rewrite(text: str, *, lenient: bool = True) -> str | None:
     """The new answer in the optimizer's JSON reply, without its ``<START>``/``<END>`` markers.
     Lenient: also an answer between the markers when the JSON is broken."""
+    marked = _marked_rewrite(text, lenient=lenient)
+    return None if marked is None else strip_markers(marked)
+
+
+def _marked_rewrite(text: str, *, lenient: bool = True) -> str | None:
+    """The optimizer's ``new_response`` as it wrote it, ``<START>``/``<END>`` included: what DRPO's
+    loop hands the critic and the next round. None when it holds no answer."""
     data = find_json(text, lenient=lenient)
     value = data.get("new_response") if data is not None else None
     if not isinstance(value, str) and lenient and CHAT_FORMAT.start in (text or ""):
         value = text[text.index(CHAT_FORMAT.start):]
+        if CHAT_FORMAT.end in value:  # broken JSON: the answer ends at its <END>
+            value = value[: value.index(CHAT_FORMAT.end) + len(CHAT_FORMAT.end)]
     if not isinstance(value, str):
         return None
-    answer = strip_markers(value.replace("\\n", "\n"))
-    return answer or None
+    value = value.replace("\\n", "\n").strip()
+    return value if strip_markers(value) else None
 
 
 async def optimize_example(session: Session, seed: Seed, *, rounds: int = 5, system_prompt: str = INITIAL_PROMPT) -> dict[str, Any] | None:
@@ -126,7 +135,8 @@ async def optimize_example(session: Session, seed: Seed, *, rounds: int = 5, sys
         candidate = None
         for attempt in range(2 if session.lenient else 1):
             texts = await session.call(optimizer, prompt, attempt=attempt)
-            candidate = read_rewrite(texts[0], lenient=session.lenient)
+            # As DRPO's loop: the critic and the next round see the answer with its <START>/<END>.
+            candidate = _marked_rewrite(texts[0], lenient=session.lenient)
             if candidate is not None:
                 break
         if candidate is None:
@@ -141,7 +151,7 @@ async def optimize_example(session: Session, seed: Seed, *, rounds: int = 5, sys
             best, kept = latest, round_
         if best[1].total >= 5 * len(rated.scores):  # every aspect at 5: stop early
             break
-    return {"query": seed.query, "answer": best[0], "reward": round(best[1].reward, 4), "scores": best[1].scores,
+    return {"query": seed.query, "answer": strip_markers(best[0]), "reward": round(best[1].reward, 4), "scores": best[1].scores,
             "rounds": done, "kept_round": kept, "history": [round(r, 4) for r in history]}
 
 
