@@ -1,6 +1,6 @@
 """The requests each DRPO role makes, before and after a change: a markdown table for a resolve note.
 
-Runs ``bpo drpo search`` (depth 1, one held-out seed) and ``bpo drpo icl`` (2 rounds) of two versions
+Runs ``bpo drpo search`` (one edit level, one held-out seed) and ``bpo drpo icl`` (2 rounds) of two versions
 of the package against one scripted, recording server process (``openai_server.py``), every role a
 model of its own name, and prints per job and role: requests, temperature, top_p, max_tokens, n and
 what the prompt carries. "Before" is the package at a git revision, extracted with ``git archive``
@@ -66,7 +66,7 @@ def _received(url: str) -> list[dict[str, Any]]:
         return json.load(response)["received"]
 
 
-def run_version(pythonpath: Path | None, work: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def run_version(pythonpath: Path | None, work: Path, depth: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Every request of a search and an example run, by (job, role)."""
     work.mkdir(parents=True)
     script = work / "script.json"
@@ -83,7 +83,7 @@ def run_version(pythonpath: Path | None, work: Path) -> dict[tuple[str, str], li
         url = f"http://127.0.0.1:{int(server.stdout.readline().split()[1])}"
         roles = [arg for model in ROLES for arg in (f"--{ROLES[model]}", f"{model}@{url}/v1")]
         jobs = {
-            "search": ["search", *roles, "--seeds", "seeds.txt", "--examples", "examples.json", "--depth", "1",
+            "search": ["search", *roles, "--seeds", "seeds.txt", "--examples", "examples.json", "--depth", str(depth),
                        "--max-extensions", "0", "--holdout", "1", "--out", "search"],
             "icl": ["icl", *roles, "--queries", "queries.txt", "--rounds", "2", "--out", "icl/bank.json"],
         }
@@ -166,8 +166,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = _package(args.before, Path(tmp) / "before-src")
-        before = run_version(old, Path(tmp) / "before")
-        after = run_version(ROOT, Path(tmp) / "after")
+        # One edit level in both: --depth counted edits before 23ae0ce, and counts states (root included) since, as DRPO's.
+        before = run_version(old, Path(tmp) / "before", depth=1)
+        after = run_version(ROOT, Path(tmp) / "after", depth=2)
     print(f"before = {args.before}, after = the working tree\n")
     print(table(before, after))
 
