@@ -194,7 +194,7 @@ def test_selfplay_cli_measures_cost(tiny_bpo_dir, tmp_path: Path):
     bpo = tmp_path / "bpo.json"
     bpo.write_text(json.dumps(json.loads(shared_data("bpo", "bpo_val.json").read_text())[:20]))
     run_ = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay", "--out", str(tmp_path / "m"), "--bpo", str(bpo),
-                           "--no-hh", "--base-model", str(tiny_bpo_dir), "--target", str(tiny_bpo_dir), "--start-adapter", "none",
+                           "--base-model", str(tiny_bpo_dir), "--target", str(tiny_bpo_dir), "--start-adapter", "none",
                            "--runtime", "transformers", "-n", "2", "--measure", "2", "--response-tokens", "8"],
                           capture_output=True, text=True, timeout=600)
     assert run_.returncode == 0, run_.stderr[-2000:]

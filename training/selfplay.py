@@ -2,7 +2,7 @@
 
 Per round:
 
-1. prompts with a preferred and a rejected response: BPO pairs (``good_res``/``bad_res``), single-turn
+1. prompts with a preferred and a rejected response: BPO pairs (``good_res``/``bad_res``), opt-in single-turn
    HH-RLHF (chosen/rejected), and optionally Dolly/Self-Instruct (the reference response preferred, the
    target's own greedy answer to the raw prompt rejected);
 2. N candidates per prompt from the current optimizer in aggressive mode; the raw prompt is always a
@@ -59,14 +59,16 @@ SHIPPED = "shipped"
 class SelfplayConfig:
     out: str = "runs/selfplay"
     bpo: str = "tests/data/bpo/bpo_val.json"
-    hh: str | None = "tests/data/preference/hh_rlhf_harmless_base_test.jsonl.gz"
+    #: HH-RLHF harmless-base transcripts, opt-in: with a 135M target the likelihood preference kept rewrites
+    #: that spell harmful requests out (training/results/selfplay/README.md), so no default.
+    hh: str | None = None
     #: Dolly / Self-Instruct sets: reference response preferred, the target's raw answer rejected. They are
     #: eval sets elsewhere (bpo-small's figures); a set named here is no longer held out of training.
     references: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=lambda: ["tests/data/bpo/dolly_eval.json", "tests/data/bpo/self_instruct_eval.json",
                                                          "tests/data/bpo/vicuna_eval.jsonl"])
     rounds: int = 2
-    prompts: int = 60  # new prompts per round, drawn in turn from each source
+    prompts: int = 40  # new prompts per round, drawn in turn from each source (cost: training/results/selfplay/README.md)
     num_candidates: int = 8
     margin: float = LIKELIHOOD_TIE_BAND  # nats/token a candidate must beat the raw prompt by to be kept
     heldout_fraction: float = 0.2
@@ -544,12 +546,10 @@ def markdown(report: dict[str, Any]) -> str:
 def selfplay_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: pairs, adapters, scores, selfplay.json/.md.")] = Path("runs/selfplay"),
     bpo: Annotated[Path, typer.Option("--bpo", help="BPO pairs with good_res/bad_res (20% held out).")] = Path("tests/data/bpo/bpo_val.json"),
-    hh: Annotated[Path | None, typer.Option("--hh", help="HH-RLHF transcripts (single-turn ones are used).")] = Path(
-        "tests/data/preference/hh_rlhf_harmless_base_test.jsonl.gz"),
-    no_hh: Annotated[bool, typer.Option("--no-hh", help="No HH-RLHF prompts.")] = False,
+    hh: Annotated[Path | None, typer.Option("--hh", help="HH-RLHF transcripts, opt-in (single-turn ones are used; see the results README).")] = None,
     reference: Annotated[list[Path] | None, typer.Option("--reference", help="Dolly/Self-Instruct set: reference preferred, the target's answer rejected.")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1)] = 2,
-    prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 60,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 40,
     num_candidates: Annotated[int, typer.Option("--num-candidates", "-n", min=1, help="Aggressive-mode candidates per prompt.")] = 8,
     margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by.")] = LIKELIHOOD_TIE_BAND,
     target: Annotated[str, typer.Option("--target", help="Target model: registry name, folder, or API model (with --target-base-url).")] = "smollm2-135m-instruct",
@@ -569,11 +569,11 @@ def selfplay_command(
     likelihood preference, guarded, then SFT, in rounds; figures on a fixed held-out BPO split."""
     if runtime not in ("auto", "transformers"):
         raise UsageError(f"--runtime {runtime!r}: use auto or transformers")
-    for path in [bpo, *([] if no_hh or hh is None else [hh]), *(reference or [])]:
+    for path in [bpo, *([] if hh is None else [hh]), *(reference or [])]:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
     config = SelfplayConfig(
-        out=str(out), bpo=str(bpo), hh=None if no_hh or hh is None else str(hh), references=[str(r) for r in reference or []],
+        out=str(out), bpo=str(bpo), hh=None if hh is None else str(hh), references=[str(r) for r in reference or []],
         rounds=rounds, prompts=prompts, num_candidates=num_candidates, margin=margin, target=target, target_base_url=target_base_url,
         base_model=base_model, start_adapter=None if start_adapter in (None, "none") else start_adapter, runtime=runtime,
         heldout_limit=heldout_limit, answer_tokens=answer_tokens, response_tokens=response_tokens, seed=seed,
