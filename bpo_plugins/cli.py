@@ -274,23 +274,13 @@ def _server_module(name: str) -> Any:
 
 
 def _run_server(asgi_app: Any, host: str, port: int, what: str, drain_s: float = 5) -> None:
-    import asyncio
+    from bpo_plugins.server import serve_announced
 
-    from bpo_plugins.server import bound_port, run_loop, uvicorn_server
-
-    server = uvicorn_server(asgi_app, host, port, drain_s=drain_s)
-
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.02)
-        if server.started:
-            # One line a supervisor or test can read: where to point OpenAI clients.
-            typer.echo(f"{what} at http://{host}:{bound_port(server)}/v1 (Ctrl-C to stop)", err=True)
-        await task
+    def announce(bound: int) -> None:  # one line a supervisor or test can read: where to point OpenAI clients
+        typer.echo(f"{what} at http://{host}:{bound}/v1 (Ctrl-C to stop)", err=True)
 
     try:
-        run_loop(run())  # uvloop where installed
+        serve_announced(asgi_app, host, port, announce, drain_s=drain_s)
     except OSError as exc:  # the port is taken, or the host cannot be bound
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import Server, python_process, scripted_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -84,35 +85,9 @@ def tiny_rewriter(tiny_bpo_dir: Path):
     return Rewriter.from_pretrained(tiny_bpo_dir, max_new_tokens=8).warmup()
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[str]
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
-
-    def received(self) -> list[dict]:
-        import urllib.request
-
-        with urllib.request.urlopen(self.url + "/v1/received") as response:
-            return json.load(response)["received"]
-
-
 def start_server(*args: str) -> Iterator[Server]:
-    process = subprocess.Popen(
-        [sys.executable, str(SERVER), *args], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"test server did not start: {line!r}")
-        yield Server(f"http://127.0.0.1:{int(line.split()[1])}", process)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    """``tests/support/openai_server.py`` started with ``args``."""
+    yield from python_process("openai_server.py", *args)
 
 
 @dataclass
@@ -178,9 +153,7 @@ SCRIPT = {
 @pytest.fixture(scope="session")
 def script_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """An OpenAI/Anthropic-compatible process whose 'script' model answers from SCRIPT."""
-    path = tmp_path_factory.mktemp("script") / "script.json"
-    path.write_text(json.dumps(SCRIPT))
-    yield from start_server("--script", str(path))
+    yield from scripted_server(tmp_path_factory.mktemp("script"), SCRIPT)
 
 
 @pytest.fixture(scope="session")
@@ -220,3 +193,18 @@ def prefix_reuse_runs(backend, template, prompts, decoding):
         cold.append(backend.generate([p], template, decoding, None).generations[0].texts)
     return warm, cold
 
+
+def wait_for_event(base_url: str, test_id: str, want: str, timeout: float = 10) -> str:
+    """Poll a scripted server's ``/events`` until request ``test_id`` reaches ``want``; its last state."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = httpx.get(base_url + "/events").json().get(test_id, "")
+        if state == want:
+            break
+        time.sleep(0.05)
+    return state

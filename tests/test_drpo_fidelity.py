@@ -30,7 +30,8 @@ from bpo_plugins.drpo.calls import Role
 from bpo_plugins.drpo.reward import ANCHORS, CRITIC_RUBRIC, find_json, read_judgement
 from bpo_plugins.drpo.search import Checkpoint
 from bpo_plugins.drpo.session import Session, default_roles
-from tests.conftest import Server, start_server
+from tests.conftest import Server
+from tests.support.processes import scripted_server
 
 REASON = "REASON-7f3: the user wants practical, well-organised steps"
 RATIONALE = "RATIONALE-c2e: the steps lack detail"
@@ -72,9 +73,7 @@ SCRIPT = {
 
 @pytest.fixture(scope="module")
 def llms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    path = tmp_path_factory.mktemp("drpo-fidelity") / "script.json"
-    path.write_text(json.dumps(SCRIPT))
-    yield from start_server("--script", str(path))
+    yield from scripted_server(tmp_path_factory.mktemp("drpo-fidelity"), SCRIPT)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -363,9 +362,7 @@ DEPTH_SCRIPT = {
 
 @pytest.fixture(scope="module")
 def depth_llms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    path = tmp_path_factory.mktemp("drpo-depth") / "script.json"
-    path.write_text(json.dumps(DEPTH_SCRIPT))
-    yield from start_server("--script", str(path))
+    yield from scripted_server(tmp_path_factory.mktemp("drpo-depth"), DEPTH_SCRIPT)
 
 
 def test_search_paths_hold_depth_states_and_the_base_gets_world_models_raw_text(depth_llms: Server, tmp_path: Path):

@@ -27,7 +27,8 @@ from bpo_plugins.drpo.icl import read_examples
 from bpo_plugins.drpo.reward import AspectChoice, corrected_for_refusal, find_json, read_aspect_choice, read_judgement
 from bpo_plugins.drpo.search import Search, SearchConfig, Seed
 from bpo_plugins.drpo.session import Session, default_roles
-from tests.conftest import Server, start_server
+from tests.conftest import Server
+from tests.support.processes import scripted_server
 
 METRICS = "Decide which aspects matter most"
 JUDGE = "Rate an AI assistant's answer"
@@ -68,9 +69,7 @@ EXAMPLES = {"examples": [
 
 
 def _script_server(tmp_path_factory: pytest.TempPathFactory, name: str, script: dict) -> Iterator[Server]:
-    path = tmp_path_factory.mktemp(name) / "script.json"
-    path.write_text(json.dumps(script))
-    yield from start_server("--script", str(path))
+    yield from scripted_server(tmp_path_factory.mktemp(name), script)
 
 
 @pytest.fixture(scope="module")

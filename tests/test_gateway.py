@@ -18,8 +18,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CLIServer, Server, start_cli_server
+from tests.conftest import CLIServer, Server, start_cli_server, wait_for_event
 from tests.support.openai_server import echo_reply
+from tests.support.processes import start_litellm
 
 pytestmark = pytest.mark.slow
 HARRY = "Tell me about Harry Potter"
@@ -191,30 +192,19 @@ def test_optimizer_that_fails_to_load_is_tried_once_and_every_prompt_goes_on(scr
         assert server.log.read_text().count("the optimizer failed to load") == 1  # never reloaded per request
 
 
-def _wait_event(server: Server, test_id: str, want: str, seconds: float = 10) -> str:
-    deadline = time.monotonic() + seconds
-    state = ""
-    while time.monotonic() < deadline:
-        state = httpx.get(server.base_url + "/events").json().get(test_id, "")
-        if state == want:
-            break
-        time.sleep(0.05)
-    return state
-
-
 def test_client_disconnect_closes_the_upstream_request(gateway, script_server):
     body = {"model": "echo", "messages": [{"role": "user", "content": "long story"}], "stream": True}
     headers = {"x-test-fault": "trickle=0.2", "x-test-id": "mid-stream", "X-BPO-Rewrite": "off"}
     with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body, headers=headers, timeout=30) as r:
         next(r.iter_lines())  # the first frame arrived: hang up mid-stream
-    assert _wait_event(script_server, "mid-stream", "closed") == "closed"
+    assert wait_for_event(script_server.base_url, "mid-stream", "closed") == "closed"
 
     # Before the first byte: the upstream is still thinking when the client goes.
     headers = {"x-test-fault": "latency=1", "x-test-id": "before-first", "X-BPO-Rewrite": "off"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gateway.base_url + "/chat/completions", json=body, headers=headers, timeout=0.4)
-    assert _wait_event(script_server, "before-first", "closed") == "closed"
-    assert _wait_event(script_server, "mid-stream", "closed") == "closed"
+    assert wait_for_event(script_server.base_url, "before-first", "closed") == "closed"
+    assert wait_for_event(script_server.base_url, "mid-stream", "closed") == "closed"
 
 
 async def _stream_text(client: httpx.AsyncClient, url: str, prompt: str) -> tuple[str, bool]:
@@ -431,16 +421,8 @@ LITELLM_KEY = "sk-" + "5e" * 32
 
 @pytest.fixture(scope="module")
 def litellm_proxy(script_server: Server, tmp_path_factory: pytest.TempPathFactory):
-    import os
-    import re
-    import socket
-    import subprocess
-    import sys
-
-    folder = tmp_path_factory.mktemp("litellm")
-    config = folder / "config.yaml"
     guardrail = "      guardrail: bpo_plugins.litellm.BPOGuardrail\n      mode: pre_call\n      default_on: false\n      optimizer: script\n"
-    config.write_text(
+    config = (
         "model_list:\n  - model_name: echo\n    litellm_params:\n      model: openai/echo\n"
         f"      api_base: {script_server.base_url}\n      api_key: sk-upstream\n"
         "guardrails:\n"
@@ -448,33 +430,8 @@ def litellm_proxy(script_server: Server, tmp_path_factory: pytest.TempPathFactor
         f"  - guardrail_name: bpo-dead\n    litellm_params:\n{guardrail}      optimizer_base_url: http://127.0.0.1:9/v1\n"
         "      rewrite_timeout_s: 1.0\n"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = folder / "litellm.log"
-    with log.open("w") as sink:
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "PYTHONUNBUFFERED": "1",
-               "LITELLM_MASTER_KEY": LITELLM_KEY}
-        litellm_bin = Path(sys.executable).with_name("litellm")
-        process = subprocess.Popen([str(litellm_bin), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                                   stdout=sink, stderr=sink, env=env, cwd=folder)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if process.poll() is not None:
-                    break
-                time.sleep(0.25)
-            if process.poll() is not None:
-                pytest.fail("litellm proxy did not start: " + re.sub(r"sk-\w+", "sk-***", log.read_text()[-2000:]))
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    for url in start_litellm(config, tmp_path_factory.mktemp("litellm"), LITELLM_KEY):
+        yield url + "/v1"
 
 
 def test_litellm_guardrail_rewrites_through_litellms_proxy(litellm_proxy, script_server):

@@ -11,7 +11,6 @@ import asyncio
 import copy
 import json
 import random
-import time
 from pathlib import Path
 
 import anthropic
@@ -19,9 +18,9 @@ import httpx
 import httpx2  # the anthropic SDK's own HTTP client
 import pytest
 
-from tests.conftest import CLIServer, Server, start_cli_server
+from tests.conftest import CLIServer, Server, start_cli_server, wait_for_event
 from tests.support.anthropic_server import reply_for
-from tests.support.processes import Process, anthropic_upstream
+from tests.support.processes import anthropic_upstream
 
 pytestmark = pytest.mark.slow
 HARRY = "Tell me about Harry Potter"
@@ -32,11 +31,11 @@ DRPO_PROMPT = "You are a careful assistant who checks every claim."
 
 
 @pytest.fixture(scope="module")
-def claude_upstream() -> Process:
+def claude_upstream() -> Server:
     yield from anthropic_upstream()
 
 
-def _gateway(script_server: Server, upstream: Process, folder: Path, env: dict[str, str]) -> CLIServer:
+def _gateway(script_server: Server, upstream: Server, folder: Path, env: dict[str, str]) -> CLIServer:
     from bpo_plugins.drpo import Alignment, icl_examples
 
     artifact = Alignment(DRPO_PROMPT, icl_examples()[:4], k=1).save(folder / "drpo.json")
@@ -50,7 +49,7 @@ def _gateway(script_server: Server, upstream: Process, folder: Path, env: dict[s
 
 
 @pytest.fixture(scope="module")
-def gateway(script_server: Server, claude_upstream: Process, tmp_path_factory: pytest.TempPathFactory):
+def gateway(script_server: Server, claude_upstream: Server, tmp_path_factory: pytest.TempPathFactory):
     yield from _gateway(script_server, claude_upstream, tmp_path_factory.mktemp("anthropic-gw"),
                         {"BPO_UPSTREAM_ANTHROPIC_API_KEY": UPSTREAM_KEY})
 
@@ -60,7 +59,7 @@ def client(gateway: CLIServer, **kw) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gateway.url, api_key=kw.pop("api_key", "sk-ant-client"), max_retries=0, **kw)
 
 
-def received(upstream: Process, path: str = "/v1/messages") -> list[dict]:
+def received(upstream: Server, path: str = "/v1/messages") -> list[dict]:
     return [r for r in httpx.get(upstream.base_url + "/received").json()["received"] if r["path"] == path]
 
 
@@ -189,28 +188,17 @@ def test_a_stream_that_breaks_ends_with_an_in_band_error_event(gateway):
     assert "the upstream stream broke off" in str(caught.value)
 
 
-def _wait_event(upstream: Process, test_id: str, want: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        state = httpx.get(upstream.base_url + "/events").json().get(test_id, "")
-        if state == want:
-            break
-        time.sleep(0.05)
-    return state
-
-
 def test_client_disconnect_cancels_the_upstream_request(gateway, claude_upstream):
     body = {"model": "claude-relay", "max_tokens": 64, "messages": user("a long story"), "stream": True}
     headers = {"x-test-fault": "trickle=0.2", "x-test-id": "msg-mid-stream"}
     with httpx.stream("POST", gateway.url + "/v1/messages", json=body, headers=headers, timeout=30) as r:
         next(r.iter_lines())  # the first event arrived: hang up mid-stream
-    assert _wait_event(claude_upstream, "msg-mid-stream", "closed") == "closed"
+    assert wait_for_event(claude_upstream.base_url, "msg-mid-stream", "closed") == "closed"
 
     headers = {"x-test-fault": "latency=1", "x-test-id": "msg-before-first"}  # the upstream is still thinking
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gateway.url + "/v1/messages", json=body, headers=headers, timeout=0.4)
-    assert _wait_event(claude_upstream, "msg-before-first", "closed") == "closed"
+    assert wait_for_event(claude_upstream.base_url, "msg-before-first", "closed") == "closed"
 
 
 async def test_200_concurrent_streams_each_get_their_own_answer(gateway):
@@ -298,7 +286,7 @@ async def test_1000_malformed_bodies_get_4xx_never_5xx(gateway):
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(script_server: Server, claude_upstream: Process, tmp_path_factory: pytest.TempPathFactory):
+def keyed_gateway(script_server: Server, claude_upstream: Server, tmp_path_factory: pytest.TempPathFactory):
     yield from _gateway(script_server, claude_upstream, tmp_path_factory.mktemp("anthropic-keys"),
                         {"BPO_UPSTREAM_ANTHROPIC_API_KEY": UPSTREAM_KEY, "BPO_GATEWAY_KEYS": GATEWAY_KEY})
 

@@ -24,7 +24,7 @@ from bpo_plugins.cache import REDIS_BACKOFF_S
 from tests.conftest import CLIServer, Server, start_cli_server
 from tests.support.anthropic_server import reply_for
 from tests.support.otlp_receiver import read_records
-from tests.support.processes import Process, anthropic_upstream, otlp_receiver, redis_server
+from tests.support.processes import anthropic_upstream, otlp_receiver, redis_server
 
 pytestmark = pytest.mark.slow
 HARRY = "Tell me about Harry Potter"
@@ -32,11 +32,11 @@ HARRY_REWRITE = "Provide an overview of the Harry Potter book series, covering i
 
 
 @pytest.fixture(scope="module")
-def claude_upstream() -> Process:
+def claude_upstream() -> Server:
     yield from anthropic_upstream()
 
 
-def proxy_args(script_server: Server, upstream: Process, *extra: str) -> list[str]:
+def proxy_args(script_server: Server, upstream: Server, *extra: str) -> list[str]:
     return ["proxy", "--upstream", script_server.base_url, "--anthropic-upstream", upstream.url,
             "--optimizer", "script", "--optimizer-base-url", script_server.base_url, *extra]
 
@@ -105,7 +105,7 @@ def test_two_workers_both_serve_metrics_add_up_and_shutdown_drains_streams(scrip
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Process:
+def redis(tmp_path: Path) -> Server:
     yield from redis_server(tmp_path)
 
 

@@ -3,11 +3,6 @@ through a real LiteLLM proxy process in front of the scripted Anthropic upstream
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import anthropic
@@ -16,7 +11,7 @@ import pytest
 
 from tests.conftest import Server
 from tests.support.anthropic_server import reply_for
-from tests.support.processes import Process, anthropic_upstream, free_port
+from tests.support.processes import anthropic_upstream, start_litellm
 
 pytestmark = pytest.mark.slow
 HARRY = "Tell me about Harry Potter"
@@ -25,57 +20,33 @@ LITELLM_KEY = "sk-" + "7a" * 32
 
 
 @pytest.fixture(scope="module")
-def claude_upstream() -> Process:
+def claude_upstream() -> Server:
     yield from anthropic_upstream()
 
 
-def _litellm(script_server: Server, upstream: Process, folder: Path, optimizer_base_url: str):
+def _litellm(script_server: Server, upstream: Server, folder: Path, optimizer_base_url: str):
     """A LiteLLM proxy whose one model is the scripted Anthropic upstream, with the BPO guardrail on by default.
     (LiteLLM 1.108 runs every pre_call guardrail on /v1/messages whatever the request's "guardrails" say,
     so each guardrail setting gets its own proxy.)"""
-    config = folder / "config.yaml"
-    config.write_text(
+    yield from start_litellm(
         "model_list:\n  - model_name: claude-test\n    litellm_params:\n      model: anthropic/claude-test\n"
         f"      api_base: {upstream.url}\n      api_key: sk-ant-upstream\n"
         "guardrails:\n  - guardrail_name: bpo\n    litellm_params:\n      guardrail: bpo_plugins.litellm.BPOGuardrail\n"
         f"      mode: pre_call\n      default_on: true\n      optimizer: script\n      optimizer_base_url: {optimizer_base_url}\n"
-        "      rewrite_timeout_s: 2.0\n"
-    )
-    port = free_port()
-    log = folder / "litellm.log"
-    with log.open("w") as sink:
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "PYTHONUNBUFFERED": "1",
-               "LITELLM_MASTER_KEY": LITELLM_KEY}
-        process = subprocess.Popen([str(Path(sys.executable).with_name("litellm")), "--config", str(config), "--host", "127.0.0.1",
-                                    "--port", str(port)], stdout=sink, stderr=sink, env=env, cwd=folder)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-            if process.poll() is not None:
-                pytest.fail("litellm proxy did not start: " + re.sub(r"sk-\w+", "sk-***", log.read_text()[-2000:]))
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        "      rewrite_timeout_s: 2.0\n", folder, LITELLM_KEY)
 
 
 @pytest.fixture(scope="module")
-def litellm_proxy(script_server: Server, claude_upstream: Process, tmp_path_factory: pytest.TempPathFactory):
+def litellm_proxy(script_server: Server, claude_upstream: Server, tmp_path_factory: pytest.TempPathFactory):
     yield from _litellm(script_server, claude_upstream, tmp_path_factory.mktemp("litellm-messages"), script_server.base_url)
 
 
 @pytest.fixture(scope="module")
-def litellm_dead_optimizer(script_server: Server, claude_upstream: Process, tmp_path_factory: pytest.TempPathFactory):
+def litellm_dead_optimizer(script_server: Server, claude_upstream: Server, tmp_path_factory: pytest.TempPathFactory):
     yield from _litellm(script_server, claude_upstream, tmp_path_factory.mktemp("litellm-dead"), "http://127.0.0.1:9/v1")
 
 
-def last_sent(upstream: Process) -> dict:
+def last_sent(upstream: Server) -> dict:
     return [r for r in httpx.get(upstream.base_url + "/received").json()["received"] if r["path"] == "/v1/messages"][-1]["body"]
 
 

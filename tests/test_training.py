@@ -19,7 +19,8 @@ from bpo_plugins.training.build import (
     teacher_prompt,
 )
 from bpo_plugins.training.data import Pair, Triplet, read_pairs, read_triplets
-from tests.conftest import shared_data, start_server
+from tests.conftest import shared_data
+from tests.support.processes import scripted_server
 
 # --- readers -----------------------------------------------------------------------------------
 
@@ -121,9 +122,7 @@ TEACHER_SCRIPT = {
 
 @pytest.fixture(scope="module")
 def teacher_server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "script.json"
-    path.write_text(json.dumps(TEACHER_SCRIPT))
-    yield from start_server("--script", str(path))
+    yield from scripted_server(tmp_path_factory.mktemp("teacher"), TEACHER_SCRIPT)
 
 
 def test_data_build_end_to_end_and_resume(teacher_server, tmp_path: Path):

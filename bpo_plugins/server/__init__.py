@@ -9,6 +9,7 @@ Nothing here is imported by ``import bpo_plugins``; the servers need the ``[serv
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -38,6 +39,24 @@ def run_loop(main: Any) -> Any:
 
 def bound_port(server: Any) -> int:
     return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+def serve_announced(app: Any, host: str, port: int, announce: Callable[[int], None], *, drain_s: float = 5) -> None:
+    """Serve ``app`` under uvicorn (on uvloop where installed) until it stops; once it listens, call
+    ``announce`` with the bound port (port 0 picks a free one), for a supervisor or a test to read."""
+    import asyncio
+
+    server = uvicorn_server(app, host, port, drain_s=drain_s)
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            announce(bound_port(server))
+        await task
+
+    run_loop(run())
 
 
 def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, str]:

@@ -185,18 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
     args = parser.parse_args()
-    from bpo_plugins.server import bound_port, uvicorn_server
+    from bpo_plugins.server import serve_announced
 
-    server = uvicorn_server(AnthropicUpstream(record=not args.no_record), "127.0.0.1", 0)
-
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)
-        print(f"PORT {bound_port(server)}", flush=True)
-        await task
-
-    asyncio.run(run())
+    serve_announced(AnthropicUpstream(record=not args.no_record), "127.0.0.1", 0, lambda port: print(f"PORT {port}", flush=True))
 
 
 if __name__ == "__main__":

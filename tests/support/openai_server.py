@@ -42,8 +42,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bpo_plugins.decoding import Decoding
-from bpo_plugins.server import bound_port, uvicorn_server
 from bpo_plugins.server import openai_api as api
+from bpo_plugins.server import serve_announced
 from bpo_plugins.server.asgi import BodyLimit, Endpoint
 from bpo_plugins.server.local import LocalModelAPI, request_decoding
 
@@ -249,16 +249,7 @@ def main() -> None:
     test_api = TestAPI(backend, script)
     test_api.reject_fields = args.reject_field
     app = BodyLimit(Starlette(routes=test_api.routes()), 64 << 20)
-    server = uvicorn_server(app, "127.0.0.1", 0)
-
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)
-        print(f"PORT {bound_port(server)}", flush=True)
-        await task
-
-    asyncio.run(run())
+    serve_announced(app, "127.0.0.1", 0, lambda port: print(f"PORT {port}", flush=True))
 
 
 if __name__ == "__main__":
