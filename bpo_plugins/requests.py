@@ -70,6 +70,13 @@ class Outcome:
     #: chat request into a completions request); None when unchanged.
     upstream_shape: Shape | None = None
 
+    @classmethod
+    def of(cls, result: RewriteResult, seconds: float = 0.0) -> Outcome:
+        """The outcome of a finished rewrite: fallback (with its reason), applied or unchanged."""
+        if result.fallback is not None:
+            return cls("fallback", result.fallback.value, result, seconds)
+        return cls("applied" if result.changed else "unchanged", None, result, seconds)
+
     @property
     def header(self) -> str:
         """The ``X-BPO-Rewrite`` value: the status and a reason, never prompt text."""
@@ -129,12 +136,6 @@ def find_prompt(body: dict[str, Any], shape: Shape) -> tuple[dict[str, Any], Use
 
 
 # -- outcomes ------------------------------------------------------------------------------------
-
-
-def _outcome(result: RewriteResult, seconds: float) -> Outcome:
-    if result.fallback is not None:
-        return Outcome("fallback", result.fallback.value, result, seconds)
-    return Outcome("applied" if result.changed else "unchanged", None, result, seconds)
 
 
 # -- DRPO alignment ------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class RequestRewriter:
         except Exception as exc:  # noqa: BLE001 - fail open: the original prompt goes on
             log.warning("rewrite failed (%s); the original prompt goes on", type(exc).__name__)
             return Outcome("fallback", "backend_error", rewrite_s=time.perf_counter() - start)
-        outcome = _outcome(result, time.perf_counter() - start)
+        outcome = Outcome.of(result, time.perf_counter() - start)
         if outcome.status == "applied":
             prompt.replace(result.rewritten)
         return outcome
@@ -297,7 +298,7 @@ def _batch_finish(found: list[_Found], results: Sequence[RewriteResult], seconds
         elif prompt is None:
             outcome = Outcome("skipped", reason)
         else:
-            outcome = _outcome(next(pending), seconds)
+            outcome = Outcome.of(next(pending), seconds)
             if outcome.status == "applied":
                 prompt.replace(outcome.result.rewritten)  # type: ignore[union-attr]
         if alignment is not None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bpo_plugins.requests import Outcome
     from bpo_plugins.result import RewriteResult
 
 CAPTURE_PROMPTS_ENV = "BPO_OTEL_CAPTURE_PROMPTS"
@@ -43,19 +44,26 @@ def app_tracer() -> Any | None:
     return provider.get_tracer(INSTRUMENTATION)
 
 
-def rewrite_attributes(result: RewriteResult) -> dict[str, Any]:
+def outcome_attributes(outcome: Outcome) -> dict[str, Any]:
     """What a span may say about one rewrite: outcome, reason, cache, model, duration (text only if asked)."""
-    outcome = "fallback" if result.fallback is not None else ("applied" if result.changed else "unchanged")
-    attributes: dict[str, Any] = {
-        "bpo.rewrite.outcome": outcome, "bpo.rewrite.mode": result.mode, "bpo.rewrite.cache": "hit" if result.cached else "miss",
-        "bpo.optimizer.backend": result.backend, "bpo.optimizer.model": result.model,
-        "bpo.rewrite.duration_ms": round(result.latency_s * 1000, 3), "bpo.rewrite.output_tokens": result.output_tokens,
-    }
-    if result.fallback is not None:
-        attributes["bpo.rewrite.fallback_reason"] = result.fallback.value
-    if capture_prompts():
-        attributes["bpo.prompt"], attributes["bpo.rewritten"] = result.original, result.rewritten
+    attributes: dict[str, Any] = {"bpo.rewrite.outcome": outcome.status, "bpo.rewrite.cache": outcome.cache,
+                                  "bpo.rewrite.duration_ms": round(outcome.rewrite_s * 1000, 3)}
+    if outcome.reason:
+        attributes["bpo.rewrite.fallback_reason" if outcome.status == "fallback" else "bpo.rewrite.reason"] = outcome.reason
+    result = outcome.result
+    if result is not None:
+        attributes.update({"bpo.rewrite.mode": result.mode, "bpo.optimizer.backend": result.backend,
+                           "bpo.optimizer.model": result.model, "bpo.rewrite.output_tokens": result.output_tokens})
+        if capture_prompts():
+            attributes["bpo.prompt"], attributes["bpo.rewritten"] = result.original, result.rewritten
     return attributes
+
+
+def rewrite_attributes(result: RewriteResult) -> dict[str, Any]:
+    """:func:`outcome_attributes` of one finished rewrite."""
+    from bpo_plugins.requests import Outcome
+
+    return outcome_attributes(Outcome.of(result, result.latency_s))
 
 
 def record_rewrites(results: Sequence[RewriteResult], start: float) -> None:

@@ -188,7 +188,7 @@ class Gateway:
         else:
             with self.tracing[0].start_as_current_span("bpo.gateway.rewrite") as span:
                 body, outcome = await rewrite
-                span.set_attributes(self._rewrite_attributes(outcome))
+                span.set_attributes(telemetry.outcome_attributes(outcome))
         self._count(outcome)
         request.state.bpo_rewrite_s = outcome.rewrite_s
         request.state.bpo_cache = outcome.cache
@@ -204,18 +204,6 @@ class Gateway:
         if model is not None and not isinstance(model, str):
             raise RequestError(400, "'model' must be a string", param="model")
         return self.config.treatment(model or "")
-
-    @staticmethod
-    def _rewrite_attributes(outcome: Outcome) -> dict[str, Any]:
-        attributes: dict[str, Any] = {"bpo.rewrite.outcome": outcome.status, "bpo.rewrite.cache": outcome.cache,
-                                      "bpo.rewrite.duration_ms": round(outcome.rewrite_s * 1000, 3)}
-        if outcome.reason:
-            attributes["bpo.rewrite.fallback_reason" if outcome.status == "fallback" else "bpo.rewrite.reason"] = outcome.reason
-        if outcome.result is not None:
-            attributes["bpo.optimizer.model"] = outcome.result.model
-            if telemetry.capture_prompts():
-                attributes["bpo.prompt"], attributes["bpo.rewritten"] = outcome.result.original, outcome.result.rewritten
-        return attributes
 
     def _count(self, outcome: Outcome) -> None:
         if outcome.cache != "off":
