@@ -92,13 +92,6 @@ def rewrite_prompt(query: str, answer: str, judgement: Judgement) -> str:
     return REWRITE_PROMPT.format(inputs=sections(query=query, original_answer=answer, critic_feedback=judgement.evaluation_json()))
 
 
-def read_rewrite(text: str, *, lenient: bool = True) -> str | None:
-    """The new answer in the optimizer's JSON reply, without its ``<START>``/``<END>`` markers.
-    Lenient: also an answer between the markers when the JSON is broken."""
-    marked = _marked_rewrite(text, lenient=lenient)
-    return None if marked is None else strip_markers(marked)
-
-
 def _marked_rewrite(text: str, *, lenient: bool = True) -> str | None:
     """The optimizer's ``new_response`` as it wrote it, ``<START>``/``<END>`` included: what DRPO's
     loop hands the critic and the next round. None when it holds no answer."""

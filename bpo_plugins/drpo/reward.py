@@ -344,9 +344,6 @@ class Judgement:
     def perfect(self) -> bool:
         return all(score >= 5 for score in self.scores.values())
 
-    def feedback(self) -> str:
-        return "\n".join(f"- {a}: {s:g}/5. {self.rationales.get(a, '')}".rstrip() for a, s in self.scores.items())
-
     def evaluation_json(self) -> str:
         """The rating as DRPO passes it on: ``{aspect: {rationale, score}}``."""
         return json.dumps({a: {"rationale": self.rationales.get(a, ""), "score": int(s) if s == int(s) else s}
