@@ -188,6 +188,13 @@ def test_round_data_resumes_per_prompt(tiny_bpo_dir, tiny_lm, tmp_path: Path):
     assert (first["generated"], second["resumed"], second["generated"], second["prompts"]) == (2, 2, 1, 3)
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [i.prompt for i in items]
     assert round_prompts(pools, 2, 3)[0] not in items  # the next round draws new prompts
+    # Another --margin on resume selects again from the stored scores: nothing is drawn or scored.
+    strict = run_round_data(items, None, None, None, out, margin=1e9, answer_tokens=4, cache=ScoreCache())
+    assert (strict["generated"], strict["changed_share"], strict["mean_delta_kept"]) == (0, 0, None)
+    loose = run_round_data(items, None, None, None, out, margin=-1e9, answer_tokens=4, cache=ScoreCache())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    passing = [max((c for c in r["candidates"] if c["guard"] is None), key=lambda c: c["score"], default=None) for r in rows]
+    assert loose["changed_share"] == pytest.approx(sum(c is not None for c in passing) / 3)
 
 
 def test_selfplay_cli_measures_cost(tiny_bpo_dir, tmp_path: Path):

@@ -277,13 +277,21 @@ def select(item: Item, candidates: Sequence[str], rewriter: Any, scorer: Likelih
     raw_score = scores[0]
     for row, score in zip(passing, scores[1:]):
         row["score"] = round(score, 5)
-    best = max(passing, key=lambda row: row["score"], default=None)
+    return Selection(round(raw_score, 5), rows, *_pick(item.prompt, round(raw_score, 5), rows, margin))
+
+
+def _pick(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], margin: float) -> tuple[str, float]:
+    """(text, score) of the best guard-passing candidate when it beats the raw prompt by more than
+    ``margin``; otherwise the raw prompt's."""
+    best = max((c for c in candidates if c["guard"] is None and c["score"] is not None), key=lambda c: c["score"], default=None)
     if best is not None and best["score"] - raw_score > margin:
-        return Selection(round(raw_score, 5), rows, best["text"], best["score"])
-    return Selection(round(raw_score, 5), rows, item.prompt, round(raw_score, 5))
+        return best["text"], best["score"]
+    return prompt, raw_score
 
 
-def _done_rows(path: Path) -> dict[str, dict[str, Any]]:
+def _done_rows(path: Path, margin: float) -> dict[str, dict[str, Any]]:
+    """The prompts already done in ``path``, each selected again under ``margin`` from its stored
+    scores, so a resumed run with another ``--margin`` re-selects without drawing or scoring again."""
     done: dict[str, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -292,13 +300,15 @@ def _done_rows(path: Path) -> dict[str, dict[str, Any]]:
                 done[row["key"]] = row
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn last line: that prompt runs again
+            text, score = _pick(row["prompt"], row["raw_score"], row["candidates"], margin)
+            row.update(selected=text, selected_score=score, changed=text != row["prompt"], delta=round(score - row["raw_score"], 5))
     return done
 
 
 def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScorer | Score, target: Any, out: Path, *, margin: float,
                    answer_tokens: int, cache: ScoreCache, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Candidates, guards, scores and selection for every item not yet in ``out``; figures of this call."""
-    done = _done_rows(out)
+    done = _done_rows(out, margin)
     todo = [item for item in items if item.key not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as sink:
@@ -345,7 +355,8 @@ def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScore
 
 def train_round(config: SelfplayConfig, round_dir: Path, rows: Sequence[dict[str, Any]], train_pairs: Sequence[Pair],
                 **overrides: Any) -> dict[str, Any]:
-    """LoRA SFT from the base model on the round's kept pairs plus BPO's training pairs (resumes; skips when done)."""
+    """LoRA SFT from the base model on the kept pairs of this round and the ones before plus BPO's training pairs
+    (resumes; skips when done)."""
     from bpo_plugins.training.sft import TrainConfig, train
 
     adapter = round_dir / "adapter"
@@ -485,7 +496,8 @@ def run(config: SelfplayConfig, *, measure: int | None = None, train_overrides: 
             data = run_round_data(items, rewriter, select_by, target, round_dir / "pairs.jsonl", margin=config.margin,
                                   answer_tokens=config.answer_tokens, cache=cache, progress=bar.update)
         data_s = time.perf_counter() - begun
-        rows = list(_done_rows(round_dir / "pairs.jsonl").values())
+        # Expert iteration keeps what every round so far selected: round k trains on rounds 1..k.
+        rows = [row for k in range(1, round_no + 1) for row in _done_rows(out / f"round-{k}" / "pairs.jsonl", config.margin).values()]
         begun = time.perf_counter()
         sft = train_round(config, round_dir, rows, train_pairs, **(train_overrides or {}))
         sft_s = time.perf_counter() - begun
