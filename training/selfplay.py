@@ -563,7 +563,7 @@ def selfplay_command(
     rounds: Annotated[int, typer.Option("--rounds", min=1)] = 2,
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 40,
     num_candidates: Annotated[int, typer.Option("--num-candidates", "-n", min=1, help="Aggressive-mode candidates per prompt.")] = 8,
-    margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by.")] = LIKELIHOOD_TIE_BAND,
+    margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by; a resumed run selects again from its stored scores.")] = LIKELIHOOD_TIE_BAND,
     target: Annotated[str, typer.Option("--target", help="Target model: registry name, folder, or API model (with --target-base-url).")] = "smollm2-135m-instruct",
     target_base_url: Annotated[str | None, typer.Option("--target-base-url")] = None,
     base_model: Annotated[str, typer.Option("--base-model", help="The optimizer's base model.")] = "smollm2-135m-instruct",
