@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bpo_plugins.inputs import UsageError
 from bpo_plugins.training.scores import RAW_TARGET, LikelihoodScorer, ScoreCache, answer_margins, win_tie_loss
 from bpo_plugins.training.selfplay import (
     Item,
@@ -171,6 +172,15 @@ def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
     assert again["rounds"][0]["data"]["resumed"] == 3 and again["rounds"][0]["data"]["generated"] == 0
     assert len((tmp_path / "run" / "round-1" / "pairs.jsonl").read_text().splitlines()) == 3
     assert again["rounds"][0]["heldout"]["likelihood"] == held["likelihood"]
+    # A selection that differs from the one the round's adapter was trained on (another --margin) is
+    # refused, not silently served by the old adapter; the same selection reuses it.
+    from bpo_plugins.training.selfplay import load_pool, train_round
+
+    train_pairs = load_pool(config)[2]
+    moved = [{**rows[0], "selected": rows[0]["prompt"] + " Explain it step by step."}, *rows[1:]]
+    with pytest.raises(UsageError, match="trained on another selection"):
+        train_round(config, tmp_path / "run" / "round-1", moved, train_pairs)
+    assert train_round(config, tmp_path / "run" / "round-1", rows, train_pairs) == again["rounds"][0]["sft"]
 
 
 def test_round_data_resumes_per_prompt(tiny_bpo_dir, tiny_lm, tmp_path: Path):

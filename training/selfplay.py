@@ -361,11 +361,15 @@ def train_round(config: SelfplayConfig, round_dir: Path, rows: Sequence[dict[str
 
     adapter = round_dir / "adapter"
     figures_path = adapter / "train_figures.json"
-    if figures_path.is_file():
-        return {k: v for k, v in json.loads(figures_path.read_text()).items() if k != "log_history"}
     data = round_dir / "train.jsonl"
     kept = [Pair(r["prompt"], r["selected"], r["good_res"], r["bad_res"], r.get("context"), r["source"]) for r in rows]
-    data.write_text("".join(json.dumps(p.to_bpo(), ensure_ascii=False) + "\n" for p in [*train_pairs, *kept]), encoding="utf-8")
+    text = "".join(json.dumps(p.to_bpo(), ensure_ascii=False) + "\n" for p in [*train_pairs, *kept])
+    if figures_path.is_file():
+        if data.is_file() and data.read_text(encoding="utf-8") != text:
+            raise UsageError(f"{adapter}: trained on another selection (a different --margin?); "
+                             f"copy the round's pairs.jsonl into a new --out to train on this one")
+        return {k: v for k, v in json.loads(figures_path.read_text()).items() if k != "log_history"}
+    data.write_text(text, encoding="utf-8")
     settings = {**config.train, **overrides}
     base_template = "bpo-chat" if config.base_model == "smollm2-135m-instruct" else "auto"
     cfg = TrainConfig(data=[str(data)], base_model=config.base_model, out=str(adapter), template=settings.pop("template", base_template),
@@ -563,7 +567,7 @@ def selfplay_command(
     rounds: Annotated[int, typer.Option("--rounds", min=1)] = 2,
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 40,
     num_candidates: Annotated[int, typer.Option("--num-candidates", "-n", min=1, help="Aggressive-mode candidates per prompt.")] = 8,
-    margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by; a resumed run selects again from its stored scores.")] = LIKELIHOOD_TIE_BAND,
+    margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by. A resumed run selects again from its stored scores; a round already trained on another selection stops with exit 2 (copy its pairs.jsonl into a new --out).")] = LIKELIHOOD_TIE_BAND,
     target: Annotated[str, typer.Option("--target", help="Target model: registry name, folder, or API model (with --target-base-url).")] = "smollm2-135m-instruct",
     target_base_url: Annotated[str | None, typer.Option("--target-base-url")] = None,
     base_model: Annotated[str, typer.Option("--base-model", help="The optimizer's base model.")] = "smollm2-135m-instruct",
