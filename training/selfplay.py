@@ -116,10 +116,6 @@ class Selection:
     selected: str
     selected_score: float
 
-    @property
-    def changed(self) -> bool:
-        return any(c["text"] == self.selected for c in self.candidates)
-
 
 # --- data -------------------------------------------------------------------------------------
 
@@ -289,6 +285,12 @@ def _pick(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], m
     return prompt, raw_score
 
 
+def _selection_fields(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], margin: float) -> dict[str, Any]:
+    """A pairs.jsonl row's selection, the one rule for a fresh prompt and a resumed one."""
+    text, score = _pick(prompt, raw_score, candidates, margin)
+    return {"selected": text, "selected_score": score, "changed": text != prompt, "delta": round(score - raw_score, 5)}
+
+
 def _done_rows(path: Path, margin: float) -> dict[str, dict[str, Any]]:
     """The prompts already done in ``path``, each selected again under ``margin`` from its stored
     scores, so a resumed run with another ``--margin`` re-selects without drawing or scoring again."""
@@ -300,8 +302,7 @@ def _done_rows(path: Path, margin: float) -> dict[str, dict[str, Any]]:
                 done[row["key"]] = row
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn last line: that prompt runs again
-            text, score = _pick(row["prompt"], row["raw_score"], row["candidates"], margin)
-            row.update(selected=text, selected_score=score, changed=text != row["prompt"], delta=round(score - row["raw_score"], 5))
+            row.update(_selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
     return done
 
 
@@ -324,8 +325,7 @@ def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScore
             scored = time.perf_counter() - start
             row = {"key": item.key, "source": item.source, "prompt": item.prompt, "context": item.context, "good_res": item.chosen,
                    "candidates_s": round(took, 3), "scoring_s": round(scored, 3), "bad_res": item.rejected, "raw_score": chosen.raw_score, "candidates": chosen.candidates,
-                   "selected": chosen.selected, "selected_score": chosen.selected_score, "changed": chosen.changed,
-                   "delta": round(chosen.selected_score - chosen.raw_score, 5)}
+                   **_selection_fields(item.prompt, chosen.raw_score, chosen.candidates, margin)}
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()
             done[item.key] = row
