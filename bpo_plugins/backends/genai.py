@@ -11,8 +11,10 @@ This file only turns token ids into tokens: prompts are rendered and tokenised b
 
 from __future__ import annotations
 
+import atexit
 import json
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +76,17 @@ class GenAIBackend(LocalBackend):
         self._prefix_cache = KVPrefixCache(model)
         #: Draft tokens per step of greedy batch-1 decoding (prompt lookup); 0 turns it off.
         self.prompt_lookup_tokens = 5
+        _release_at_exit(self)
+
+    def close(self) -> None:
+        """Release the GenAI model, its cached generator and the tokenizer now. GenAI counts the models
+        still alive when the process ends and prints ``OGA Error: ... were leaked`` for each, and a
+        backend held by a module global or a daemon thread is only collected after that count; so every
+        backend is closed at interpreter exit too. A closed backend cannot generate."""
+        self._prefix_cache.clear()
+        self._prefix_cache.model = None
+        self.model = None
+        self.tokenizer = None
 
     @classmethod
     def load_export(cls, folder: str | Path, *, model_id: str, template: PromptTemplate | None, device: str | None = None) -> GenAIBackend:
@@ -217,6 +230,24 @@ class GenAIBackend(LocalBackend):
                 changed = True
         if changed:
             generator.set_logits(logits)
+
+
+_open_backends: weakref.WeakSet[GenAIBackend] = weakref.WeakSet()
+
+
+def _release_at_exit(backend: GenAIBackend) -> None:
+    # Python's atexit runs before the C++ static destructors where GenAI counts its live models, and
+    # in reverse order of registration: registered again here, after onnxruntime_genai was imported,
+    # the release runs before anything that module registered.
+    atexit.unregister(_close_open_backends)
+    atexit.register(_close_open_backends)
+    _open_backends.add(backend)
+
+
+def _close_open_backends() -> None:
+    for backend in list(_open_backends):
+        backend.close()
+    _open_backends.clear()
 
 
 def _search_params(model: Any, decoding: Decoding, *, max_length: int, batch_size: int) -> Any:
