@@ -97,7 +97,23 @@ def optimize(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return
-    typer.echo(result.prompt)
+    _show_result(result)
+
+
+def _show_result(result: Any) -> None:
+    """The prompt to send on; on a terminal, as a word diff of the original in colour. A pipe gets the
+    plain text. The fallback reason goes to stderr either way."""
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    if console.is_terminal:
+        from bpo_plugins.diff import rich_diff, word_diff
+
+        console.print(rich_diff(word_diff(result.original, result.rewritten)))
+        if result.context is not None:
+            console.print(f"\n{result.context}", markup=False)
+    else:
+        typer.echo(result.prompt)
     if result.fallback is not None:
         typer.secho(f"[fallback: {result.fallback.value}] {result.detail}", err=True, fg=typer.colors.YELLOW)
 
@@ -209,21 +225,27 @@ def serve(
     backend: BackendOption = "auto",
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    target: Annotated[str | None, typer.Option("--target", help="MODEL or MODEL@URL: the playground page shows its answers to the original and the rewrite.")] = None,
 ) -> None:
-    """Serve a local model (any local runtime) over an OpenAI-compatible API, streaming included."""
-    from bpo_plugins.backends import load_local_backend
+    """Serve a local model (any local runtime) over an OpenAI-compatible API, streaming included, and the
+    playground page at / (type a prompt, see its rewrite)."""
+    from bpo_plugins import Rewriter
     from bpo_plugins.backends.local import LocalBackend
     from bpo_plugins.spec import resolve_spec
 
     build_app = _server_module("local").build_app
     with usage_errors():
         spec = resolve_spec(model, backend=backend)
+        target_spec = None if target is None else resolve_spec(target)
     if spec.kind != "local":
         raise UsageError(f"bpo serve runs local models (a registry name, folder or hub id), not {spec.kind} model {model!r}")
-    loaded = load_local_backend(spec.model, backend=spec.runtime)
+    rewriter = Rewriter.from_spec(spec)  # the page's optimizer shares the served model
+    loaded = rewriter.backend
     if not isinstance(loaded, LocalBackend):  # pragma: no cover - every local runtime is a LocalBackend
         raise UsageError(f"{model!r} did not load as a local model")
-    _run_server(build_app(loaded), host, port, f"serving {loaded.model_id} ({loaded.name})")
+    playground = _server_module("playground").Playground(rewriter, model, target_spec)
+    _run_server(build_app(loaded, extra_routes=playground.routes()), host, port, f"serving {loaded.model_id} ({loaded.name})",
+                page=True)
 
 
 @app.command()
@@ -273,11 +295,12 @@ def _server_module(name: str) -> Any:
         raise UsageError(f"the servers need the server extra ({exc.name} is missing): pip install 'bpo-plugins[server]'") from None
 
 
-def _run_server(asgi_app: Any, host: str, port: int, what: str, drain_s: float = 5) -> None:
+def _run_server(asgi_app: Any, host: str, port: int, what: str, drain_s: float = 5, page: bool = False) -> None:
     from bpo_plugins.server import serve_announced
 
     def announce(bound: int) -> None:  # one line a supervisor or test can read: where to point OpenAI clients
-        typer.echo(f"{what} at http://{host}:{bound}/v1 (Ctrl-C to stop)", err=True)
+        playground = f", the playground at http://{host}:{bound}/" if page else ""
+        typer.echo(f"{what} at http://{host}:{bound}/v1{playground} (Ctrl-C to stop)", err=True)
 
     try:
         serve_announced(asgi_app, host, port, announce, drain_s=drain_s)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "BPO", "BPO_CHAT", "BPO_INSTRUCTION", "PROMPT_ENGINEER", "PROMPT_SLOT", "TEMPLATES", "PromptTemplate", "follows_bpo",
+    "BPO", "BPO_CHAT", "BPO_INSTRUCTION", "PROMPT_ENGINEER", "PROMPT_SLOT", "TARGET", "TEMPLATES", "PromptTemplate", "follows_bpo",
     "pick_local_template", "resolve_template",
 ]
 
@@ -67,6 +67,9 @@ BPO = PromptTemplate(name="bpo", user=BPO_INSTRUCTION + PROMPT_SLOT, raw="[INST]
 
 #: BPO's instruction sent through the model's own chat template (for chat models fine-tuned on BPO data).
 BPO_CHAT = PromptTemplate(name="bpo-chat", user=BPO_INSTRUCTION + PROMPT_SLOT)
+
+#: A target LLM asked the prompt as its user turn, in its own chat template (no system text of ours).
+TARGET = PromptTemplate(name="target", user=PROMPT_SLOT)
 
 #: A general LLM used as the prompt engineer: the paper's baseline, and the untuned small model.
 PROMPT_ENGINEER = PromptTemplate(

@@ -24,7 +24,7 @@ from typing import Any
 
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
-from bpo_plugins.templates import PromptTemplate
+from bpo_plugins.templates import TARGET, PromptTemplate
 
 __all__ = ["ANSWER_TIE_BAND", "LIKELIHOOD_TIE_BAND", "RAW_TARGET", "TARGET_CHAT", "LikelihoodScorer", "ScoreCache", "answer_margins",
            "target_answers", "target_template", "target_text", "win_tie_loss"]
@@ -35,7 +35,7 @@ LIKELIHOOD_TIE_BAND = 0.01
 ANSWER_TIE_BAND = 0.01
 
 #: The prompt as the user's turn, in the target's own chat template (no system text of ours).
-TARGET_CHAT = PromptTemplate(name="target", user="{prompt}")
+TARGET_CHAT = TARGET
 #: A target without a chat template (a base model): the prompt, a line break, then the response.
 RAW_TARGET = PromptTemplate(name="target-raw", user="{prompt}", raw="{user}\n")
 

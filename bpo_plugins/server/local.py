@@ -183,6 +183,8 @@ class LocalModelAPI:
         ]
 
 
-def build_app(backend: LocalBackend | None, *, model_name: str | None = None, max_body_bytes: int = 4 << 20) -> Any:
-    """The ASGI app of ``bpo serve`` (run it with uvicorn)."""
-    return BodyLimit(Starlette(routes=LocalModelAPI(backend, model_name).routes()), max_body_bytes)
+def build_app(backend: LocalBackend | None, *, model_name: str | None = None, max_body_bytes: int = 4 << 20,
+              extra_routes: list[Route] | None = None) -> Any:
+    """The ASGI app of ``bpo serve`` (run it with uvicorn); ``extra_routes``: the playground page's."""
+    routes = LocalModelAPI(backend, model_name).routes() + (extra_routes or [])
+    return BodyLimit(Starlette(routes=routes), max_body_bytes)
