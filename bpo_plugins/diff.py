@@ -11,8 +11,9 @@ from typing import Any, Literal
 __all__ = ["DiffOp", "diff_ops_json", "rich_diff", "word_diff"]
 
 DiffTag = Literal["same", "removed", "added"]
-# Words and the whitespace between them, so that joining the ops' texts gives back either side exactly.
-_TOKENS = re.compile(r"\s+|\S+")
+# Each word with the whitespace after it (and any leading whitespace alone), so that joining the ops'
+# texts gives back either side exactly, and a lone space never anchors a match between two new words.
+_TOKENS = re.compile(r"\s+|\S+\s*")
 
 
 @dataclass(frozen=True)
