@@ -31,10 +31,17 @@ HOSTILE = '<script>window.__ran = 1</script><img src=x onerror="window.__ran = 2
 
 
 @pytest.fixture(scope="module")
-def playground(tmp_path_factory: pytest.TempPathFactory, model_server) -> Iterator[CLIServer]:
-    """``bpo serve`` (bpo-small) with the bundled SmolLM2 on another server as its ``--target``."""
+def target_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLIServer]:
+    """The bundled SmolLM2 behind another ``bpo serve``: the target, at MODEL@URL."""
+    yield from start_cli_server(["serve", "--model", "smollm2-135m-instruct"], tmp_path_factory.mktemp("target") / "serve.log",
+                                timeout=300)
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory: pytest.TempPathFactory, target_server: CLIServer) -> Iterator[CLIServer]:
+    """``bpo serve`` (bpo-small) with the target server as its ``--target``."""
     log = tmp_path_factory.mktemp("playground") / "serve.log"
-    yield from start_cli_server(["serve", "--target", f"smollm2@{model_server.base_url}"], log,
+    yield from start_cli_server(["serve", "--target", f"smollm2@{target_server.base_url}"], log,
                                 env={"OPENAI_API_KEY": SECRET}, timeout=300)
 
 
