@@ -2,12 +2,15 @@
 against a real ``bpo serve`` process with the bundled optimizer and a real target on 127.0.0.1.
 
 Needs ``apt-get install chromium`` and the test extra's ``playwright`` (no ``playwright install``: the
-system Chromium is used). The first test keeps its screenshot in ``docs/playground.png`` for the README.
+system Chromium is used). Where Chromium is missing the browser tests skip, except under ``BPO_REQUIRE_BROWSER=1``
+(``.ci/run`` sets it), where they fail. The first test writes its screenshot to its temp folder, and to
+``docs/playground.png`` (the README's picture) only under ``BPO_UPDATE_SCREENSHOT=1``, so a test run leaves the tree clean.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 #: The server's OpenAI key (its target's): it must never reach the page.
 SECRET = "sk-playground-secret-0123456789"
-SCREENSHOT = ROOT / "docs" / "playground.png"
+README_SCREENSHOT = ROOT / "docs" / "playground.png"
 #: A prompt the bundled optimizer rewrites (greedy, so always the same rewrite).
 PROMPT = "Give me three tips for a job interview"
 HOSTILE = '<script>window.__ran = 1</script><img src=x onerror="window.__ran = 2"> Summarize this text'
@@ -47,9 +50,14 @@ def playground(tmp_path_factory: pytest.TempPathFactory, target_server: CLIServe
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("no Chromium: apt-get install -y chromium")
+    if os.environ.get("BPO_REQUIRE_BROWSER") == "1":
+        from playwright import sync_api
+
+        assert Path(CHROMIUM).is_file(), f"BPO_REQUIRE_BROWSER=1 but {CHROMIUM} is missing: apt-get install -y chromium"
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+        if not Path(CHROMIUM).is_file():
+            pytest.skip("no Chromium: apt-get install -y chromium")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
@@ -91,7 +99,7 @@ def diff_sides(page) -> tuple[str, str]:
     return before, after
 
 
-def test_page_shows_the_rewrite_as_a_word_diff_with_verdict_latency_and_target_answers(page, playground):
+def test_page_shows_the_rewrite_as_a_word_diff_with_verdict_latency_and_target_answers(page, playground, tmp_path):
     data = submit(page, PROMPT)
 
     assert data["verdict"] == "rewritten", data
@@ -110,8 +118,10 @@ def test_page_shows_the_rewrite_as_a_word_diff_with_verdict_latency_and_target_a
     with urllib.request.urlopen(playground.url + "/playground/config") as config:
         assert SECRET not in config.read().decode()
     assert page.dialogs == []
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    screenshot = page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    assert screenshot[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("BPO_UPDATE_SCREENSHOT") == "1":
+        README_SCREENSHOT.write_bytes(screenshot)
 
 
 def test_html_in_a_prompt_is_shown_as_text_and_never_run(page):
