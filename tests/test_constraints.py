@@ -112,7 +112,7 @@ def test_rewrites_that_keep_or_add_constraints_pass(prompt, rewrite):
 
 
 def test_bpo_reference_rewrites_rarely_trip_the_constraint_guard():
-    # BPO's own reference rewrites are the false-positive check: its 300 validation pairs trip it 3 times,
+    # BPO's own reference rewrites are the false-positive check: its 300 validation pairs trip it twice,
     # each a reference that does drop what the user said ("a short essay" -> "a detailed essay").
     pairs = json.loads(shared_data("bpo", "bpo_val.json").read_text())
     flagged = [(r["prompt"][:60], constraint_reason(r["prompt"], r["optimized_prompt"])) for r in pairs

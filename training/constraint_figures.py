@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,9 @@ def main() -> None:
     parser.add_argument("--bpo", type=Path, default=Path("tests/data/bpo/bpo_val.json"))
     parser.add_argument("--bpo-test", type=Path, help="thu-coai/BPO data/testset/bpo_test.json (200 pairs with references)")
     parser.add_argument("--no-model", action="store_true", help="BPO's reference rewrites only")
+    parser.add_argument("--rows", type=Path, help="Re-count from a run's rows.jsonl instead of rewriting again")
+    parser.add_argument("--rows-out", type=Path, default=Path("runs/constraints/rows.jsonl"),
+                        help="Where the rewrites go (git-ignored: they hold evaluation prompts)")
     parser.add_argument("--out", type=Path, default=Path("training/results/constraints"))
     args = parser.parse_args()
 
@@ -87,32 +89,50 @@ def main() -> None:
         sets[name], contexts[name] = [(i.prompt, None) for i in items], [i.context for i in items]
 
     report: dict[str, Any] = {"command": "python training/constraint_figures.py " + " ".join(
-        f"{k} {v}" for k, v in (("--model", args.model), ("--bpo-test", args.bpo_test)) if v) + (" --no-model" if args.no_model else ""),
+        f"{k} {v}" for k, v in (("--model", args.model), ("--bpo-test", args.bpo_test), ("--rows", args.rows), ("--out", args.out)) if v)
+        + (" --no-model" if args.no_model else ""),
         "references": {}, "optimizer": {}}
     examples: dict[str, Any] = {}
     for name, pairs in references.items():
         report["references"][name], examples[f"reference:{name}"] = _tally(pairs)
-    if not args.no_model:
-        from bpo_plugins import Rewriter
-
-        guards = dataclasses.replace(GuardConfig.strict(), check_constraints=False)
-        rewriter = Rewriter.from_pretrained(args.model, mode="greedy", guards=guards, cache_size=0)
-        for name, pairs in sets.items():
-            prompts = [p for p, _ in pairs]
-            begun = time.perf_counter()
-            results = [r for start in range(0, len(prompts), 16)
-                       for r in rewriter.rewrite_batch(prompts[start : start + 16], contexts=contexts[name][start : start + 16])]
-            sent = [(p, r.rewritten if r.fallback is None and r.rewritten != p else None) for p, r in zip(prompts, results)]
-            raw = [(p, clean_output(r.candidates[0]) if r.candidates else None) for p, r in zip(prompts, results)]
-            sent_fig, examples[f"sent:{name}"] = _tally(sent)
-            raw_fig, examples[f"raw:{name}"] = _tally(raw)
-            report["optimizer"][name] = {"sent": sent_fig, "raw": raw_fig, "fallbacks": sum(r.fallback is not None for r in results),
-                                         "wall_s": round(time.perf_counter() - begun, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = _rewrite(args.model, sets, contexts, args.rows_out) if args.rows is None and not args.no_model else (
+        [json.loads(line) for line in args.rows.read_text().splitlines()] if args.rows else [])
+    for name in sets:
+        mine = [r for r in rows if r["set"] == name]
+        if not mine:
+            continue
+        sent = [(r["prompt"], r["sent"]) for r in mine]
+        raw = [(r["prompt"], r["raw"]) for r in mine]
+        sent_fig, examples[f"sent:{name}"] = _tally(sent)
+        raw_fig, examples[f"raw:{name}"] = _tally(raw)
+        report["optimizer"][name] = {"sent": sent_fig, "raw": raw_fig, "fallbacks": sum(r["fallback"] is not None for r in mine)}
     (args.out / "constraints.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "constraint_examples.json").write_text(json.dumps(examples, indent=2, ensure_ascii=False) + "\n")
     (args.out / "constraints.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def _rewrite(model: str, sets: dict[str, list[tuple[str, str | None]]], contexts: dict[str, list[str | None]], path: Path) -> list[dict[str, Any]]:
+    """Greedy rewrites of every set with the shipped guards minus this one; each row also written to ``path``."""
+    from bpo_plugins import Rewriter
+
+    guards = dataclasses.replace(GuardConfig.strict(), check_constraints=False)
+    rewriter = Rewriter.from_pretrained(model, mode="greedy", guards=guards, cache_size=0)
+    rows = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as sink:
+        for name, pairs in sets.items():
+            prompts = [p for p, _ in pairs]
+            for start in range(0, len(prompts), 16):
+                results = rewriter.rewrite_batch(prompts[start : start + 16], contexts=contexts[name][start : start + 16])
+                for prompt, result in zip(prompts[start : start + 16], results):
+                    row = {"set": name, "prompt": prompt, "sent": result.rewritten if result.fallback is None and result.rewritten != prompt else None,
+                           "raw": clean_output(result.candidates[0]) if result.candidates else None,
+                           "fallback": result.fallback and result.fallback.value}
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    rows.append(row)
+    return rows
 
 
 def _row(name: str, fig: dict[str, Any]) -> str:
