@@ -108,6 +108,7 @@ def test_mix_keeps_eval_and_heldout_prompts_out_and_applies_bpos_filters(tmp_pat
 
     bpo = report["sources"]["bpo"]
     assert bpo["dropped"]["heldout_exact"] == 60  # the fixed decision split (training/results/selfplay/)
+    assert len(read_pairs([tmp_path / "mix" / "heldout.jsonl"])) == 60
     rar = report["sources"]["rephrase-and-respond"]
     assert rar["dropped"]["eval_near"] == 1 and rar["kept"] == 2
     one = report["sources"]["oneprompted"]

@@ -10,7 +10,8 @@ and yields (prompt -> optimized prompt) pairs. The mix then:
    constraint check (a pair whose rewrite drops the user's explicit length, count or format would teach the
    optimizer to do so), then its exact/near-duplicate and self-BLEU filters across the whole mix;
 4. writes the mix, each source's kept pairs (the ablation arms are unions of them), CoachLM's preference
-   triples, and a report with every source's licence, rows kept and dropped (and why) and its style.
+   triples, the held-out decision split (``heldout.jsonl``, for ``bpo eval``) and a report with every
+   source's licence, rows kept and dropped (and why) and its style.
 
 Keep-as-is rows are added by ``bpo train`` (``keep_as_is_fraction``), as for BPO's data alone.
 """
@@ -284,6 +285,10 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
         (out / "coachlm.triples.jsonl").write_text("".join(json.dumps(
             {"prompt": t.prompt, "context": t.context, "chosen": t.chosen, "rejected": t.rejected}, ensure_ascii=False) + "\n" for t in triples))
         report["sources"]["coachlm"]["preference_triples"] = len(triples)
+    if heldout_from is not None:
+        from bpo_plugins.training.selfplay import heldout_split
+
+        _write(out / "heldout.jsonl", heldout_split(heldout_from, 0.2, 42)[1])  # the decision split, for bpo eval
     report["kept"] = len(kept)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
