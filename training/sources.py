@@ -4,12 +4,14 @@ One recipe per source reads that source's own files (exported from its repositor
 and yields (prompt -> optimized prompt) pairs. The mix then:
 
 1. refuses a source whose licence does not let us ship a model trained on it, unless told it is a research run;
-2. drops every prompt of an evaluation set or of the fixed held-out split (BPO's 60 decision pairs), by exact
-   match after normalising and by MiniLM cosine >= 0.9;
+2. drops every prompt of an evaluation set or of the fixed held-out split (BPO's 60 decision pairs) by exact
+   match after normalising;
 3. applies ``bpo data build``'s filters (BPO's word-ratio filter, leftover markers, answered-not-rewrote), our
-   constraint check (a pair whose rewrite drops the user's explicit length, count or format would teach the
-   optimizer to do so), then its exact/near-duplicate and self-BLEU filters across the whole mix;
-4. writes the mix, each source's kept pairs (the ablation arms are unions of them), CoachLM's preference
+   constraint check (a pair whose rewrite drops the user's explicit constraints would teach the optimizer to
+   do so) and its exact/near-duplicate filter across the whole mix;
+4. drops what is left that is a near copy of an evaluation or held-out prompt (MiniLM cosine >= 0.9), then
+   applies the self-BLEU filter;
+5. writes the mix, each source's kept pairs (the ablation arms are unions of them), CoachLM's preference
    triples, the held-out decision split (``heldout.jsonl``, for ``bpo eval``) and a report with every
    source's licence, rows kept and dropped (and why) and its style.
 
@@ -171,24 +173,28 @@ def banned_prompts(eval_sets: Sequence[str | Path], heldout_from: str | Path | N
     return banned
 
 
-def _contamination(prompts: Sequence[str], banned: dict[str, set[str]], embedder: Any, threshold: float) -> list[str]:
-    """Per prompt: "" or why it is dropped ("eval_exact", "heldout_near", ...)."""
+def _exact_reason(prompt: str, banned: dict[str, set[str]]) -> str:
+    return next((f"{label}_exact" for label, keys in banned.items() if normalise(prompt) in keys), "")
+
+
+def _near_reasons(prompts: Sequence[str], banned: dict[str, set[str]], embedder: Any, threshold: float) -> list[str]:
+    """Per prompt: "" or the split it is a near copy of ("eval_near", "heldout_near"), by MiniLM cosine.
+    Each distinct text is encoded once, the banned ones first."""
     import numpy as np
 
-    reasons = [next((f"{label}_exact" for label, keys in banned.items() if normalise(p) in keys), "") for p in prompts]
     labelled = [(label, key) for label, keys in banned.items() for key in sorted(keys)]
-    todo = [i for i, r in enumerate(reasons) if not r]
-    if not labelled or not todo or embedder is None:
-        return reasons
-    banned_vectors = np.concatenate([embedder.encode([k for _, k in labelled[i : i + 64]]) for i in range(0, len(labelled), 64)])
-    for start in range(0, len(todo), 64):
-        chunk = todo[start : start + 64]
-        sims = embedder.encode([normalise(prompts[i]) for i in chunk]) @ banned_vectors.T
-        for i, row in zip(chunk, sims):
-            best = int(row.argmax())
-            if row[best] >= threshold:
-                reasons[i] = f"{labelled[best][0]}_near"
-    return reasons
+    if not labelled or not prompts or embedder is None:
+        return [""] * len(prompts)
+
+    def encode(texts: Sequence[str]) -> Any:
+        return np.concatenate([embedder.encode(list(texts[i : i + 64])) for i in range(0, len(texts), 64)])
+
+    banned_vectors = encode([k for _, k in labelled])
+    distinct = sorted({normalise(p) for p in prompts})
+    sims = encode(distinct) @ banned_vectors.T
+    best = sims.argmax(axis=1)
+    reason = {text: f"{labelled[b][0]}_near" if row[b] >= threshold else "" for text, row, b in zip(distinct, sims, best)}
+    return [reason[normalise(p)] for p in prompts]
 
 
 # --- style ------------------------------------------------------------------------------------
@@ -249,8 +255,9 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
                 dropped[name]["empty"] += 1
             else:
                 pairs.append(pair)
-        for pair, reason in zip(pairs, _contamination([p.prompt for p in pairs], banned, embedder, near_cosine)):
-            reason = reason or filter_reason(pair.prompt, pair.optimized) or ""
+        for pair in pairs:
+            # Cheap checks first; MiniLM then reads only what is left (2 shared cores: tens of minutes otherwise).
+            reason = _exact_reason(pair.prompt, banned) or filter_reason(pair.prompt, pair.optimized) or ""
             if not reason and check_constraints and violations(pair.prompt, pair.optimized):
                 reason = "constraint_lost"
             if reason:
@@ -262,10 +269,16 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
     for pair in candidates:
         if id(pair) not in kept_ids:
             dropped[_name(pair)]["duplicate"] += 1
-    kept, _ = diversity_filter(kept, max_self_bleu)
+    clean = []
+    for pair, reason in zip(kept, _near_reasons([p.prompt for p in kept], banned, embedder, near_cosine)):
+        if reason:
+            dropped[_name(pair)][reason] += 1
+        else:
+            clean.append(pair)
+    kept, _ = diversity_filter(clean, max_self_bleu)
     diverse_ids = {id(p) for p in kept}
-    for pair in candidates:
-        if id(pair) in kept_ids and id(pair) not in diverse_ids:
+    for pair in clean:
+        if id(pair) not in diverse_ids:
             dropped[_name(pair)]["self_bleu"] += 1
     report["duplicates"] = {"exact": n_exact, "near": n_near}
     out.mkdir(parents=True, exist_ok=True)
