@@ -87,10 +87,9 @@ def main() -> None:
         name = f"{Path(path).stem}-{len(items)}"
         sets[name], contexts[name] = [(i.prompt, None) for i in items], [i.context for i in items]
 
-    report: dict[str, Any] = {"command": "python training/constraint_figures.py " + " ".join(
-        f"{k} {v}" for k, v in (("--model", args.model), ("--bpo-test", args.bpo_test), ("--rows", args.rows), ("--out", args.out)) if v)
-        + (" --no-model" if args.no_model else ""),
-        "references": {}, "optimizer": {}}
+    made = f"python training/constraint_figures.py --model {args.model} --bpo-test {args.bpo_test} --out {args.out}"
+    report: dict[str, Any] = {"command": made + (f" (re-counted from its rows: --rows {args.rows})" if args.rows else ""),
+                              "references": {}, "optimizer": {}}
     examples: dict[str, Any] = {}
     for name, pairs in references.items():
         report["references"][name], examples[f"reference:{name}"] = _tally(pairs)
