@@ -72,7 +72,8 @@ def _read_bpo(path: Path) -> Converted:
 
 def _read_rephrase_and_respond(folder: Path) -> Converted:
     """uclaml/Rephrase-and-Respond ``data/<task>_<model>.json``: ``question`` -> ``refined_question``."""
-    files = sorted((folder / "data" if (folder / "data").is_dir() else folder).glob("*.json"))
+    # GPT-4's rephrase first: where both models rephrased a question, the duplicate filter keeps the first.
+    files = sorted((folder / "data" if (folder / "data").is_dir() else folder).glob("*.json"), key=lambda p: ("gpt-4" not in p.stem, p.stem))
     if not files:
         raise UsageError(f"{folder}: no Rephrase-and-Respond data/*.json files")
     for path in files:
