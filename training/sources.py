@@ -203,7 +203,7 @@ def _near_reasons(prompts: Sequence[str], banned: dict[str, set[str]], embedder:
 
 def style(pairs: Sequence[Pair]) -> dict[str, Any]:
     """Length ratio (rewrite words / prompt words), the share kept as is, the share that keeps the prompt
-    verbatim and only adds to it, and the share that drops or contradicts an explicit constraint."""
+    verbatim and only adds to it, and the median lengths in words."""
     if not pairs:
         return {"rows": 0}
     ratios = sorted(word_count(p.optimized) / max(word_count(p.prompt), 1) for p in pairs)
