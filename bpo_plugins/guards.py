@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bpo_plugins.constraints import constraint_reason
 from bpo_plugins.result import FallbackReason
 
 __all__ = [
@@ -478,6 +479,8 @@ class GuardConfig:
     min_term_recall: float = MIN_TERM_RECALL  # 0 turns the lost-subject check off
     check_payload: bool = True
     check_numbers: bool = True
+    #: The user's explicit length, count, format, audience and language are kept (bpo_plugins/constraints.py).
+    check_constraints: bool = True
     check_entities: bool = False
     #: Sentence-embedding cosine (MiniLM) a rewrite must keep with the prompt; 0 turns the check off.
     #: It is the one guard that loads a model (22M parameters), so the Rewriter runs it last.
@@ -521,6 +524,8 @@ def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig(
         return FallbackReason.PAYLOAD_LOST, why
     if config.check_numbers and (why := numbers_lost_reason(original, output)):
         return FallbackReason.NUMBERS_LOST, why
+    if config.check_constraints and (why := constraint_reason(original, output)):
+        return FallbackReason.CONSTRAINT_LOST, why
     if config.check_entities:
         return entities_reason(original, output)
     return None

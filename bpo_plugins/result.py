@@ -36,6 +36,9 @@ class FallbackReason(str, Enum):
     PAYLOAD_LOST = "payload_lost"
     #: A number of the prompt is missing from the rewrite.
     NUMBERS_LOST = "numbers_lost"
+    #: A length, count, format, audience or language the user asked for is dropped or contradicted
+    #: (:mod:`bpo_plugins.constraints`).
+    CONSTRAINT_LOST = "constraint_lost"
     #: A name of the prompt is missing from the rewrite.
     ENTITIES_LOST = "entities_lost"
     #: The rewrite names people, places or things the prompt does not mention.

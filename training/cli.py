@@ -197,3 +197,7 @@ def _compare_arms(data: dict, alignment, arms: list[str], rewriter, target, judg
 from bpo_plugins.training.selfplay import selfplay_command  # noqa: E402  (models load lazily, in the command)
 
 data_app.command("selfplay")(selfplay_command)
+
+from bpo_plugins.training.sources import mix_command  # noqa: E402
+
+data_app.command("mix")(mix_command)
