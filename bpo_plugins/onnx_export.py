@@ -337,7 +337,8 @@ def build_export(
 
     from bpo_plugins.templates import pick_local_template
 
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=desc or f"export {name} {precision}", unit="step") as bar:
+    with quiet_libraries(), tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=4, desc=desc or f"export {name} {precision}", unit="step") as bar:
         merged = merged_source(source, adapter, Path(tmp))
         engine = pick_engine(engine, merged)
         if desc is None:
