@@ -72,7 +72,7 @@ def test_local_model_asks_for_the_local_extra_in_one_line():
     from bpo_plugins import ModelLoadError, Rewriter
 
     with pytest.raises(ModelLoadError, match=r"bpo-plugins\[local\]"):
-        Rewriter.default()
+        Rewriter.default().warmup()
 
 
 def test_gateway_with_a_remote_optimizer_rewrites_without_the_local_stack(server, tmp_path):
