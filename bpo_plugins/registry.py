@@ -105,12 +105,16 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     if isinstance(eos_id, int):
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0) if eos_id != 0 else tokenizer.eos_token
+    # transformers 4.x's conversion started every input with BOS (its Llama tokenizer's default), and bpo-small's
+    # adapter was trained on such inputs; 5.x follows the file's add_bos_token, which is false. Keep what it learned.
+    tokenizer.add_bos_token = True
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so a killed conversion never leaves a half folder.
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        with quiet_libraries():  # transformers 5's "Writing model shards" bar
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
