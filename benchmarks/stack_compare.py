@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TOKENS = 64
+TOKENS = 64  # decode_speed.TOKENS
 PROMPTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "bpo" / "vicuna_eval.jsonl"
 
 
@@ -43,10 +43,8 @@ def _versions() -> dict[str, str]:
 
 def worker(limit: int) -> None:
     """Load the default runtime from this stack's cache, then decode prompt i for each line i on stdin."""
-    import numpy as np
-    import onnxruntime_genai as og
+    from decode_speed import genai_runner  # the same 64-token decode, timed the same way
 
-    from bpo_plugins.backends.genai import load_genai_model
     from bpo_plugins.backends.onnx import load_export
     from bpo_plugins.inputs import read_prompt_rows, row_prompt
     from bpo_plugins.registry import default_export, resolve
@@ -58,20 +56,10 @@ def worker(limit: int) -> None:
     backend = load_export(folder)
     texts = [backend.render(row_prompt(r), backend.default_template) for r in read_prompt_rows(PROMPTS)[:limit]]
     prompts = [backend.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    model = load_genai_model(folder, "cpu")
+    run = genai_runner(folder)
     print(json.dumps({"versions": _versions(), "export": folder.name}), flush=True)
     for line in sys.stdin:
-        ids = prompts[int(line)]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + TOKENS, min_length=len(ids) + TOKENS, do_sample=False)
-        generator = og.Generator(model, params)
-        start = time.perf_counter()
-        generator.append_tokens(np.array([ids], dtype=np.int32))
-        generator.generate_next_token()
-        first = time.perf_counter()
-        for _ in range(TOKENS - 1):
-            generator.generate_next_token()
-        print(json.dumps([first - start, time.perf_counter() - first]), flush=True)
+        print(json.dumps(run(prompts[int(line)])), flush=True)
 
 
 def build_once() -> None:
