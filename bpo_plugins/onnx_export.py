@@ -293,7 +293,8 @@ def _build_genai(source: str, staging: Path, precision: str, device: str, block_
                    **({"int4_algo_config": int4_algo} if builder_precision == "int4" and int4_algo != "default" else {})}
         if "model_name" in inspect.signature(builder.parse_extra_options).parameters:
             # 0.13+: create_model takes the options parse_extra_options prepared (it reads the checkpoint's config)
-            options = builder.parse_extra_options(*args, [f"{key}={value}" for key, value in options.items()])
+            # (its int4_ names are deprecated aliases, and int4_block_size no longer reaches the quantizer)
+            options = builder.parse_extra_options(*args, [f"{key.removeprefix('int4_')}={value}" for key, value in options.items()])
         builder.create_model(*args, **options)
         if ours:
             _quantize(staging / "model.onnx", precision, block_size, keep_lm_head=False, hqq=int4_algo == "hqq")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,9 @@ class TransformersBackend(LocalBackend):
         kwargs.update(self._speedup_kwargs(decoding, len(texts), streamer, "bad_words_ids" in kwargs or bool(min_new)))
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
+            # transformers 5's prompt-lookup decoding on a prefilled cache is not greedy-exact (4.57's was): lookup wins
+            if "prompt_lookup_num_tokens" in kwargs and not _lookup_keeps_prefix_cache():
+                prefix = ()
             kwargs.update(self._cache_kwargs(batch["input_ids"], decoding, prefix, len(texts) * n))
             output = self.model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start
@@ -225,6 +229,13 @@ class TransformersBackend(LocalBackend):
             self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True, **{self._cache_arg: cache})
             self._prefix_kv = (prefix, cache)
         return copy.deepcopy(self._prefix_kv[1])
+
+
+@functools.cache
+def _lookup_keeps_prefix_cache() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5
 
 
 def _starts_with(ids: Sequence[int], prefix: Sequence[int]) -> bool:
