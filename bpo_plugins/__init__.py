@@ -22,6 +22,7 @@ __all__ = [
     "RewriteError",
     "RewriteResult",
     "Rewriter",
+    "__version__",
 ]
 
 # A library stays quiet unless its user configures logging (the ``bpo`` command line does).

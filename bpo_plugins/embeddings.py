@@ -91,7 +91,7 @@ def _bert_graph(folder: Path) -> bytes:
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}"
 
-        def heads_of(name: str, perm: list[int], p: str = p) -> str:
+        def heads_of(name: str, perm: list[int], p: str = p, x: str = x) -> str:
             reshaped = node("Reshape", [linear(x, f"{p}.attention.self.{name}"), split_heads], f"{p}.{name}.split")
             return node("Transpose", [reshaped], f"{p}.{name}.heads", perm=perm)
 
