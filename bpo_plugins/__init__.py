@@ -7,6 +7,7 @@ and DSPy adapters live in ``bpo_plugins.langchain``, ``bpo_plugins.llama_index``
 
 import logging
 
+from bpo_plugins._version import __version__
 from bpo_plugins.guards import GuardConfig
 from bpo_plugins.result import FallbackReason, ModelLoadError, RewriteError, RewriteResult
 from bpo_plugins.rewriter import Rewriter
@@ -21,8 +22,8 @@ __all__ = [
     "RewriteError",
     "RewriteResult",
     "Rewriter",
+    "__version__",
 ]
-__version__ = "0.1.0"
 
 # A library stays quiet unless its user configures logging (the ``bpo`` command line does).
 logging.getLogger("bpo_plugins").addHandler(logging.NullHandler())

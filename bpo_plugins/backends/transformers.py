@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,9 @@ class TransformersBackend(LocalBackend):
         kwargs.update(self._speedup_kwargs(decoding, len(texts), streamer, "bad_words_ids" in kwargs or bool(min_new)))
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
+            # transformers 5's prompt-lookup decoding on a prefilled cache is not greedy-exact (4.57's was): lookup wins
+            if "prompt_lookup_num_tokens" in kwargs and not _lookup_keeps_prefix_cache():
+                prefix = ()
             kwargs.update(self._cache_kwargs(batch["input_ids"], decoding, prefix, len(texts) * n))
             output = self.model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start
@@ -172,7 +176,7 @@ class TransformersBackend(LocalBackend):
         """The KV cache to decode on: a copy of the template prefix's (batch 1), a reused static one, or generate's own.
         Called under the generation's lock: the prefix and static caches are shared state."""
         if self.reuse_prefix and rows == 1 and _starts_with(input_ids[0].tolist(), prefix):
-            return {"past_key_values": self._prefix_kv_copy(tuple(prefix))}
+            return {self._cache_arg: self._prefix_kv_copy(tuple(prefix))}
         if self.static_cache_len and input_ids.shape[1] + decoding.max_new_tokens <= self.static_cache_len:
             return self.static_cache_kwargs(rows)
         return {}
@@ -184,6 +188,13 @@ class TransformersBackend(LocalBackend):
         rows = [[t for t in row if t != pad] for row in output[:, start_at : start_at + decoding.max_new_tokens].tolist()]
         cuts = [loop_cut(row, prompt) for row, prompt in zip(rows, prompts)] if decoding.stop_loops else [None] * len(rows)
         return [row if at is None else row[:at] for row, at in zip(rows, cuts)], cuts
+
+    @property
+    def _cache_arg(self) -> str:
+        """The KV cache's argument name: ``cache`` from transformers 5.2x on (``past_key_values`` warns there)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def forget_prefix(self) -> None:
         self._prefix_kv = None
@@ -199,8 +210,8 @@ class TransformersBackend(LocalBackend):
         else:
             cache.reset()
         if self.model.device.type != "cuda":  # transformers compiles the decode step on CUDA only
-            return {"past_key_values": cache}
-        return {"past_key_values": cache, "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}
+            return {self._cache_arg: cache}
+        return {self._cache_arg: cache, "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}
 
     def _prefix_kv_copy(self, prefix: tuple[int, ...]) -> Any:
         """A private copy of the prefix's KV cache (generate extends the cache it is given).
@@ -215,9 +226,16 @@ class TransformersBackend(LocalBackend):
 
         if self._prefix_kv is None or self._prefix_kv[0] != prefix:
             cache = DynamicCache()
-            self.model(input_ids=torch.tensor([prefix], device=self.model.device), past_key_values=cache, use_cache=True)
+            self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True, **{self._cache_arg: cache})
             self._prefix_kv = (prefix, cache)
         return copy.deepcopy(self._prefix_kv[1])
+
+
+@functools.cache
+def _lookup_keeps_prefix_cache() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5
 
 
 def _starts_with(ids: Sequence[int], prefix: Sequence[int]) -> bool:
@@ -261,9 +279,12 @@ def _load_weights(source: str, kwargs: dict[str, Any], dtype: str, device: str |
     """(model, tokenizer) from a folder or hub id, a LoRA adapter merged in; a ModelLoadError that says why not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bpo_plugins.quiet import quiet_libraries
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_pick_dtype(dtype, device), **kwargs)
+        with quiet_libraries(("transformers",)):  # transformers 5's per-load "Loading weights" bar
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_pick_dtype(dtype, device), **kwargs)
     except (OSError, ValueError) as exc:
         hint = "" if Path(source).expanduser().exists() else " (not a local folder; offline machines need a local path)"
         raise ModelLoadError(f"cannot load optimizer model {source!r}{hint}: {exc}") from exc
