@@ -27,7 +27,8 @@ from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
 from bpo_plugins.drpo import AlignmentPipeline
-from bpo_plugins.requests import EdgeRewriter, Outcome, Shape
+from bpo_plugins.outcome import RequestOutcome, Shape
+from bpo_plugins.requests import EdgeRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -72,7 +73,7 @@ class _Requests:
         self.bodies.append(body)
         self.shapes.append(shape)
 
-    def rebuild(self, done: Sequence[tuple[dict[str, Any], Outcome]]) -> list[Any]:
+    def rebuild(self, done: Sequence[tuple[dict[str, Any], RequestOutcome]]) -> list[Any]:
         outputs = []
         for value, view, (body, _) in zip(self.inputs, self.bodies, done):
             if isinstance(value, str):
@@ -90,7 +91,7 @@ class _Requests:
         return outputs
 
 
-def _results(done: Sequence[tuple[dict[str, Any], Outcome]]) -> list[list[RewriteResult]]:
+def _results(done: Sequence[tuple[dict[str, Any], RequestOutcome]]) -> list[list[RewriteResult]]:
     """Each input's rewrite, as a list (empty when there was no user text to rewrite)."""
     return [[outcome.result] if outcome.result is not None else [] for _, outcome in done]
 
@@ -195,7 +196,7 @@ class BPOMiddleware(AgentMiddleware):
         super().__init__()
         self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
 
-    def _request(self, request: ModelRequest, requests: _Requests, done: list[tuple[dict[str, Any], Outcome]]) -> ModelRequest:
+    def _request(self, request: ModelRequest, requests: _Requests, done: list[tuple[dict[str, Any], RequestOutcome]]) -> ModelRequest:
         results = _results(done)[0]
         if not results:
             return request

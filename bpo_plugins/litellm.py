@@ -23,7 +23,8 @@ from typing import Any
 
 from litellm.integrations.custom_guardrail import CustomGuardrail
 
-from bpo_plugins.requests import RequestRewriter, Shape
+from bpo_plugins.outcome import Shape
+from bpo_plugins.requests import RequestRewriter
 from bpo_plugins.rewriter import Rewriter
 
 log = logging.getLogger("bpo_plugins.litellm")

@@ -151,36 +151,6 @@ def test_a_bug_is_an_internal_error_not_bad_input():
         "ValueError: invalid literal for int() with base 10: 'not a number'")
 
 
-def test_only_the_cli_reaches_training_and_export():
-    """The core (bpo_plugins/ but cli.py) imports neither training/ nor export/; the builder does not import the registry back."""
-    import ast
-
-    package = Path(__file__).resolve().parent.parent / "bpo_plugins"
-
-    def imports(path: Path) -> set[str]:
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: resolve against the module's package
-                    parts = list(path.relative_to(package.parent).with_suffix("").parts)[: -node.level]
-                    base = ".".join(parts + ([base] if base else []))
-                names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
-                names |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)}
-        return names
-
-    modules = {path: imports(path) for path in package.rglob("*.py")}
-    assert len(modules) > 30
-    reaching = {str(path.relative_to(package)): sorted(n for n in names if n.startswith(("bpo_plugins.training", "bpo_plugins.export")))
-                for path, names in modules.items()}
-    assert {path: names for path, names in reaching.items() if names} == {"cli.py": reaching["cli.py"]}
-    assert reaching["cli.py"]  # the one place that wires them in
-    assert not any(n.startswith("bpo_plugins.registry") for n in modules[package / "onnx_export.py"])
-
-
 def test_bench_writes_figures(tiny_bpo_dir, tmp_path: Path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"text": f"Prompt {i}"}) for i in range(4)))

@@ -169,8 +169,8 @@ def icl(
     request_seed: Annotated[int, typer.Option(help="The 'seed' every OpenAI request carries (DRPO: 0); -1 sends none.")] = 0,
 ) -> None:
     """Build an in-context example bank by DRPO's loop: a critic rates the answer, the optimizer rewrites the latest answer, keep the best (ties go to the rewrite)."""
-    from bpo_plugins.drpo import icl_examples
     from bpo_plugins.drpo.icl import optimize_examples
+    from bpo_plugins.drpo.presets import icl_examples
     from bpo_plugins.drpo.reward import CRITIC_RUBRIC
     from bpo_plugins.drpo.search import Seed
     from bpo_plugins.drpo.session import Session, icl_roles

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.drpo.alignment import CHAT_FORMAT, Example, strip_markers
 from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed
+from bpo_plugins.drpo.formats import CHAT_FORMAT, Example, strip_markers
 from bpo_plugins.drpo.reward import CRITIC_RUBRIC, Judgement, find_json, sections
 from bpo_plugins.drpo.search import INITIAL_PROMPT, Seed
 from bpo_plugins.drpo.session import Session

@@ -18,8 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.drpo.alignment import CHAT_FORMAT, Alignment
-from bpo_plugins.requests import EdgeRewriter, Outcome, Shape
+from bpo_plugins.drpo.alignment import Alignment
+from bpo_plugins.drpo.formats import CHAT_FORMAT
+from bpo_plugins.drpo.presets import load_alignment
+from bpo_plugins.outcome import RequestOutcome, Shape
+from bpo_plugins.requests import EdgeRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -44,8 +47,6 @@ class AlignmentPipeline(EdgeRewriter):
         if alignment is None and not bpo:
             raise ValueError("an AlignmentPipeline needs BPO, a DRPO alignment, or both")
         if isinstance(alignment, (str, Path)):
-            from bpo_plugins.drpo import load_alignment
-
             alignment = load_alignment(alignment, k=k)
         elif alignment is not None and k is not None:
             alignment = replace(alignment, k=k)
@@ -98,5 +99,5 @@ def _bodies(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str,
     return [{"messages": list(messages)} for messages in conversations]
 
 
-def _aligned(body: dict[str, Any], outcome: Outcome) -> Aligned:
+def _aligned(body: dict[str, Any], outcome: RequestOutcome) -> Aligned:
     return Aligned(body["messages"], outcome.result)

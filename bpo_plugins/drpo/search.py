@@ -23,8 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
+from bpo_plugins.drpo.alignment import Alignment, ExampleRetriever
 from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role, Usage, raw_capable
+from bpo_plugins.drpo.formats import FORMATS, Example, PromptFormat, strip_markers
 from bpo_plugins.drpo.reward import Judgement, find_json, sections
 from bpo_plugins.drpo.session import Session, log
 
@@ -317,7 +318,7 @@ class Search:
         cache_path: str | Path | None = None, concurrency: int = 8, retries: int = 4, backoff_s: float = 1.0,
         progress: bool = True, embedder: Any = None, dry_run: bool = False,
     ) -> None:
-        from bpo_plugins.drpo import icl_examples
+        from bpo_plugins.drpo.presets import icl_examples
 
         self.config, self.out = config, Path(out)
         self.examples = list(icl_examples() if examples is None else examples)

@@ -37,7 +37,8 @@ from starlette.routing import Route
 from bpo_plugins import telemetry
 from bpo_plugins.batching import MicroBatcher
 from bpo_plugins.cache import RedisRewriteCache
-from bpo_plugins.requests import Outcome, RequestRewriter, Shape
+from bpo_plugins.outcome import RequestOutcome, Shape
+from bpo_plugins.requests import RequestRewriter
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.server import anthropic_api
 from bpo_plugins.server import openai_api as api
@@ -205,7 +206,7 @@ class Gateway:
             raise RequestError(400, "'model' must be a string", param="model")
         return self.config.treatment(model or "")
 
-    def _count(self, outcome: Outcome) -> None:
+    def _count(self, outcome: RequestOutcome) -> None:
         if outcome.cache != "off":
             self.metrics.cache.labels(outcome.cache).inc()
         self.metrics.rewrites.labels(outcome.status).inc()
@@ -241,7 +242,7 @@ class Gateway:
             headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
         return headers
 
-    async def forward(self, request: Request, endpoint: str, outcome: Outcome | None, body: bytes | None, *,
+    async def forward(self, request: Request, endpoint: str, outcome: RequestOutcome | None, body: bytes | None, *,
                       path: str | None = None, answer: api.ChatFromCompletion | None = None) -> Response:
         """Send the request (``body`` when it changed) upstream and relay the answer. ``path``: another
         upstream path than the request's; ``answer``: turns a completions answer into a chat answer."""
