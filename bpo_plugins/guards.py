@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from bpo_plugins.result import FallbackReason
 
 __all__ = [
-    "BANNED_MARKERS", "GENERIC_NAMES", "KEEP_TAG", "MAX_LENGTH_RATIO", "MIN_LENGTH_RATIO", "MIN_TERM_RECALL",
+    "BANNED_MARKERS", "CUT_MARKERS", "GENERIC_NAMES", "KEEP_TAG", "MAX_LENGTH_RATIO", "MIN_LENGTH_RATIO", "MIN_TERM_RECALL",
     "NON_ENGLISH_SHARE", "PAYLOAD_RECALL", "STRICT_INTENT_COSINE", "GuardConfig", "Masked", "answered_reason",
-    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason",
+    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason", "has_marker",
+    "length_ratio_reason", "placeholder_pattern",
     "lost_terms_reason", "mask_protected", "names", "non_english_reason", "numbers_lost_reason",
     "payload_lost_reason", "payload_segments", "repetition_score", "word_count",
 ]
@@ -24,7 +25,9 @@ __all__ = [
 # BPO's aggressive mode bans these marker words and cuts outputs at their prefixes
 # (thu-coai/BPO src/infer_example.py); the chat-format tokens leak from small models.
 BANNED_MARKERS: tuple[str, ...] = ("[PROTECT]", "\n\n[PROTECT]", "[KEEP", "[INSTRUCTION]")
-_CUT_MARKERS = ("[KE", "[INS", "[PRO", "[/INST", "</s>", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "[END]")
+#: Where an output is cut at runtime, and what drops a teacher's rewrite from the training data
+#: (:func:`has_marker`): one list, so what training keeps out is what serving cuts off.
+CUT_MARKERS: tuple[str, ...] = ("[KE", "[INS", "[PRO", "[/INST", "</s>", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "[END]")
 
 # BPO's data filter: a pair is dropped when orig/opt > 2 or opt/orig > 6 (in words).
 MIN_LENGTH_RATIO = 0.5
@@ -53,6 +56,30 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def has_marker(text: str) -> bool:
+    """True when ``text`` holds a marker (:data:`CUT_MARKERS`, in any case) that runtime would cut at."""
+    lowered = text.lower()
+    return any(marker.lower() in lowered for marker in CUT_MARKERS)
+
+
+def length_ratio_reason(original: str, output: str, low: float = MIN_LENGTH_RATIO, high: float = MAX_LENGTH_RATIO) -> str | None:
+    """BPO's length filter, at runtime and on training pairs: the rewrite's length in words over the
+    prompt's must lie in [low, high]."""
+    ratio = word_count(output) / max(word_count(original), 1)
+    if low <= ratio <= high:
+        return None
+    return f"rewrite is {ratio:.2f}x the prompt in words (allowed {low}-{high}x)"
+
+
+def placeholder_pattern(tag: str) -> re.Pattern[str]:
+    """A protected span's placeholder, ``{{TAG_n}}``; group 1 is n."""
+    return re.compile(r"\{\{" + tag + r"_(\d+)\}\}")
+
+
+def _placeholder(tag: str, n: int | str) -> str:
+    return f"{{{{{tag}_{n}}}}}"
+
+
 # --- protected spans -------------------------------------------------------------------------
 
 
@@ -65,11 +92,16 @@ class Masked:
     spans: tuple[str, ...]
     tag: str = "KEEP"
 
+    @property
+    def without_placeholders(self) -> str:
+        """What the optimizer sees, each placeholder a space (for checks that read the prompt's words)."""
+        return placeholder_pattern(self.tag).sub(" ", self.text)
+
     def restore(self, output: str) -> str | None:
         """Put the spans back byte-identical; None when the optimizer lost or invented a placeholder."""
         if not self.spans:
             return output
-        pattern = re.compile(r"\{\{" + self.tag + r"_(\d+)\}\}")
+        pattern = placeholder_pattern(self.tag)
         seen = {int(m) for m in pattern.findall(output)}
         if seen != set(range(len(self.spans))):
             return None
@@ -85,7 +117,7 @@ def mask_protected(prompt: str, protect: Sequence[str] = ()) -> Masked:
 
     def placeholder(span: str) -> str:
         spans.append(span)
-        return f"{{{{{tag}_{len(spans) - 1}}}}}"
+        return _placeholder(tag, len(spans) - 1)
 
     plain = KEEP_TAG.sub(lambda m: m.group(1), prompt)
     text = KEEP_TAG.sub(lambda m: placeholder(m.group(1)), prompt)
@@ -94,10 +126,11 @@ def mask_protected(prompt: str, protect: Sequence[str] = ()) -> Masked:
         if not span:
             continue
         # Replace only outside placeholders already made, so a span like "0" cannot break one.
-        pieces = re.split(r"(\{\{" + tag + r"_\d+\}\})", text)
+        pieces = placeholder_pattern(tag).split(text)  # text, n, text, n, ..., text
         if any(span in piece for piece in pieces[::2]):
             marker = placeholder(span)
             pieces[::2] = [piece.replace(span, marker) for piece in pieces[::2]]
+            pieces[1::2] = [_placeholder(tag, n) for n in pieces[1::2]]
             text = "".join(pieces)
     return Masked(text=text, plain=plain, spans=tuple(spans), tag=tag)
 
@@ -115,7 +148,7 @@ _QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
 def clean_output(text: str) -> str:
     """Strip what optimizers wrap around a rewrite: labels, quotes, chat markers, BPO markers."""
     cut = len(text)
-    for marker in _CUT_MARKERS:
+    for marker in CUT_MARKERS:
         at = text.find(marker)
         if at != -1:
             cut = min(cut, at)
@@ -508,12 +541,9 @@ def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig(
         why = answered_reason(original, output)
         if why:
             return FallbackReason.ANSWERED, why
-    ratio = word_count(output) / max(word_count(original), 1)
-    if not config.min_length_ratio <= ratio <= config.max_length_ratio:
-        return (
-            FallbackReason.LENGTH_RATIO,
-            f"rewrite is {ratio:.2f}x the prompt in words (allowed {config.min_length_ratio}-{config.max_length_ratio}x)",
-        )
+    why = length_ratio_reason(original, output, config.min_length_ratio, config.max_length_ratio)
+    if why:
+        return FallbackReason.LENGTH_RATIO, why
     why = lost_terms_reason(original, output, config.min_term_recall)  # a bar of 0 never fires
     if why:
         return FallbackReason.LOST_TERMS, why

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -436,7 +435,7 @@ class Rewriter:
             # Long inputs are where BPO damages text (it rewrites passages): pass them through.
             return FallbackReason.INPUT_TOO_LONG, f"{words} words > max_input_words={self.max_input_words}"
         # Judged on what the optimizer would see: protected spans (a passage, options) are not its to read.
-        why = non_english_reason(re.sub(r"\{\{" + item.masked.tag + r"_\d+\}\}", " ", item.masked.text))
+        why = non_english_reason(item.masked.without_placeholders)
         if why is not None and self._english_only():
             return FallbackReason.NON_ENGLISH, why
         return None

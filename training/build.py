@@ -22,7 +22,7 @@ from typing import Any
 
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
-from bpo_plugins.guards import answered_reason, word_count
+from bpo_plugins.guards import answered_reason, has_marker, length_ratio_reason
 from bpo_plugins.templates import PromptTemplate
 from bpo_plugins.training.data import Pair, Triplet, normalise
 
@@ -82,7 +82,9 @@ Optimized Instruction: <the improved instruction> [END]"""
 
 TEACHER_TEMPLATE = PromptTemplate(name="bpo-teacher", user="{prompt}", system=TEACHER_SYSTEM)
 _OPTIMIZED = re.compile(r"optimi[sz]ed\s+instruction\s*[:：]\s*(.*?)(?:\[END\]|$)", re.IGNORECASE | re.DOTALL)
-LEFTOVER_MARKERS = ("[protected", "[end]", "[instruction]", "[better response]", "[worse response]", "optimized instruction")
+#: The teacher prompt's own headings, which a rewrite must not carry over; runtime's markers
+#: (:data:`~bpo_plugins.guards.CUT_MARKERS`) drop a rewrite too (:func:`~bpo_plugins.guards.has_marker`).
+TEACHER_HEADINGS = ("[better response]", "[worse response]", "optimized instruction")
 
 
 def teacher_prompt(triplet: Triplet) -> str:
@@ -108,11 +110,9 @@ def parse_teacher(output: str) -> str | None:
 
 def filter_reason(original: str, optimized: str) -> str | None:
     """BPO's per-pair filters plus answered-not-rewrote; None when the pair is kept."""
-    ratio_words = word_count(optimized) / max(word_count(original), 1)
-    if word_count(original) / max(word_count(optimized), 1) > 2 or ratio_words > 6:
+    if length_ratio_reason(original, optimized):
         return "length_ratio"
-    lowered = optimized.lower()
-    if any(marker in lowered for marker in LEFTOVER_MARKERS):
+    if has_marker(optimized) or any(heading in optimized.lower() for heading in TEACHER_HEADINGS):
         return "leftover_marker"
     if answered_reason(original, optimized):
         return "answered"
