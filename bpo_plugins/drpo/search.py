@@ -24,10 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from bpo_plugins.drpo.alignment import Alignment, ExampleRetriever
-from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role, Usage, raw_capable
+from bpo_plugins.drpo.calls import (
+    CONCURRENCY,
+    RETRIES,
+    BudgetExhausted,
+    CallFailed,
+    Caps,
+    DRPOError,
+    Price,
+    Role,
+    Usage,
+    raw_capable,
+)
 from bpo_plugins.drpo.formats import FORMATS, Example, PromptFormat, strip_markers
 from bpo_plugins.drpo.reward import Judgement, find_json, sections
 from bpo_plugins.drpo.session import Session, log
+from bpo_plugins.embeddings import MINILM
 
 CHECKPOINT_VERSION = 3  # 3: the root carries no reward; a path holds at most depth states
 INITIAL_PROMPT = "You are a helpful assistant."
@@ -315,7 +327,7 @@ class Search:
         self, roles: Mapping[str, Role], out: str | Path, *, config: SearchConfig = SearchConfig(),
         examples: Sequence[Example] | None = None, seeds: Sequence[Seed] | None = None,
         caps: Mapping[str, Caps] | None = None, known_aspects: Mapping[str, Any] | None = None,
-        cache_path: str | Path | None = None, concurrency: int = 8, retries: int = 4, backoff_s: float = 1.0,
+        cache_path: str | Path | None = None, concurrency: int = CONCURRENCY, retries: int = RETRIES, backoff_s: float = 1.0,
         progress: bool = True, embedder: Any = None, dry_run: bool = False,
     ) -> None:
         from bpo_plugins.drpo.presets import icl_examples
@@ -599,7 +611,7 @@ class Search:
             "stopped": stopped,
         }
         alignment = Alignment(winner, tuple(self.examples), k=self.config.serve_k, format=self.config.prompt_format,
-                              embedder=getattr(self.retriever.embedder, "name", "all-MiniLM-L6-v2"), provenance=provenance)
+                              embedder=getattr(self.retriever.embedder, "name", MINILM), provenance=provenance)
         alignment.save(self.out / "alignment.json")
         report = {
             "fingerprint": self.fingerprint(), "config": asdict(self.config), "roles": roles,
