@@ -15,6 +15,7 @@ import typer
 from bpo_plugins.drpo.calls import DRPOError
 from bpo_plugins.inputs import UsageError, read_prompt_rows, read_text, row_prompt, usage_errors
 from bpo_plugins.onnx_export import ParityError
+from bpo_plugins.registry import DEFAULT_MODEL
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
 
 __all__ = ["app", "main"]
@@ -63,7 +64,7 @@ def optimize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where --file results go (JSONL; resumes).")] = None,
     context: Annotated[str | None, typer.Option("--context", help="A passage kept verbatim, not rewritten.")] = None,
     mode: ModeOption = "greedy",
-    model: ModelOption = "bpo-small",
+    model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = "auto",
     base_url: BaseUrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
@@ -179,7 +180,7 @@ def _write_file(rows: list[dict[str, Any]], done: int, outcomes: Any, file: Path
 def bench(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="JSONL/JSON of prompts (e.g. vicuna_eval.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the figures go (JSON).")] = Path("bench.json"),
-    model: ModelOption = "bpo-small",
+    model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = "auto",
     base_url: BaseUrlOption = None,
     mode: ModeOption = "greedy",
@@ -205,7 +206,7 @@ def bench(
 
 @app.command()
 def serve(
-    model: ModelOption = "bpo-small",
+    model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = "auto",
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,

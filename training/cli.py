@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bpo_plugins.inputs import UsageError, usage_errors
+from bpo_plugins.registry import DEFAULT_MODEL
 
 __all__ = ["data_app", "evaluate", "train"]
 
@@ -96,7 +97,7 @@ def data_build(
 def evaluate(
     sets: Annotated[list[Path], typer.Argument(help="Eval files: BPO pairs, dolly_eval.json, self_instruct_eval.json, vicuna_eval.jsonl...")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json, eval_report.md, eval_plot.png and the call cache.")] = Path("runs/eval"),
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = ["bpo-small"],  # noqa: B006
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = [DEFAULT_MODEL],  # noqa: B006
     adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto (the default runtime: GenAI int8) | transformers (fp32) | onnx.")] = "auto",
     template: Annotated[str | None, typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,

@@ -186,17 +186,16 @@ def round_prompts(pools: Sequence[Sequence[Item]], round_no: int, per_round: int
 
 
 def _base_path(config: SelfplayConfig) -> str:
-    from bpo_plugins.registry import resolve
+    from bpo_plugins.registry import checkpoint
 
-    entry = resolve(config.base_model)
-    return str(entry.path) if entry is not None else config.base_model
+    return checkpoint(config.base_model)
 
 
 def load_round_optimizer(config: SelfplayConfig, adapter: str | Path | None, export_dir: Path | None = None, **options: Any) -> Any:
     """The optimizer a round draws candidates from (and is scored as): the base model with ``adapter``,
     on ``config.runtime``, with the strict guards the bundled optimizer runs with."""
     from bpo_plugins import Rewriter
-    from bpo_plugins.registry import BUNDLED_ADAPTER, default_runtime
+    from bpo_plugins.registry import BUNDLED_ADAPTER, DEFAULT_MODEL, default_runtime
 
     options = {"guards": GuardConfig.strict(), "max_new_tokens": config.max_new_tokens, **options}
     shipped = adapter == SHIPPED
@@ -204,7 +203,7 @@ def load_round_optimizer(config: SelfplayConfig, adapter: str | Path | None, exp
     runtime = default_runtime() if config.runtime == "auto" else None
     if runtime is not None and config.base_model == "smollm2-135m-instruct":
         if shipped:
-            return Rewriter.from_pretrained("bpo-small", **options)  # the default runtime's cached export
+            return Rewriter.from_pretrained(DEFAULT_MODEL, **options)  # the default runtime's cached export
         if adapter is not None and export_dir is not None:
             from bpo_plugins.inputs import MANIFEST
             from bpo_plugins.onnx_export import build_export
@@ -222,10 +221,10 @@ def load_round_optimizer(config: SelfplayConfig, adapter: str | Path | None, exp
 def _load_target(config: SelfplayConfig) -> Any:
     from bpo_plugins.backends import load_backend
     from bpo_plugins.backends.transformers import TransformersBackend
-    from bpo_plugins.registry import resolve
+    from bpo_plugins.registry import lookup
 
     if config.target_base_url is None:
-        entry = resolve(config.target)
+        entry = lookup(config.target)
         path = str(entry.path) if entry is not None else config.target
         if entry is not None or Path(path).is_dir():
             return TransformersBackend.load(path, model_id=config.target)

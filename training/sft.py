@@ -124,11 +124,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from bpo_plugins.registry import resolve
+    from bpo_plugins.registry import checkpoint
 
     set_seed(config.seed)
-    entry = resolve(config.base_model)
-    base_path = str(entry.path) if entry is not None else config.base_model
+    base_path = checkpoint(config.base_model)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 

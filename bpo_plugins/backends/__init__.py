@@ -22,13 +22,13 @@ def load_local_backend(
 ) -> Backend:
     """Resolve a registry name, local folder or hub id to a loaded local backend."""
     from bpo_plugins.backends.transformers import TransformersBackend
-    from bpo_plugins.registry import resolve
+    from bpo_plugins.registry import lookup
 
     if backend == "onnx" or (backend == "auto" and (Path(name_or_path) / "bpo_export.json").is_file()):
         from bpo_plugins.backends.onnx import load_export
 
         return load_export(name_or_path, device=device)
-    entry = resolve(name_or_path)
+    entry = lookup(name_or_path)
     if entry is not None and backend == "auto" and adapter is None and device != "cuda":
         from bpo_plugins.registry import default_export
 
