@@ -147,12 +147,12 @@ class RequestRewriter:
                               opted_out: bool, unavailable: str | None) -> RequestOutcome:
         if opted_out:
             return RequestOutcome("off")
-        if not enabled or self._rewrite is None:
-            return RequestOutcome("skipped", "model_not_rewritten")
-        if prompt is None:
-            return RequestOutcome("skipped", reason)
+        skipped = _not_rewritten(prompt, reason, enabled and self._rewrite is not None)
+        if skipped is not None:
+            return skipped
         if unavailable is not None:
             return RequestOutcome("fallback", unavailable)
+        assert prompt is not None and self._rewrite is not None  # _not_rewritten said so
         start = time.perf_counter()
         try:
             call = self._rewrite(prompt.text, mode)
@@ -162,10 +162,25 @@ class RequestRewriter:
         except Exception as exc:  # noqa: BLE001 - fail open: the original prompt goes on
             log.warning("rewrite failed (%s); the original prompt goes on", type(exc).__name__)
             return RequestOutcome("fallback", "backend_error", rewrite_s=time.perf_counter() - start)
-        outcome = RequestOutcome.of(result, time.perf_counter() - start)
-        if outcome.status == "applied":
-            prompt.replace(result.rewritten)
-        return outcome
+        return _rewritten(prompt, result, time.perf_counter() - start)
+
+
+def _not_rewritten(prompt: UserPrompt | None, reason: str | None, rewriting: bool) -> RequestOutcome | None:
+    """Why a request goes on without a rewrite (this model's requests are not rewritten, or there is
+    no prompt to rewrite); None when its prompt is to be rewritten."""
+    if not rewriting:
+        return RequestOutcome("skipped", "model_not_rewritten")
+    if prompt is None:
+        return RequestOutcome("skipped", reason)
+    return None
+
+
+def _rewritten(prompt: UserPrompt, result: RewriteResult, seconds: float) -> RequestOutcome:
+    """The outcome of a finished rewrite, its text put in the request when applied."""
+    outcome = RequestOutcome.of(result, seconds)
+    if outcome.status == "applied":
+        prompt.replace(result.rewritten)
+    return outcome
 
 
 # -- batches: one rewrite_batch for many requests ------------------------------------------------
@@ -188,14 +203,7 @@ def _batch_finish(found: list[_Found], results: Sequence[RewriteResult], seconds
     pending = iter(results)
     for body, prompt, reason, shape in found:
         original = prompt.text if prompt is not None else None
-        if not rewriting:
-            outcome = RequestOutcome("skipped", "model_not_rewritten")
-        elif prompt is None:
-            outcome = RequestOutcome("skipped", reason)
-        else:
-            outcome = RequestOutcome.of(next(pending), seconds)
-            if outcome.status == "applied":
-                prompt.replace(outcome.result.rewritten)  # type: ignore[union-attr]
+        outcome = _not_rewritten(prompt, reason, rewriting) or _rewritten(prompt, next(pending), seconds)  # type: ignore[arg-type]
         if alignment is not None:
             body = _align(body, shape, alignment, original, outcome)
         out.append((body, outcome))

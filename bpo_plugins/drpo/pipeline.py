@@ -69,9 +69,6 @@ class AlignmentPipeline(EdgeRewriter):
         """An OpenAI-style message list, rewritten and aligned."""
         return self.align_batch([messages])[0].messages
 
-    async def aapply(self, messages: Sequence[dict[str, Any]]) -> Messages:
-        return (await self.aalign_batch([messages]))[0].messages
-
     def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
         """An OpenAI chat request body rewritten and aligned (DRPO's stop strings added); for a raw
         (base-model) alignment, the completions request DRPO serves base models with."""
