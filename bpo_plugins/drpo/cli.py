@@ -35,7 +35,7 @@ def _backend(spec: str, dry_run: bool = False) -> Any:
 
 def _read_seeds(path: Path) -> Any:
     """A user's seed queries; a bad file fails naming itself and its line."""
-    from bpo_plugins.drpo.search import read_seeds
+    from bpo_plugins.drpo.seeds import read_seeds
 
     read_text(path)  # missing, unreadable or not UTF-8: the file, line and column
     with usage_errors():  # a row without a query names its row
@@ -181,7 +181,7 @@ def icl(
     from bpo_plugins.drpo.icl import optimize_examples
     from bpo_plugins.drpo.presets import icl_examples
     from bpo_plugins.drpo.reward import CRITIC_RUBRIC
-    from bpo_plugins.drpo.search import Seed
+    from bpo_plugins.drpo.seeds import Seed
     from bpo_plugins.drpo.session import Session, icl_roles
 
     seeds = _read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]

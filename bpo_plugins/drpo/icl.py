@@ -20,7 +20,8 @@ from typing import Any
 from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed
 from bpo_plugins.drpo.formats import CHAT_FORMAT, Example, strip_markers
 from bpo_plugins.drpo.reward import CRITIC_RUBRIC, Judgement, find_json, sections
-from bpo_plugins.drpo.search import INITIAL_PROMPT, Seed
+from bpo_plugins.drpo.search import INITIAL_PROMPT
+from bpo_plugins.drpo.seeds import Seed
 from bpo_plugins.drpo.session import Session
 
 REWRITE_PROMPT = """You are a capable, helpful language model, and your task is to write an answer that satisfies a ruthless critic.
