@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-from bpo_plugins.guards import BANNED_MARKERS
+from bpo_plugins.cleanup import BANNED_MARKERS
 from bpo_plugins.result import MODES, Mode
 
 __all__ = [
