@@ -110,3 +110,10 @@ def gateway_tracer(service_name: str = "bpo-proxy") -> tuple[Any, Any] | None:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider.get_tracer(INSTRUMENTATION), provider
+
+
+def span_kind(name: str) -> Any:
+    """OpenTelemetry's ``SpanKind`` by name, imported only once tracing is on."""
+    from opentelemetry.trace import SpanKind
+
+    return SpanKind[name]
