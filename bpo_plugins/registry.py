@@ -18,7 +18,7 @@ from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import BPO_CHAT, PROMPT_ENGINEER, PromptTemplate
 
 __all__ = [
-    "DEFAULT_MODEL", "REGISTRY", "LocalModel", "cache_dir", "convert_gguf", "default_export", "default_runtime",
+    "DEFAULT_MODEL", "REGISTRY", "LocalModel", "cache_dir", "convert_gguf",
     "checkpoint", "find_smollm2_gguf", "lookup",
 ]
 
@@ -109,50 +109,6 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def default_runtime() -> tuple[str, str] | None:
-    """(engine, precision) of the default runtime for bundled models; None without onnxruntime.
-
-    Measured on bpo-small (benchmarks/RESULTS.md): GenAI int8 (block 64) decodes about 8x faster
-    than transformers and 1.25x llama.cpp, and rewrites 350 held-out prompts within 2 points of
-    fp32 on fallback and expansion. int4 decodes faster still, but expands 6 points fewer prompts than fp32, so it is
-    opt-in (``bpo export onnx --precision int4``). Without onnxruntime-genai, the optimum graph with
-    int8 weights is about 3x faster than transformers.
-    """
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    from bpo_plugins.backends.genai import genai_available
-
-    if genai_available():
-        return "genai", "int8"
-    if importlib.util.find_spec("optimum.onnxruntime") is not None:
-        return "optimum", "int8"
-    return None
-
-
-def default_export(entry: LocalModel) -> Path | None:
-    """The ONNX Runtime export of a registry model, built once into the cache dir; None when unavailable."""
-    runtime = default_runtime()
-    if runtime is None:
-        return None
-    engine, precision = runtime
-    from bpo_plugins.backends.local import folder_revision
-    from bpo_plugins.inputs import MANIFEST
-    from bpo_plugins.onnx_export import RECIPE_VERSION, build_export
-
-    identity = folder_revision(entry.path) + ("" if entry.adapter is None else folder_revision(entry.adapter))
-    folder = cache_dir() / "exports" / f"{entry.name}-{engine}-{precision}-r{RECIPE_VERSION}-{identity.replace('local-', '')}"
-    if not (folder / MANIFEST).is_file():
-        import logging
-
-        try:
-            build_export(str(entry.path), folder, precision, engine=engine, name=entry.name, template=entry.template,
-                         adapter=entry.adapter, desc=f"first run only: building the {precision} runtime of {entry.name} (~20 s)")
-        except Exception as exc:  # any export failure: the transformers runtime still works
-            logging.getLogger(__name__).warning("ONNX export of %s failed (%s); using transformers", entry.name, exc)
-            return None
-    return folder
 
 
 def _bpo_small() -> LocalModel:

@@ -18,7 +18,7 @@ from tests.conftest import prefix_reuse_runs, ticks_during
 def test_default_rewriter_runs_offline_and_is_safe(bundled_rewriter):
     result = bundled_rewriter.rewrite("Tell me about Harry Potter")
     # The default runtime (built on first use): GenAI int8, else optimum int8.
-    from bpo_plugins.registry import default_runtime
+    from bpo_plugins.backends.runtime import default_runtime
 
     assert result.backend == ("onnx-genai" if default_runtime() == ("genai", "int8") else "onnx")
     assert result.model == "bpo-small"

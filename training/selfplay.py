@@ -195,7 +195,8 @@ def load_round_optimizer(config: SelfplayConfig, adapter: str | Path | None, exp
     """The optimizer a round draws candidates from (and is scored as): the base model with ``adapter``,
     on ``config.runtime``, with the strict guards the bundled optimizer runs with."""
     from bpo_plugins import Rewriter
-    from bpo_plugins.registry import BUNDLED_ADAPTER, DEFAULT_MODEL, default_runtime
+    from bpo_plugins.backends.runtime import default_runtime
+    from bpo_plugins.registry import BUNDLED_ADAPTER, DEFAULT_MODEL
 
     options = {"guards": GuardConfig.strict(), "max_new_tokens": config.max_new_tokens, **options}
     shipped = adapter == SHIPPED
