@@ -127,10 +127,6 @@ def _optimize_file(file: Path, out: Path, spec: dict[str, Any], *, strict: bool,
     _write_file(rows, done, outcomes, file, out, how)
 
 
-#: One output row's outcome: (rewritten, fallback reason or None, detail or None).
-Outcome = tuple[str, str | None, str | None]
-
-
 def _local_outcomes(rewriter: Any, rows: list[dict[str, Any]], batch_size: int) -> Any:
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field
 
 from bpo_plugins.drpo import AlignmentPipeline
 from bpo_plugins.outcome import RequestOutcome, Shape
-from bpo_plugins.requests import EdgeRewriter
+from bpo_plugins.requests import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -123,8 +123,8 @@ class BPORewriter(RunnableSerializable[Any, Any]):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    def _edge(self) -> EdgeRewriter:
-        return EdgeRewriter(self.rewriter, mode=self.mode, fail_open=self.fail_open)
+    def _edge(self) -> IntegrationRewriter:
+        return IntegrationRewriter(self.rewriter, mode=self.mode, fail_open=self.fail_open)
 
     def _rewrite(self, inputs: Sequence[Any]) -> tuple[list[Any], list[list[RewriteResult]]]:
         requests = _Requests(inputs, self.input_key)
@@ -194,7 +194,7 @@ class BPOMiddleware(AgentMiddleware):
 
     def __init__(self, rewriter: Rewriter | None = None, mode: Mode = "greedy", fail_open: bool = True) -> None:
         super().__init__()
-        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
+        self.edge = IntegrationRewriter(rewriter, mode=mode, fail_open=fail_open)
 
     def _request(self, request: ModelRequest, requests: _Requests, done: list[tuple[dict[str, Any], RequestOutcome]]) -> ModelRequest:
         results = _results(done)[0]

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from bpo_plugins.drpo.alignment import Alignment
     from bpo_plugins.rewriter import Rewriter
 
-__all__ = ["AsyncRewrite", "EdgeRewriter", "RequestOutcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt",
+__all__ = ["AsyncRewrite", "IntegrationRewriter", "RequestOutcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt",
            "rewrite_requests"]
 
 log = logging.getLogger("bpo_plugins.requests")
@@ -233,7 +233,7 @@ async def arewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, re
 # -- what every framework integration holds ------------------------------------------------------
 
 
-class EdgeRewriter:
+class IntegrationRewriter:
     """The settings each framework integration holds, and its calls into the request rewriter.
 
     ``rewriter``: the BPO optimizer; None means the process-wide bundled ``bpo-small``

@@ -22,7 +22,7 @@ from bpo_plugins.drpo.alignment import Alignment
 from bpo_plugins.drpo.formats import CHAT_FORMAT
 from bpo_plugins.drpo.presets import load_alignment
 from bpo_plugins.outcome import RequestOutcome, Shape
-from bpo_plugins.requests import EdgeRewriter
+from bpo_plugins.requests import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -38,7 +38,7 @@ class Aligned:
     rewrite: RewriteResult | None
 
 
-class AlignmentPipeline(EdgeRewriter):
+class AlignmentPipeline(IntegrationRewriter):
     """``alignment``: a DRPO preset name, an artifact path or an :class:`~bpo_plugins.drpo.Alignment`
     (None: BPO only). ``rewriter``: the BPO optimizer (default: the shared ``bpo-small``); ``bpo=False``: DRPO only."""
 
@@ -52,11 +52,11 @@ class AlignmentPipeline(EdgeRewriter):
             alignment = replace(alignment, k=k)
         super().__init__(rewriter, mode=mode, fail_open=fail_open, bpo=bpo, alignment=alignment)
         # Message lists stay message lists (a raw preset's prompt framed as chat); render() gives the text.
-        self._chat: EdgeRewriter = self if alignment is None or not alignment.format.raw else self._with(alignment.with_format(CHAT_FORMAT))
+        self._chat: IntegrationRewriter = self if alignment is None or not alignment.format.raw else self._with(alignment.with_format(CHAT_FORMAT))
         self._text = None if alignment is None else self._with(alignment.with_format(replace(alignment.format, raw=True)))
 
-    def _with(self, alignment: Alignment) -> EdgeRewriter:
-        return EdgeRewriter(self._rewriter, mode=self.mode, fail_open=self.fail_open, bpo=self.bpo, alignment=alignment)
+    def _with(self, alignment: Alignment) -> IntegrationRewriter:
+        return IntegrationRewriter(self._rewriter, mode=self.mode, fail_open=self.fail_open, bpo=self.bpo, alignment=alignment)
 
     def align_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[Aligned]:
         return [_aligned(body, outcome) for body, outcome in self._chat.rewrite(_bodies(conversations), Shape.CHAT)]
@@ -86,7 +86,7 @@ class AlignmentPipeline(EdgeRewriter):
         return [str(body["prompt"]) for body, _ in await self._text_edge.arewrite(_bodies(conversations), Shape.CHAT)]
 
     @property
-    def _text_edge(self) -> EdgeRewriter:
+    def _text_edge(self) -> IntegrationRewriter:
         if self._text is None:
             raise ValueError("rendering a text prompt needs a DRPO alignment")
         return self._text
