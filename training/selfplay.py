@@ -223,13 +223,13 @@ def _load_target(config: SelfplayConfig) -> Any:
     from bpo_plugins.backends import load_backend
     from bpo_plugins.backends.transformers import TransformersBackend
     from bpo_plugins.registry import resolve
+    from bpo_plugins.spec import resolve_spec
 
-    if config.target_base_url is None:
-        entry = resolve(config.target)
-        path = str(entry.path) if entry is not None else config.target
-        if entry is not None or Path(path).is_dir():
-            return TransformersBackend.load(path, model_id=config.target)
-    return load_backend(config.target, base_url=config.target_base_url)
+    spec = resolve_spec(config.target, base_url=config.target_base_url)  # the one rule every entry point uses
+    if spec.kind == "local":  # in torch, whatever runtime serves it elsewhere: the scorer needs its log-probabilities
+        entry = resolve(spec.model)
+        return TransformersBackend.load(str(entry.path) if entry is not None else spec.model, model_id=config.target)
+    return load_backend(spec)
 
 
 # --- one prompt -------------------------------------------------------------------------------
