@@ -35,7 +35,7 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.guards import GuardConfig, word_count
-from bpo_plugins.inputs import UsageError, read_rows
+from bpo_plugins.inputs import UsageError, read_rows, resume_jsonl
 from bpo_plugins.training.data import Pair, normalise, read_pairs, read_triplets
 from bpo_plugins.training.scores import (
     ANSWER_TIE_BAND,
@@ -294,15 +294,9 @@ def _selection_fields(prompt: str, raw_score: float, candidates: Sequence[dict[s
 def _done_rows(path: Path, margin: float) -> dict[str, dict[str, Any]]:
     """The prompts already done in ``path``, each selected again under ``margin`` from its stored
     scores, so a resumed run with another ``--margin`` re-selects without drawing or scoring again."""
-    done: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                done[row["key"]] = row
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn last line: that prompt runs again
-            row.update(_selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
+    done = {row["key"]: row for row in resume_jsonl(path)}  # a torn last line is cut: that prompt runs again
+    for row in done.values():
+        row.update(_selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
     return done
 
 
