@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.drpo.calls import DRPOError
-from bpo_plugins.inputs import UsageError, read_prompt_rows, read_text, row_prompt, usage_errors
+from bpo_plugins.inputs import UsageError, read_prompt_rows, resume_jsonl, row_prompt, usage_errors
 from bpo_plugins.onnx_export import ParityError
 from bpo_plugins.registry import DEFAULT_MODEL
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
@@ -39,22 +39,8 @@ BaseUrlOption = Annotated[
     str | None, typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
 ]
 def _done_rows(out: Path) -> int:
-    """Rows already written by an earlier, interrupted run (a torn last line is rewritten)."""
-    if not out.is_file():
-        return 0
-    lines = read_text(out).splitlines(keepends=True)  # an --out that is not UTF-8 text names its line
-    good = 0
-    for line in lines:
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not line.endswith("\n"):
-            break
-        good += 1
-    if good != len(lines):
-        out.write_text("".join(lines[:good]), encoding="utf-8")
-    return good
+    """Rows already written by an earlier, interrupted run (a torn last line is cut, and rewritten)."""
+    return len(resume_jsonl(out))
 
 
 @app.command()

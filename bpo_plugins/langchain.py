@@ -26,6 +26,7 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
+from bpo_plugins.chat import last_user_index
 from bpo_plugins.drpo import AlignmentPipeline
 from bpo_plugins.outcome import RequestOutcome, Shape
 from bpo_plugins.requests import IntegrationRewriter
@@ -34,8 +35,9 @@ from bpo_plugins.rewriter import Rewriter
 
 __all__ = ["BPOMiddleware", "BPORewriter", "DRPOAligner", "DRPOMiddleware"]
 
-def _last_human(messages: Sequence[BaseMessage]) -> int | None:
-    return next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], HumanMessage)), None)
+def _chat_view(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """Messages as chat messages that share each message's content, for the core's rules."""
+    return [{"role": "user" if isinstance(m, HumanMessage) else m.type, "content": m.content} for m in messages]
 
 
 class _Requests:
@@ -53,8 +55,7 @@ class _Requests:
                 messages = value.messages if isinstance(value, ChatPromptValue) else value
                 if not all(isinstance(m, BaseMessage) for m in messages):
                     raise TypeError("BPORewriter takes a list of BaseMessage objects")
-                roles = ["user" if isinstance(m, HumanMessage) else m.type for m in messages]
-                self._add({"messages": [{"role": r, "content": m.content} for r, m in zip(roles, messages)]}, Shape.CHAT)
+                self._add({"messages": _chat_view(messages)}, Shape.CHAT)
             else:
                 self._add({"prompt": self._text(value)}, Shape.COMPLETIONS)
 
@@ -305,7 +306,7 @@ class DRPOMiddleware(AgentMiddleware):
         self.pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
 
     def _request(self, request: ModelRequest) -> ModelRequest:
-        last = _last_human(request.messages)
+        last = last_user_index(_chat_view(request.messages))  # the turn BPO rewrites: the same rule at every edge
         query = request.messages[last].text if last is not None else ""
         own = request.system_message.text if request.system_message is not None else None
         system = self.pipeline.alignment.system_message(query, keep=own)

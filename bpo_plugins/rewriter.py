@@ -17,6 +17,7 @@ from bpo_plugins.cache import RewriteCache, cache_key, make_cache
 from bpo_plugins.cleanup import clean_output
 from bpo_plugins.decoding import Decoding, check_mode, cut_at_newline, decoding_for
 from bpo_plugins.guards import GuardConfig, word_count
+from bpo_plugins.inputs import UsageError
 from bpo_plugins.judging import checked_inputs, judge_candidates, pass_through_reason
 from bpo_plugins.masking import Masked, mask_protected
 from bpo_plugins.result import FallbackReason, GuardPreset, Mode, RewriteError, RewriteResult
@@ -166,8 +167,11 @@ class Rewriter:
         """The optimizer a command line, config file or integration names: ``MODEL`` or ``MODEL@URL``,
         resolved by :func:`~bpo_plugins.spec.resolve_spec`, the rule every entry point shares."""
         spec = resolve_spec(model, backend=backend, base_url=base_url)
+        adapter = options.pop("adapter", None)
+        if adapter is not None and spec.kind != "local":
+            raise UsageError(f"an adapter applies to a local model, and {spec} is served over {spec.kind}'s API: drop the adapter")
         if spec.kind == "local":
-            rewriter = cls.from_pretrained(spec.model, backend=spec.runtime, **options)
+            rewriter = cls.from_pretrained(spec.model, backend=spec.runtime, adapter=adapter, **options)
         elif spec.kind == "anthropic":
             rewriter = cls.from_anthropic(spec.model, base_url=spec.base_url, api_key=api_key, **options)
         else:

@@ -135,6 +135,15 @@ def test_every_command_that_reads_a_file_names_its_line(tmp_path: Path):
         assert _one_error_line(run).startswith(f"error: {expected}"), (what, run.stderr)
 
 
+def test_an_adapter_for_an_api_optimizer_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 28: ``bpo eval --adapter`` with an API spec raised TypeError, reported as an internal error."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # no call is made: the spec is refused first
+    (tmp_path / "ok.jsonl").write_text(ROWS)
+    run = bpo("eval", str(tmp_path / "ok.jsonl"), "--model", "gpt-4o-mini", "--adapter", str(tmp_path), "--out", str(tmp_path / "eval"))
+    assert run.returncode == 2, run.stderr
+    assert _one_error_line(run) == "error: an adapter applies to a local model, and gpt-4o-mini is served over openai's API: drop the adapter"
+
+
 BOOM = "import sys\nfrom bpo_plugins import cli\ncli.app.command('boom')(lambda: int('not a number'))\nsys.argv = ['bpo', 'boom']\ncli.main()\n"
 
 

@@ -322,6 +322,20 @@ def test_strict_parsing_reads_what_drpos_parser_reads(text: str, lenient: dict, 
         assert (judged.scores if judged else None) == expected
 
 
+CODE_ANSWER = '<START>\n```python\nprint("a\\nb")\n```\n<END>'
+
+
+@pytest.mark.parametrize("lenient", [True, False])
+def test_a_code_answer_keeps_its_fences_and_escapes_through_the_example_loops_parser(lenient: bool):
+    """Issue 28: lenient parsing removed every fence in the reply and the loop turned each ``\\n`` into a
+    newline. DRPO strips fences only at the ends of the reply (``parse_json_output``)."""
+    from bpo_plugins.drpo.icl import _marked_rewrite
+
+    reply = "```json\n" + json.dumps({"analysis": "a", "thought": "t", "new_response": CODE_ANSWER}) + "\n```"
+    assert find_json(reply, lenient=lenient)["new_response"] == CODE_ANSWER
+    assert _marked_rewrite(reply, lenient=lenient) == CODE_ANSWER
+
+
 def test_refusal_correction_switch(llms: Server, tmp_path: Path):
     scripted = load_backend("script-judge", base_url=llms.base_url, max_retries=0)
     known = {"Q": {"aspects_selection": {"reasoning": "a harmful ask", "selected_aspects": ["Compliance", "Safety"]}}}

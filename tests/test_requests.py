@@ -198,3 +198,51 @@ def test_a_raw_request_keeps_the_apps_system_text_after_drpos_prompt():
     assert request["prompt"] == RAW_FORMAT.render_raw(raw.system_message("How do I bake bread?", keep="Answer in French."),
                                                       "How do I bake bread?")
     assert request["stop"] == ["<END>", "<END", "<|eot_id|>", "a"]
+
+
+class _QueryRecorder:
+    """An embedder that keeps every text it is asked to embed: which query an edge retrieved for."""
+
+    name = "query-recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def encode(self, texts):
+        import numpy as np
+
+        self.seen += list(texts)
+        return np.ones((len(texts), 2)) / np.sqrt(2)
+
+
+def test_bpo_and_drpo_take_the_same_last_user_message_at_every_edge():
+    """Issue 28: a user turn of tool results only is not the prompt for BPO (chat.last_user_index), but
+    Alignment.apply, the raw completion and LangChain's middleware took it. One rule now, at every edge."""
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from bpo_plugins.chat import last_user_index
+    from bpo_plugins.drpo.serving import _raw_completion
+    from bpo_plugins.langchain import DRPOMiddleware
+
+    tool_use = {"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": "x"}}
+    results = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "result"}]
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": [tool_use]}, {"role": "user", "content": results}]
+    assert last_user_index(messages) == 0 and find_prompt({"messages": messages}, Shape.CHAT)[1].text == PROMPT
+
+    def aligned(fmt=None) -> tuple[Alignment, _QueryRecorder]:
+        recorder = _QueryRecorder()
+        alignment = Alignment("Be kind.", tuple(icl_examples()[:2]), k=1, **({"format": fmt} if fmt else {}))
+        return alignment.use_embedder(recorder), recorder
+
+    chat, recorder = aligned()
+    applied = chat.apply(messages)
+    assert applied[1]["content"] == chat.format.render_user(PROMPT) and applied[3] == messages[2] and recorder.seen[-1] == PROMPT
+    raw, recorder = aligned(RAW_FORMAT)
+    request = _raw_completion({"model": "m", "messages": messages}, raw, None)
+    assert request["prompt"] == raw.render(PROMPT) and recorder.seen[-1] == PROMPT
+    middleware_alignment, recorder = aligned()
+    lc_messages = [HumanMessage(PROMPT), AIMessage(content=[tool_use]), HumanMessage(content=results)]
+    DRPOMiddleware(middleware_alignment)._request(ModelRequest(model=FakeListChatModel(responses=["ok"]), messages=lc_messages))
+    assert recorder.seen[-1] == PROMPT

@@ -142,10 +142,12 @@ def evaluate(
     embedder = ev.Embedder()
     proxy: dict[str, dict] = {}
     rewrites: dict[tuple[str, str], list[str]] = {}
+    first: Rewriter | None = None  # the optimizer --drpo compares: the first --model, resolved as every spec is
     for name in model:
-        local = {"adapter": adapter} if adapter is not None else {}  # an adapter only applies to a local base
         with usage_errors():
-            rewriter = Rewriter.from_spec(name, backend=backend, template=template, max_new_tokens=max_new_tokens, mode=mode, **local)
+            rewriter = Rewriter.from_spec(name, backend=backend, template=template, max_new_tokens=max_new_tokens, mode=mode,
+                                          adapter=adapter)
+        first = first or rewriter
         for set_name, items in data.items():
             with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
                 figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)
@@ -165,9 +167,7 @@ def evaluate(
                                    progress=bar.update)
             judged.append({**row, "optimizer": name})
     if drpo:
-        rewriter = Rewriter.from_pretrained(model[0], backend=backend, adapter=adapter, template=template, max_new_tokens=max_new_tokens,
-                                            mode=mode)
-        _compare_arms(data, alignment, arm_list, rewriter, target, judge, prompt, out, answer_tokens)
+        _compare_arms(data, alignment, arm_list, first, target, judge, prompt, out, answer_tokens)
     report = {"proxy": proxy, "judge": judged}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval_report.md").write_text(ev.markdown_report(proxy, judged))

@@ -26,7 +26,7 @@ from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.embeddings import Embedder
 from bpo_plugins.guards import answered_reason, clean_output, degenerate_reason, word_count
-from bpo_plugins.inputs import InputError, read_rows
+from bpo_plugins.inputs import InputError, read_rows, resume_jsonl
 from bpo_plugins.pairwise import outcome, pair_prompt, verdict, win_tie_lose_bars
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
@@ -147,14 +147,7 @@ class CallCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
-        self.entries: dict[str, str] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.entries[row["key"]] = row["value"]
-                except (json.JSONDecodeError, KeyError):
-                    continue
+        self.entries: dict[str, str] = {row["key"]: row["value"] for row in resume_jsonl(path)}
 
     def get_or_call(self, parts: Sequence[str], call: Callable[[], str]) -> str:
         key = hashlib.sha256("\x00".join(parts).encode()).hexdigest()

@@ -24,6 +24,7 @@ from typing import Any
 
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
+from bpo_plugins.inputs import resume_jsonl
 from bpo_plugins.templates import PromptTemplate
 
 __all__ = ["ANSWER_TIE_BAND", "LIKELIHOOD_TIE_BAND", "RAW_TARGET", "TARGET_CHAT", "LikelihoodScorer", "ScoreCache", "answer_margins",
@@ -58,15 +59,9 @@ class ScoreCache:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
-        self.values: dict[str, Any] = {}
+        # A torn last line is cut: that score is computed again.
+        self.values: dict[str, Any] = {row["key"]: row["value"] for row in resume_jsonl(self.path)} if self.path is not None else {}
         self._lock = threading.Lock()
-        if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.values[row["key"]] = row["value"]
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a torn last line: computed again
 
     @staticmethod
     def key(*parts: str) -> str:

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.guards import GuardConfig, word_count
-from bpo_plugins.inputs import UsageError, read_rows
+from bpo_plugins.inputs import UsageError, read_rows, resume_jsonl
 from bpo_plugins.training.data import Pair, normalise, read_pairs, read_triplets
 from bpo_plugins.training.scores import (
     ANSWER_TIE_BAND,
@@ -222,14 +222,13 @@ def load_round_optimizer(config: SelfplayConfig, adapter: str | Path | None, exp
 def _load_target(config: SelfplayConfig) -> Any:
     from bpo_plugins.backends import load_backend
     from bpo_plugins.backends.transformers import TransformersBackend
-    from bpo_plugins.registry import lookup
+    from bpo_plugins.registry import checkpoint
+    from bpo_plugins.spec import resolve_spec
 
-    if config.target_base_url is None:
-        entry = lookup(config.target)
-        path = str(entry.path) if entry is not None else config.target
-        if entry is not None or Path(path).is_dir():
-            return TransformersBackend.load(path, model_id=config.target)
-    return load_backend(config.target, base_url=config.target_base_url)
+    spec = resolve_spec(config.target, base_url=config.target_base_url)  # the one rule every entry point uses
+    if spec.kind == "local":  # in torch, whatever runtime serves it elsewhere: the scorer needs its log-probabilities
+        return TransformersBackend.load(checkpoint(spec.model), model_id=config.target)
+    return load_backend(spec)
 
 
 # --- one prompt -------------------------------------------------------------------------------
@@ -294,15 +293,9 @@ def _selection_fields(prompt: str, raw_score: float, candidates: Sequence[dict[s
 def _done_rows(path: Path, margin: float) -> dict[str, dict[str, Any]]:
     """The prompts already done in ``path``, each selected again under ``margin`` from its stored
     scores, so a resumed run with another ``--margin`` re-selects without drawing or scoring again."""
-    done: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                done[row["key"]] = row
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn last line: that prompt runs again
-            row.update(_selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
+    done = {row["key"]: row for row in resume_jsonl(path)}  # a torn last line is cut: that prompt runs again
+    for row in done.values():
+        row.update(_selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
     return done
 
 

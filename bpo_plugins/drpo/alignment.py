@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.chat import content_text, last_user_prompt
+from bpo_plugins.chat import content_text, last_user_index, last_user_prompt
 from bpo_plugins.drpo.formats import CHAT_FORMAT, Example, PromptFormat, strip_markers
 from bpo_plugins.drpo.serving import align_body
 from bpo_plugins.embeddings import MINILM, TextEmbedder, shared_embedder
@@ -104,7 +104,7 @@ class Alignment:
         ``query``: the text to retrieve examples for, when not the last user turn itself (the
         user's own words before a BPO rewrite)."""
         messages = [dict(m) for m in messages]
-        last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+        last_user = last_user_index(messages)  # the turn BPO rewrites: the same rule at every edge
         text = content_text(messages[last_user].get("content")) if last_user is not None else ""
         if last_user is not None and isinstance(messages[last_user].get("content"), str):
             messages[last_user]["content"] = self.format.render_user(text)

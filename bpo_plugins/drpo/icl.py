@@ -102,9 +102,11 @@ def _marked_rewrite(text: str, *, lenient: bool = True) -> str | None:
         value = text[text.index(CHAT_FORMAT.start):]
         if CHAT_FORMAT.end in value:  # broken JSON: the answer ends at its <END>
             value = value[: value.index(CHAT_FORMAT.end) + len(CHAT_FORMAT.end)]
+        # Still JSON-escaped: its line breaks are "\\n". A decoded value is left as written (code keeps its escapes).
+        value = value.replace("\\n", "\n")
     if not isinstance(value, str):
         return None
-    value = value.replace("\\n", "\n").strip()
+    value = value.strip()
     return value if strip_markers(value) else None
 
 

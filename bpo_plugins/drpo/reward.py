@@ -118,7 +118,9 @@ def find_json(text: str, *, lenient: bool = True) -> dict[str, Any] | None:
     stripped from its ends, control characters allowed in strings) and nothing else."""
     if not lenient:
         return _drpo_json(text or "")
-    text = re.sub(r"```(?:json)?", "", text or "")
+    # No fence is removed: the scan starts at each "{", fences around the JSON included, and fences
+    # inside it (a code answer's) are part of a value.
+    text = text or ""
     decoder = json.JSONDecoder(strict=False)
     for match in re.finditer(r"\{", text):
         try:

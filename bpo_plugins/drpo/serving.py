@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bpo_plugins.chat import content_text
+from bpo_plugins.chat import content_text, last_user_index
 from bpo_plugins.drpo.formats import Example
 from bpo_plugins.outcome import Shape
 
@@ -51,10 +51,10 @@ def _raw_completion(body: dict[str, Any], alignment: Alignment, query: str | Non
     """A chat request for a base model as one completions request: DRPO's prompt, the retrieved
     examples, earlier turns as answered queries, then the last user turn, generated to ``<END>``."""
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-    turns = [(m.get("role"), content_text(m.get("content"))) for m in messages if m.get("role") in ("user", "assistant")]
-    last = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=None)
-    text = turns[last][1] if last is not None else ""
-    history = [Example(q, a) for (r1, q), (r2, a) in zip(turns[: last or 0], turns[1 : last or 0]) if r1 == "user" and r2 == "assistant"]
+    last = last_user_index(messages)  # the turn BPO rewrites: the same rule at every edge
+    text = content_text(messages[last].get("content")) if last is not None else ""
+    turns = [(m.get("role"), content_text(m.get("content"))) for m in messages[: last or 0] if m.get("role") in ("user", "assistant")]
+    history = [Example(q, a) for (r1, q), (r2, a) in zip(turns, turns[1:]) if r1 == "user" and r2 == "assistant"]
     fmt = alignment.format
     # The app's own system text follows DRPO's prompt and examples, as Alignment.apply keeps it in chat.
     own = "\n\n".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
