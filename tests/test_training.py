@@ -276,7 +276,7 @@ def test_every_resuming_writer_cuts_a_torn_last_line_before_it_appends(tmp_path:
     assert ScoreCache(scores).values == {"a": 1.0, "b": 2.0}
     calls = torn("calls.jsonl", {"key": "a", "value": "first"})
     CallCache(calls).get_or_call(["b"], lambda: "second")
-    assert len(CallCache(calls).entries) == 2
+    assert len(CallCache(calls).values) == 2
     row = {"key": "a", "prompt": "p", "raw_score": 0.0, "candidates": [{"text": "q", "guard": None, "score": 1.0}]}
     pairs = torn("pairs.jsonl", row)
     assert list(_done_rows(pairs, 0.5)) == ["a"]

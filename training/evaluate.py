@@ -12,10 +12,7 @@ so a rerun resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,10 +23,11 @@ from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.embeddings import Embedder
 from bpo_plugins.guards import answered_reason, clean_output, degenerate_reason, word_count
-from bpo_plugins.inputs import InputError, read_rows, resume_jsonl
+from bpo_plugins.inputs import InputError, read_rows
 from bpo_plugins.pairwise import outcome, pair_prompt, verdict, win_tie_lose_bars
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
+from bpo_plugins.training.cache import JsonlCache
 
 __all__ = ["DRIFT_COSINE", "PASSTHROUGH", "CallCache", "EvalItem", "judge_set", "markdown_report", "plot", "proxy_figures",
            "read_eval_set", "rouge_l"]
@@ -141,24 +139,8 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
 # --- pairwise judge ----------------------------------------------------------------------------
 
 
-class CallCache:
-    """A JSONL file of finished LLM calls, so an interrupted evaluation resumes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.entries: dict[str, str] = {row["key"]: row["value"] for row in resume_jsonl(path)}
-
-    def get_or_call(self, parts: Sequence[str], call: Callable[[], str]) -> str:
-        key = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
-        if key in self.entries:
-            return self.entries[key]
-        value = call()
-        with self.lock:
-            self.entries[key] = value
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
-        return value
+#: The evaluation's LLM call cache: the training package's one JSONL cache.
+CallCache = JsonlCache
 
 
 def _complete(backend: Backend, prompt: str, system: str | None, max_new_tokens: int) -> str:
