@@ -16,7 +16,7 @@ from typing import Any
 import dspy
 
 from bpo_plugins.drpo import AlignmentPipeline
-from bpo_plugins.requests import IntegrationRewriter
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 

@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field
 from bpo_plugins.chat import last_user_index
 from bpo_plugins.drpo import AlignmentPipeline
 from bpo_plugins.outcome import RequestOutcome, Shape
-from bpo_plugins.requests import IntegrationRewriter
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 

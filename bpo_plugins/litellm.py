@@ -25,7 +25,7 @@ from litellm.integrations.custom_guardrail import CustomGuardrail
 
 from bpo_plugins.outcome import Shape
 from bpo_plugins.registry import DEFAULT_MODEL
-from bpo_plugins.requests import RequestRewriter
+from bpo_plugins.request_rewriter import RequestRewriter
 from bpo_plugins.rewriter import Rewriter
 
 log = logging.getLogger("bpo_plugins.litellm")

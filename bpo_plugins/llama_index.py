@@ -23,7 +23,7 @@ from llama_index.core.query_engine import TransformQueryEngine
 from llama_index.core.schema import QueryBundle, QueryType
 
 from bpo_plugins.drpo import AlignmentPipeline
-from bpo_plugins.requests import IntegrationRewriter
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate

@@ -1,4 +1,4 @@
-"""The one request rewriter (bpo_plugins.requests) on every request shape, against a real optimizer
+"""The one request rewriter (bpo_plugins.request_rewriter) on every request shape, against a real optimizer
 server process with scripted rewrites; and a raw (base-model) DRPO preset served through the gateway."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from bpo_plugins import Rewriter
 from bpo_plugins.drpo import RAW_FORMAT, Alignment, icl_examples, load_preset
-from bpo_plugins.requests import RequestRewriter, Shape, find_prompt, rewrite_requests
+from bpo_plugins.request_rewriter import RequestRewriter, Shape, find_prompt, rewrite_requests
 from tests.conftest import Server, start_cli_server
 
 PROMPT = "Tell me about Harry Potter"

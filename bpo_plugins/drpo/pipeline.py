@@ -5,7 +5,7 @@ prompt and retrieved examples. Every integration's BPO+DRPO line is this object.
     pipeline = AlignmentPipeline("llama3-8b-instruct")            # a DRPO preset or artifact, plus bpo-small
     messages = pipeline.apply([{"role": "user", "content": "tips for a job interview"}])
 
-Both steps are the core request rewriter's (:mod:`bpo_plugins.requests`); this class holds the
+Both steps are the core request rewriter's (:mod:`bpo_plugins.request_rewriter`); this class holds the
 settings. Examples are retrieved for the user's own words, not the rewrite: the rewrite adds detail
 that would pull retrieval away from the intent. A rewrite that fails falls back to the original
 (``fail_open``), and the alignment is applied either way.
@@ -22,7 +22,7 @@ from bpo_plugins.drpo.alignment import Alignment
 from bpo_plugins.drpo.formats import CHAT_FORMAT
 from bpo_plugins.drpo.presets import load_alignment
 from bpo_plugins.outcome import RequestOutcome, Shape
-from bpo_plugins.requests import IntegrationRewriter
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 

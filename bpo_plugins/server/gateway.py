@@ -36,7 +36,7 @@ from bpo_plugins import telemetry
 from bpo_plugins.batching import MicroBatcher
 from bpo_plugins.cache import RedisRewriteCache
 from bpo_plugins.outcome import RequestOutcome, Shape
-from bpo_plugins.requests import RequestRewriter
+from bpo_plugins.request_rewriter import RequestRewriter
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.server import anthropic_api
 from bpo_plugins.server import openai_api as api

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncRewrite", "IntegrationRewriter", "RequestOutcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt",
            "rewrite_requests"]
 
-log = logging.getLogger("bpo_plugins.requests")
+log = logging.getLogger("bpo_plugins.request_rewriter")
 
 #: An async rewrite of one prompt in a mode: ``Rewriter.arewrite`` or a micro-batcher in front of it.
 AsyncRewrite = Callable[[str, Mode], Awaitable[RewriteResult]]
