@@ -15,21 +15,18 @@ from bpo_plugins import telemetry as _telemetry
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
 from bpo_plugins.cache import RewriteCache, cache_key, make_cache
 from bpo_plugins.cleanup import clean_output
+from bpo_plugins.construction import RewriterConstructors
 from bpo_plugins.decoding import Decoding, check_mode, cut_at_newline, decoding_for
 from bpo_plugins.guards import GuardConfig, word_count
-from bpo_plugins.inputs import UsageError
 from bpo_plugins.judging import checked_inputs, judge_candidates, pass_through_reason
 from bpo_plugins.masking import Masked, mask_protected
 from bpo_plugins.result import FallbackReason, GuardPreset, Mode, RewriteError, RewriteResult
 from bpo_plugins.selectors import SELECTORS, Selector
-from bpo_plugins.spec import ModelSpec, resolve_spec
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, follows_bpo, resolve_template
 
 __all__ = ["BackendFactory", "Rewriter"]
 
 BackendFactory = Callable[[], Backend]
-_shared_default: Rewriter | None = None
-_default_lock = threading.Lock()
 
 
 @dataclass
@@ -43,7 +40,7 @@ class _Item:
     result: RewriteResult | None = None
 
 
-class Rewriter:
+class Rewriter(RewriterConstructors):
     """Rewrites prompts with a prompt-preference optimizer, and never passes on a bad rewrite.
 
     Every result is safe to send on: when a guard trips (timeout, backend error, empty or
@@ -52,9 +49,6 @@ class Rewriter:
     why. With ``strict=True`` a :class:`RewriteError` is raised instead. With ``stop_loops`` (the
     default) local backends stop a candidate as soon as it starts repeating itself and keep one copy.
     """
-
-    #: The model spec this Rewriter was resolved from (:meth:`from_spec`); None when built from a backend.
-    spec: ModelSpec | None = None
 
     def __init__(
         self,
@@ -102,110 +96,6 @@ class Rewriter:
         #: Our guard: decode at most ~9 tokens per prompt word + 16 (within max_new_tokens). False:
         #: every rewrite may use max_new_tokens, as the reference's fixed max_new_tokens=1024 does.
         self.length_budget = length_budget
-
-    # -- construction -------------------------------------------------------------------------
-
-    @classmethod
-    def shared(cls) -> Rewriter:
-        """The process-wide bundled ``bpo-small`` optimizer: one instance, so every integration that
-        falls back to it shares one model and one cache. Loaded on first use."""
-        from bpo_plugins.registry import DEFAULT_MODEL
-
-        global _shared_default
-        with _default_lock:
-            if _shared_default is None:
-                _shared_default = cls.from_pretrained(DEFAULT_MODEL)
-            return _shared_default
-
-    @classmethod
-    def default(cls, **options: Any) -> Rewriter:
-        """A new bundled ``bpo-small`` optimizer with ``options`` (offline, loaded on first use).
-
-        Without options it returns :meth:`shared`, as it always has; call :meth:`shared` to say so.
-        """
-        from bpo_plugins.registry import DEFAULT_MODEL
-
-        if not options:
-            return cls.shared()
-        return cls.from_pretrained(DEFAULT_MODEL, **options)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        *,
-        backend: str = "auto",
-        revision: str | None = None,
-        device: str | None = None,
-        dtype: str = "auto",
-        adapter: str | Path | None = None,
-        **options: Any,
-    ) -> Rewriter:
-        """A registry name (``bpo-small``), a local folder, or a hub id such as ``THUDM/BPO``.
-
-        Loading is deferred to the first rewrite, so constructing a Rewriter is free.
-        """
-        from bpo_plugins.backends import load_local_backend
-        from bpo_plugins.registry import REGISTRY
-
-        if backend not in ("auto", "transformers", "onnx"):
-            raise ValueError(f"unknown local backend {backend!r}: use 'auto', 'transformers' or 'onnx'")
-        if str(name_or_path) in REGISTRY:
-            # The bundled optimizers are 135M models: their added names are inventions, their drifts real.
-            options.setdefault("guards", GuardConfig.strict())
-
-        def load() -> Backend:
-            return load_local_backend(
-                str(name_or_path), backend=backend, revision=revision, device=device, dtype=dtype, adapter=adapter
-            )
-
-        return cls(load, **options)
-
-    @classmethod
-    def from_spec(cls, model: str | ModelSpec, *, backend: str = "auto", base_url: str | None = None,
-                  api_key: str | None = None, **options: Any) -> Rewriter:
-        """The optimizer a command line, config file or integration names: ``MODEL`` or ``MODEL@URL``,
-        resolved by :func:`~bpo_plugins.spec.resolve_spec`, the rule every entry point shares."""
-        spec = resolve_spec(model, backend=backend, base_url=base_url)
-        adapter = options.pop("adapter", None)
-        if adapter is not None and spec.kind != "local":
-            raise UsageError(f"an adapter applies to a local model, and {spec} is served over {spec.kind}'s API: drop the adapter")
-        if spec.kind == "local":
-            rewriter = cls.from_pretrained(spec.model, backend=spec.runtime, adapter=adapter, **options)
-        elif spec.kind == "anthropic":
-            rewriter = cls.from_anthropic(spec.model, base_url=spec.base_url, api_key=api_key, **options)
-        else:
-            rewriter = cls.from_openai(spec.model, base_url=spec.base_url, api_key=api_key, **options)
-        rewriter.spec = spec
-        return rewriter
-
-    @classmethod
-    def from_openai(
-        cls,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        max_concurrency: int = 8,
-        **options: Any,
-    ) -> Rewriter:
-        """A remote optimizer on any OpenAI-compatible server (vLLM, TGI, llama.cpp), or an API LLM as prompt engineer."""
-        from bpo_plugins.backends.openai import OpenAIBackend
-
-        return cls(
-            OpenAIBackend(model, base_url=base_url, api_key=api_key, max_concurrency=max_concurrency), **options
-        )
-
-    @classmethod
-    def from_anthropic(
-        cls, model: str, *, api_key: str | None = None, base_url: str | None = None, max_concurrency: int = 8, **options: Any
-    ) -> Rewriter:
-        """Claude as the prompt engineer: the LLM-as-optimizer baseline of the BPO paper."""
-        from bpo_plugins.backends.anthropic import AnthropicBackend
-
-        return cls(
-            AnthropicBackend(model, api_key=api_key, base_url=base_url, max_concurrency=max_concurrency), **options
-        )
 
     @property
     def backend(self) -> Backend:
