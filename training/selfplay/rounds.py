@@ -6,7 +6,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,38 @@ def evaluate_heldout(name: str, rewriter: Any, items: Sequence[Item], scorer: Li
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def run(config: SelfplayConfig, *, measure: int | None = None, train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every round (or, with ``measure``, candidates and scoring for that many prompts only, timed);
-    writes ``selfplay.json`` and ``selfplay.md`` (and per round ``round-K/figures.json``) under ``config.out``."""
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """What every step of a run shares: its settings, prompts, target, scorer and cache."""
 
+    config: SelfplayConfig
+    out: Path
+    pools: list[list[Item]]
+    heldout: list[Item]
+    train_pairs: list[Pair]
+    target: Any
+    cache: ScoreCache
+    embedder: Any
+    scorer: LikelihoodScorer | None
+    select_by: LikelihoodScorer | Score
+
+    def heldout_figures(self, name: str, rewriter: Any, raw: dict[str, Any] | None, progress: Any = None) -> dict[str, Any]:
+        return evaluate_heldout(name, rewriter, self.heldout, self.scorer, self.target, self.embedder, self.cache,
+                                self.config.answer_tokens, raw, progress=progress)
+
+    def round_data(self, items: Sequence[Item], rewriter: Any, path: Path, desc: str) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        with tqdm(total=len(items), desc=desc, unit="prompt") as bar:
+            return run_round_data(items, rewriter, self.select_by, self.target, path, margin=self.config.margin,
+                                  answer_tokens=self.config.answer_tokens, cache=self.cache, progress=bar.update)
+
+    def write(self, report: dict[str, Any]) -> None:
+        (self.out / "selfplay.json").write_text(json.dumps(report, indent=2))
+        (self.out / "selfplay.md").write_text(markdown(report))
+
+
+def _start(config: SelfplayConfig) -> _Run:
     from bpo_plugins.embeddings import shared_embedder
 
     out = Path(config.out)
@@ -144,65 +171,79 @@ def run(config: SelfplayConfig, *, measure: int | None = None, train_overrides: 
     except ValueError:
         scorer = None  # an API target without log-probabilities: selection and figures by answer margin
     select_by: LikelihoodScorer | Score = scorer or answer_margin_score(target, embedder, config.answer_tokens, cache)
-    report: dict[str, Any] = {"config": asdict(config), "heldout": len(heldout), "train_pairs": len(train_pairs),
-                              "pools": {str(i): len(p) for i, p in enumerate(pools)}, "rounds": []}
+    return _Run(config, out, pools, heldout, train_pairs, target, cache, embedder, scorer, select_by)
+
+
+def run(config: SelfplayConfig, *, measure: int | None = None, train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every round (or, with ``measure``, candidates and scoring for that many prompts only, timed);
+    writes ``selfplay.json`` and ``selfplay.md`` (and per round ``round-K/figures.json``) under ``config.out``."""
+    state = _start(config)
+    report: dict[str, Any] = {"config": asdict(config), "heldout": len(state.heldout), "train_pairs": len(state.train_pairs),
+                              "pools": {str(i): len(p) for i, p in enumerate(state.pools)}, "rounds": []}
     adapter: str | Path | None = config.start_adapter
     if measure:
         rewriter = load_round_optimizer(config, adapter, num_candidates=config.num_candidates)
         rewriter.warmup()
-        items = round_prompts(pools, 1, measure)
-        with tqdm(total=len(items), desc="measure: candidates + scoring", unit="prompt") as bar:
-            figures = run_round_data(items, rewriter, select_by, target, out / "measure" / "pairs.jsonl", margin=config.margin,
-                                     answer_tokens=config.answer_tokens, cache=cache, progress=bar.update)
+        figures = state.round_data(round_prompts(state.pools, 1, measure), rewriter, state.out / "measure" / "pairs.jsonl",
+                                   "measure: candidates + scoring")
         report["measure"] = figures
-        (out / "cost.json").write_text(json.dumps(figures, indent=2))
+        (state.out / "cost.json").write_text(json.dumps(figures, indent=2))
         return report
+    report["baselines"], raw = _baselines(state, adapter)
+    for round_no in range(1, config.rounds + 1):
+        figures, adapter = _round(state, round_no, adapter, raw, train_overrides or {})
+        report["rounds"].append(figures)
+        state.write(report)
+    state.write(report)
+    return report
+
+
+def _baselines(state: _Run, adapter: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The held-out figures of the raw prompt, BPO's reference rewrite and the starting optimizer; and the raw values."""
+    from tqdm import tqdm
 
     baselines: dict[str, Any] = {}
-    with tqdm(total=len(heldout) * 3, desc="held-out: raw, reference, start", unit="prompt") as bar:
-        raw = evaluate_heldout("raw", None, heldout, scorer, target, embedder, cache, config.answer_tokens, None)
-        bar.update(len(heldout))
+    with tqdm(total=len(state.heldout) * 3, desc="held-out: raw, reference, start", unit="prompt") as bar:
+        raw = state.heldout_figures("raw", None, None)
+        bar.update(len(state.heldout))
         baselines["raw"] = raw["summary"]
-        baselines["reference"] = evaluate_heldout("reference", "reference", heldout, scorer, target, embedder, cache,
-                                                  config.answer_tokens, raw["values"])["summary"]
-        bar.update(len(heldout))
-        start = load_round_optimizer(config, adapter)
-        start_fig = evaluate_heldout(f"start ({adapter or 'base'})", start, heldout, scorer, target, embedder, cache,
-                                     config.answer_tokens, raw["values"], progress=bar.update)
+        baselines["reference"] = state.heldout_figures("reference", "reference", raw["values"])["summary"]
+        bar.update(len(state.heldout))
+        start = load_round_optimizer(state.config, adapter)
+        start_fig = state.heldout_figures(f"start ({adapter or 'base'})", start, raw["values"], progress=bar.update)
         baselines["start"] = start_fig["summary"]
-    report["baselines"] = baselines
-    (out / "baselines.json").write_text(json.dumps({**baselines, "start_rewrites": start_fig.get("rewrites")}, indent=2))
-    for round_no in range(1, config.rounds + 1):
-        round_dir = out / f"round-{round_no}"
-        round_dir.mkdir(exist_ok=True)
-        begun = time.perf_counter()
-        rewriter = load_round_optimizer(config, adapter, round_dir.parent / f"round-{round_no - 1}" / "export",
-                                        num_candidates=config.num_candidates)
-        items = round_prompts(pools, round_no, config.prompts)
-        with tqdm(total=len(items), desc=f"round {round_no}: candidates + scoring", unit="prompt") as bar:
-            data = run_round_data(items, rewriter, select_by, target, round_dir / "pairs.jsonl", margin=config.margin,
-                                  answer_tokens=config.answer_tokens, cache=cache, progress=bar.update)
-        data_s = time.perf_counter() - begun
-        # Expert iteration keeps what every round so far selected: round k trains on rounds 1..k.
-        rows = [row for k in range(1, round_no + 1) for row in _done_rows(out / f"round-{k}" / "pairs.jsonl", config.margin).values()]
-        begun = time.perf_counter()
-        sft = train_round(config, round_dir, rows, train_pairs, **(train_overrides or {}))
-        sft_s = time.perf_counter() - begun
-        adapter = round_dir / "adapter"
-        begun = time.perf_counter()
-        optimizer = load_round_optimizer(config, adapter, round_dir / "export")
-        with tqdm(total=len(heldout), desc=f"round {round_no}: held-out", unit="prompt") as bar:
-            held = evaluate_heldout(f"round {round_no}", optimizer, heldout, scorer, target, embedder, cache, config.answer_tokens,
-                                    raw["values"], progress=bar.update)
-        figures = {"round": round_no, "data": data, "sft": sft, "heldout": held["summary"],
-                   "wall_s": {"data": round(data_s, 1), "sft": round(sft_s, 1), "heldout": round(time.perf_counter() - begun, 1)}}
-        (round_dir / "figures.json").write_text(json.dumps({**figures, "rewrites": held.get("rewrites")}, indent=2))
-        report["rounds"].append(figures)
-        (out / "selfplay.json").write_text(json.dumps(report, indent=2))
-        (out / "selfplay.md").write_text(markdown(report))
-    (out / "selfplay.json").write_text(json.dumps(report, indent=2))
-    (out / "selfplay.md").write_text(markdown(report))
-    return report
+    (state.out / "baselines.json").write_text(json.dumps({**baselines, "start_rewrites": start_fig.get("rewrites")}, indent=2))
+    return baselines, raw["values"]
+
+
+def _round(state: _Run, round_no: int, adapter: str | Path | None, raw: dict[str, Any],
+           train_overrides: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """One round: candidates and scoring, SFT on every round's kept pairs so far, held-out figures; its figures and adapter."""
+    from tqdm import tqdm
+
+    config, out = state.config, state.out
+    round_dir = out / f"round-{round_no}"
+    round_dir.mkdir(exist_ok=True)
+    begun = time.perf_counter()
+    rewriter = load_round_optimizer(config, adapter, round_dir.parent / f"round-{round_no - 1}" / "export",
+                                    num_candidates=config.num_candidates)
+    data = state.round_data(round_prompts(state.pools, round_no, config.prompts), rewriter, round_dir / "pairs.jsonl",
+                            f"round {round_no}: candidates + scoring")
+    data_s = time.perf_counter() - begun
+    # Expert iteration keeps what every round so far selected: round k trains on rounds 1..k.
+    rows = [row for k in range(1, round_no + 1) for row in _done_rows(out / f"round-{k}" / "pairs.jsonl", config.margin).values()]
+    begun = time.perf_counter()
+    sft = train_round(config, round_dir, rows, state.train_pairs, **train_overrides)
+    sft_s = time.perf_counter() - begun
+    adapter = round_dir / "adapter"
+    begun = time.perf_counter()
+    optimizer = load_round_optimizer(config, adapter, round_dir / "export")
+    with tqdm(total=len(state.heldout), desc=f"round {round_no}: held-out", unit="prompt") as bar:
+        held = state.heldout_figures(f"round {round_no}", optimizer, raw, progress=bar.update)
+    figures = {"round": round_no, "data": data, "sft": sft, "heldout": held["summary"],
+               "wall_s": {"data": round(data_s, 1), "sft": round(sft_s, 1), "heldout": round(time.perf_counter() - begun, 1)}}
+    (round_dir / "figures.json").write_text(json.dumps({**figures, "rewrites": held.get("rewrites")}, indent=2))
+    return figures, adapter
 
 
 def _wtl(figures: dict[str, Any], proxy: str) -> str:
