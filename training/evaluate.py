@@ -81,16 +81,7 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         results = rewriter.rewrite_batch([i.prompt for i in chunk], contexts=[i.context for i in chunk])
-        for item, result in zip(chunk, results):
-            raw = clean_output(result.candidates[0]) if result.candidates else ""
-            rows.append({
-                "prompt": item.prompt, "reference": item.reference, "raw_output": raw, "rewritten": result.rewritten,
-                "fallback": result.fallback and result.fallback.value,
-                "loop_cut": result.loops_cut > 0,
-                "answered": bool(raw) and answered_reason(item.prompt, raw) is not None,
-                "degenerate": bool(raw) and degenerate_reason(item.prompt, raw) is not None,
-                "expansion": word_count(raw) / max(word_count(item.prompt), 1) if raw else None,
-            })
+        rows += [_proxy_row(item, result) for item, result in zip(chunk, results)]
         if progress:
             progress(len(chunk))
     generated = [r for r in rows if r["raw_output"]]
@@ -122,18 +113,39 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
         for r, s in zip(applied, sims):
             r["applied_cosine"] = s
         figures["meaning_drift"] = _mean([s < DRIFT_COSINE for s in sims])
-    referenced = [r for r in rows if r["reference"]]
-    if referenced:
-        outs = [r["rewritten"] for r in referenced]
-        refs = [r["reference"] for r in referenced]
-        figures["reference_cosine"] = _mean(embedder.cosine(outs, refs))
-        figures["raw_prompt_reference_cosine"] = _mean(embedder.cosine([r["prompt"] for r in referenced], refs))
-        figures["reference_rouge_l"] = _mean([rouge_l(o, ref) for o, ref in zip(outs, refs)])
-        figures["raw_prompt_reference_rouge_l"] = _mean([rouge_l(r["prompt"], ref) for r, ref in zip(referenced, refs)])
-        keep = [r for r in referenced if r["reference"].strip() == r["prompt"].strip()]
-        if keep:
-            figures["keep_as_is_cosine"] = _mean(embedder.cosine([r["rewritten"] for r in keep], [r["prompt"] for r in keep]))
+    figures.update(_reference_figures([r for r in rows if r["reference"]], embedder))
     return figures, rows
+
+
+def _proxy_row(item: EvalItem, result: Any) -> dict[str, Any]:
+    """One item's row: the optimizer's raw output (its first candidate, cleaned) and what it shows."""
+    raw = clean_output(result.candidates[0]) if result.candidates else ""
+    return {
+        "prompt": item.prompt, "reference": item.reference, "raw_output": raw, "rewritten": result.rewritten,
+        "fallback": result.fallback and result.fallback.value,
+        "loop_cut": result.loops_cut > 0,
+        "answered": bool(raw) and answered_reason(item.prompt, raw) is not None,
+        "degenerate": bool(raw) and degenerate_reason(item.prompt, raw) is not None,
+        "expansion": word_count(raw) / max(word_count(item.prompt), 1) if raw else None,
+    }
+
+
+def _reference_figures(referenced: list[dict[str, Any]], embedder: Embedder) -> dict[str, Any]:
+    """How close the rewrites (and the raw prompts) come to the set's reference rewrites."""
+    if not referenced:
+        return {}
+    outs = [r["rewritten"] for r in referenced]
+    refs = [r["reference"] for r in referenced]
+    figures = {
+        "reference_cosine": _mean(embedder.cosine(outs, refs)),
+        "raw_prompt_reference_cosine": _mean(embedder.cosine([r["prompt"] for r in referenced], refs)),
+        "reference_rouge_l": _mean([rouge_l(o, ref) for o, ref in zip(outs, refs)]),
+        "raw_prompt_reference_rouge_l": _mean([rouge_l(r["prompt"], ref) for r, ref in zip(referenced, refs)]),
+    }
+    keep = [r for r in referenced if r["reference"].strip() == r["prompt"].strip()]
+    if keep:
+        figures["keep_as_is_cosine"] = _mean(embedder.cosine([r["rewritten"] for r in keep], [r["prompt"] for r in keep]))
+    return figures
 
 
 # --- pairwise judge ----------------------------------------------------------------------------
