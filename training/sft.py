@@ -119,10 +119,60 @@ class _Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _model_and_tokenizer(config: TrainConfig, base_path: str) -> tuple[Any, Any]:
+    """The base model (with LoRA when asked) and its tokenizer, with a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ))
+    return model, tokenizer
+
+
+def _training_arguments(config: TrainConfig, out: Path, evaluate: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.05,
+        logging_steps=5,
+        eval_strategy="epoch" if evaluate else "no",
+        save_strategy="epoch",
+        save_total_limit=1,
+        bf16=config.bf16,
+        seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        group_by_length=True,  # batches of like lengths: less padding, much less CPU time
+        # Without it, ranks launched by `accelerate launch` on CPU-only hosts each train alone (world size 1).
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Fine-tune; write the adapter (or merged model), a model card and figures to ``config.out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from bpo_plugins.registry import checkpoint
 
@@ -135,46 +185,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_pairs, val_pairs = _split_pairs(pairs, config.val_fraction, config.seed)
     train_rows = _augment(train_pairs, config.keep_as_is_fraction, config.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = _model_and_tokenizer(config, base_path)
     template = _pick_template(config.template, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if config.bf16 else torch.float32)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if config.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ))
 
     train_data = [encode(p, tokenizer, template, config.max_length) for p in train_rows]
     val_data = [encode(p, tokenizer, template, config.max_length) for p in val_pairs]
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
-        logging_steps=5,
-        eval_strategy="epoch" if val_data else "no",
-        save_strategy="epoch",
-        save_total_limit=1,
-        bf16=config.bf16,
-        seed=config.seed,
-        report_to=[],
-        remove_unused_columns=False,
-        disable_tqdm=False,
-        group_by_length=True,  # batches of like lengths: less padding, much less CPU time
-        # Without it, ranks launched by `accelerate launch` on CPU-only hosts each train alone (world size 1).
-        use_cpu=not torch.cuda.is_available(),
-    )
+    args = _training_arguments(config, out, bool(val_data))
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data or None,
                       data_collator=_Collator(tokenizer.pad_token_id))
     start = time.time()
