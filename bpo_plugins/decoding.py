@@ -140,8 +140,8 @@ def decoding_for(
 ) -> Decoding:
     """BPO's settings (thu-coai/BPO src/infer_example.py) for ``stable`` and ``aggressive``.
 
-    Aggressive mode is 5 samples at T 0.9 and top_p 0.9 with BPO's marker words banned. With
-    ``bpo_recipe`` (an optimizer trained on BPO's data: its checkpoint, or BPO's instruction) each
+    Aggressive mode is 5 samples at T 0.9 and top_p 0.9. With ``bpo_recipe`` (an optimizer trained
+    on BPO's data: its checkpoint, or BPO's instruction) BPO's marker words are banned and each
     sample also stops at a newline and runs at least the prompt's token count + 5 tokens, as the
     reference does; a general LLM acting as prompt engineer writes multi-line prompts, which a
     newline stop would cut to their first line, so it gets the sampling settings only.
@@ -160,7 +160,7 @@ def decoding_for(
         top_p=AGGRESSIVE_TOP_P,
         num_candidates=num_candidates,
         max_new_tokens=max_new_tokens,
-        banned_words=BANNED_MARKERS,
+        banned_words=BANNED_MARKERS if bpo_recipe else (),  # a general LLM does not write BPO's training markers
         stop_loops=stop_loops,
         stop_at_newline=bpo_recipe,
         min_tokens_over_prompt=AGGRESSIVE_MIN_OVER_PROMPT if bpo_recipe else None,

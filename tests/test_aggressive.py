@@ -31,6 +31,13 @@ def test_decoding_of_each_mode_is_the_references():
     assert (general.temperature, general.top_p, general.stop_at_newline, general.min_tokens_over_prompt) == (0.9, 0.9, False, None)
 
 
+def test_a_general_llm_gets_no_banned_words():
+    """Issue 28: a general local LLM as prompt engineer still had BPO's training markers banned; like
+    the newline stop and the minimum, they are BPO's recipe for its own checkpoint."""
+    assert decoding_for("aggressive", max_new_tokens=64, bpo_recipe=False).banned_words == ()
+    assert decoding_for("aggressive", max_new_tokens=64).banned_words == BANNED_MARKERS
+
+
 # --- local runtimes ----------------------------------------------------------------------------
 
 

@@ -60,7 +60,8 @@ def test_batch_file_with_progress_and_resume(tiny_bpo_dir, tmp_path: Path):
         (("optimize", "x", "--mode", "wild"), "unknown mode"),
         (("optimize", "--file", "missing.jsonl", "--out", "o.jsonl"), "no such file"),
         (("optimize", "x", "--backend", "carrier-pigeon"), "unknown backend"),
-        (("optimize", "x", "--model", "/nonexistent/model"), "cannot load optimizer model"),
+        pytest.param(("optimize", "x", "--model", "/nonexistent/model"), "cannot load optimizer model",
+                     marks=pytest.mark.slow),  # imports torch and transformers to try the load
         (("optimize", "x", "--batch-size", "0"), "Invalid value"),
     ],
 )
@@ -113,6 +114,7 @@ def test_a_text_file_that_is_not_rows_names_itself_and_its_line(tmp_path: Path):
     assert folder.returncode == 2 and _one_error_line(folder) == f"error: {tmp_path}: is a folder, not a file"
 
 
+@pytest.mark.slow  # five CLI processes
 def test_every_command_that_reads_a_file_names_its_line(tmp_path: Path):
     """bpo eval, bpo data build and bpo drpo --seeds read files as bpo optimize --file does."""
     bad_json = tmp_path / "set.jsonl"
@@ -177,6 +179,7 @@ def test_models_lists_the_registry():
     assert run.returncode == 0 and "bpo-small (default)" in run.stdout
 
 
+@pytest.mark.slow  # builds the bundled model's runtime from an empty cache
 def test_first_run_prints_only_progress_and_the_result(tmp_path: Path):
     """An empty cache: the bundled model is converted and its runtime built, quietly, then the rewrite."""
     import os

@@ -330,6 +330,7 @@ def test_eval_compares_raw_bpo_drpo_and_both(model_server: Server, llms: Server,
 EGG_REWRITE = "How do I boil an egg? Give the steps and the minutes for a soft and a hard egg."
 
 
+@pytest.mark.slow
 def test_eval_drpo_resolves_an_api_optimizer_as_every_spec_is(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """Issue 28: ``bpo eval --drpo`` loaded its optimizer with Rewriter.from_pretrained, so ``MODEL@URL``
     was read as a hub id and the run ended: "cannot load optimizer model 'script@http://...'"."""

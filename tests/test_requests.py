@@ -118,6 +118,7 @@ async def test_alignment_goes_where_each_api_keeps_instructions(requests_rewrite
     assert new["system"][1:] == blocks["system"] and new["system"][0]["text"].startswith(preset.system_prompt)
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_a_raw_alignment_turns_a_chat_request_into_one_completions_request():
     raw = Alignment("Be helpful.", icl_examples(), k=1, format=RAW_FORMAT)
     body = {"model": "base", "max_tokens": 7, "temperature": 0, "stream": True, "tools": [], "stop": "###",
@@ -176,6 +177,7 @@ def test_gateway_serves_a_raw_preset_as_one_completions_call(model_server: Serve
         assert error.status_code == 400 and json.loads(error.content)["error"]["param"] == "messages"
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_drpo_base_model_presets_are_served_raw_and_instruct_presets_as_chat():
     from bpo_plugins.drpo import load_alignment
 
@@ -190,6 +192,7 @@ def test_drpo_base_model_presets_are_served_raw_and_instruct_presets_as_chat():
     assert outcome.upstream_shape is None and chat["messages"][0]["role"] == "system"
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_a_raw_request_keeps_the_apps_system_text_after_drpos_prompt():
     raw = Alignment("Be helpful.", icl_examples(), k=1, format=RAW_FORMAT)
     body = {"model": "base", "stop": ["a", "b", "c", "d"],

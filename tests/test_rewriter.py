@@ -316,6 +316,7 @@ def test_template_is_overridable(tiny_bpo_dir):
         Rewriter.from_pretrained(tiny_bpo_dir, template="no slot").template  # noqa: B018
 
 
+@pytest.mark.slow  # imports torch and transformers to try the load
 def test_missing_model_gives_clear_error(tmp_path):
     from bpo_plugins import ModelLoadError
 
