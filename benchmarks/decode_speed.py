@@ -162,9 +162,9 @@ def main() -> None:
 
     from bpo_plugins.backends.onnx import load_export
     from bpo_plugins.inputs import read_prompt_rows, row_prompt
-    from bpo_plugins.registry import find_smollm2_gguf, resolve
+    from bpo_plugins.registry import find_smollm2_gguf, lookup
 
-    entry = resolve("bpo-small")
+    entry = lookup("bpo-small")
     assert entry is not None
     exports = {(engine, precision): export_folder("bpo-small", engine, precision)
                for engine, precision in [("optimum", "int8"), ("genai", "fp32"), ("genai", "int8"), ("genai", "int4")]}

@@ -47,9 +47,7 @@ def worker(limit: int) -> None:
 
     from bpo_plugins.backends.onnx import load_export
     from bpo_plugins.inputs import read_prompt_rows, row_prompt
-    from bpo_plugins.registry import default_export, resolve
-
-    entry = resolve("bpo-small")
+    entry, default_export = _bundled_entry()
     assert entry is not None
     folder = default_export(entry)
     assert folder is not None, "no default runtime on this stack"
@@ -62,14 +60,26 @@ def worker(limit: int) -> None:
         print(json.dumps(run(prompts[int(line)])), flush=True)
 
 
+def _bundled_entry() -> tuple[object, object]:
+    """bpo-small's registry entry and the default-export builder, in either layout: the stack compared against
+    may run a release where both still lived in ``registry`` (``resolve``, ``default_export``)."""
+    try:
+        from bpo_plugins.backends.runtime import default_export
+        from bpo_plugins.registry import lookup
+    except ImportError:
+        from bpo_plugins.registry import default_export  # type: ignore[no-redef]
+        from bpo_plugins.registry import resolve as lookup  # type: ignore[no-redef]
+    return lookup("bpo-small"), default_export
+
+
 def build_once() -> None:
     """The first run's build, timed: GGUF conversion, then the default runtime's export (cache dir from the env)."""
-    from bpo_plugins.registry import convert_gguf, default_export, find_smollm2_gguf, resolve
+    from bpo_plugins.registry import convert_gguf, find_smollm2_gguf
 
     start = time.perf_counter()
     convert_gguf(find_smollm2_gguf(), progress=False)
     converted = time.perf_counter()
-    entry = resolve("bpo-small")
+    entry, default_export = _bundled_entry()
     assert entry is not None and default_export(entry) is not None
     print(json.dumps({"convert_s": converted - start, "total_s": time.perf_counter() - start}), flush=True)
 

@@ -105,8 +105,8 @@ class RedisRewriteCache(RewriteCache):
     template, decoding, guards, prompt: one SHA-256) under ``bpo:rewrite:``, expire after ``ttl_s``,
     and hold the rewrite record only: no key, no header.
 
-    Redis never fails a rewrite: an error or a call slower than ``timeout_ms`` is a miss (counted in
-    ``errors`` and reported to ``on_error(kind)``), and Redis is then skipped for a second.
+    Redis never fails a rewrite: an error or a call slower than ``timeout_ms`` is a miss (reported to
+    ``on_error(kind)``), and Redis is then skipped for a second.
 
     Async callers (the gateway) call :meth:`aget` first, on ``redis.asyncio``: the event loop never
     waits on a socket, and :meth:`get` then answers from memory. A :meth:`get` that no :meth:`aget`
@@ -133,7 +133,6 @@ class RedisRewriteCache(RewriteCache):
         scheme = {"valkey": "redis", "valkeys": "rediss"}.get(parts.scheme, parts.scheme)
         self._url = urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), ""))  # may hold a password: never logged
         self.on_error = on_error
-        self.errors = 0
         self._down_until = 0.0
         self._checked: OrderedDict[str, None] = OrderedDict()  # looked up by aget and missed
         self._sync: Any = None
@@ -166,7 +165,6 @@ class RedisRewriteCache(RewriteCache):
         return False
 
     def _failed(self, kind: str, exc: BaseException | None = None) -> None:
-        self.errors += 1
         if kind != "down":
             self._down_until = time.monotonic() + REDIS_BACKOFF_S
             log.warning("the Redis rewrite cache failed (%s); a miss, Redis skipped for %.0f s",

@@ -1,7 +1,7 @@
 """The user's prompt inside a message list (OpenAI chat, Responses items, Anthropic Messages):
 found, and replaced in place.
 
-:mod:`bpo_plugins.requests` reads every request shape through this module, so each edge finds the
+:mod:`bpo_plugins.request_rewriter` reads every request shape through this module, so each edge finds the
 prompt the same way and refuses the same shapes.
 """
 

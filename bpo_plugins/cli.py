@@ -13,8 +13,9 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.drpo.calls import DRPOError
-from bpo_plugins.inputs import UsageError, read_prompt_rows, read_text, row_prompt, usage_errors
+from bpo_plugins.inputs import UsageError, read_prompt_rows, resume_jsonl, row_prompt, usage_errors
 from bpo_plugins.onnx_export import ParityError
+from bpo_plugins.registry import DEFAULT_MODEL
 from bpo_plugins.result import MODES, ModelLoadError, RewriteError
 
 __all__ = ["app", "main"]
@@ -38,22 +39,8 @@ BaseUrlOption = Annotated[
     str | None, typer.Option("--base-url", help="OpenAI-compatible server URL (vLLM, TGI, llama.cpp).")
 ]
 def _done_rows(out: Path) -> int:
-    """Rows already written by an earlier, interrupted run (a torn last line is rewritten)."""
-    if not out.is_file():
-        return 0
-    lines = read_text(out).splitlines(keepends=True)  # an --out that is not UTF-8 text names its line
-    good = 0
-    for line in lines:
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not line.endswith("\n"):
-            break
-        good += 1
-    if good != len(lines):
-        out.write_text("".join(lines[:good]), encoding="utf-8")
-    return good
+    """Rows already written by an earlier, interrupted run (a torn last line is cut, and rewritten)."""
+    return len(resume_jsonl(out))
 
 
 @app.command()
@@ -63,7 +50,7 @@ def optimize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where --file results go (JSONL; resumes).")] = None,
     context: Annotated[str | None, typer.Option("--context", help="A passage kept verbatim, not rewritten.")] = None,
     mode: ModeOption = "greedy",
-    model: ModelOption = "bpo-small",
+    model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = "auto",
     base_url: BaseUrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
@@ -142,10 +129,6 @@ def _optimize_file(file: Path, out: Path, spec: dict[str, Any], *, strict: bool,
     _write_file(rows, done, outcomes, file, out, how)
 
 
-#: One output row's outcome: (rewritten, fallback reason or None, detail or None).
-Outcome = tuple[str, str | None, str | None]
-
-
 def _local_outcomes(rewriter: Any, rows: list[dict[str, Any]], batch_size: int) -> Any:
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -195,7 +178,7 @@ def _write_file(rows: list[dict[str, Any]], done: int, outcomes: Any, file: Path
 def bench(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="JSONL/JSON of prompts (e.g. vicuna_eval.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the figures go (JSON).")] = Path("bench.json"),
-    model: ModelOption = "bpo-small",
+    model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = "auto",
     base_url: BaseUrlOption = None,
     mode: ModeOption = "greedy",
@@ -221,7 +204,7 @@ def bench(
 
 @app.command()
 def serve(
-    model: ModelOption = "bpo-small",
+    model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = "auto",
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-from bpo_plugins.guards import BANNED_MARKERS
+from bpo_plugins.cleanup import BANNED_MARKERS
 from bpo_plugins.result import MODES, Mode
 
 __all__ = [
     "AGGRESSIVE_MIN_OVER_PROMPT", "AGGRESSIVE_TEMPERATURE", "AGGRESSIVE_TOP_P", "LOOP_MAX_PERIOD", "LOOP_MIN_TOKENS",
-    "STABLE_TEMPERATURE", "STABLE_TOP_P", "Decoding", "check_mode", "cut_at_newline", "cut_at_stop", "decoding_for", "loop_cut",
+    "REFERENCE_MAX_NEW_TOKENS", "STABLE_TEMPERATURE", "STABLE_TOP_P", "Decoding", "check_mode", "cut_at_newline", "cut_at_stop",
+    "decoding_for", "fit_minimum", "loop_cut",
 ]
 
 #: BPO's aggressive mode (thu-coai/BPO ``src/infer_example.py``): 5 samples at T 0.9, top_p 0.9.
@@ -19,6 +20,9 @@ AGGRESSIVE_TOP_P = 0.9
 #: ... each at least the prompt's token count + 5 new tokens long (``min_length``; see
 #: :meth:`~bpo_plugins.backends.local.LocalBackend.min_new_tokens` for how the reference counts).
 AGGRESSIVE_MIN_OVER_PROMPT = 5
+#: The reference's token budget (``max_new_tokens=1024`` in both modes): a minimum length may raise a
+#: smaller cap up to it (:func:`fit_minimum`).
+REFERENCE_MAX_NEW_TOKENS = 1024
 #: BPO's stable mode: one sample at T 0.6, top_p 0.9.
 STABLE_TEMPERATURE = 0.6
 STABLE_TOP_P = 0.9
@@ -57,6 +61,22 @@ class Decoding:
 
     def capped(self, max_new_tokens: int) -> Decoding:
         return replace(self, max_new_tokens=max(1, min(self.max_new_tokens, max_new_tokens)))
+
+
+def fit_minimum(decoding: Decoding, min_new: Sequence[int]) -> tuple[Decoding, list[int]]:
+    """``decoding`` with a cap that leaves room after each row's minimum length, and the minimums that fit it.
+
+    BPO's aggressive minimum (the prompt's tokens + 5) always fits the reference's 1,024-token budget,
+    but not our smaller cap (``max_new_tokens``, the length budget) once a prompt is long: a local
+    runtime then holds EOS and newline back until the cap, so every sample stops mid-sentence, and
+    vLLM refuses ``min_tokens > max_tokens`` with a 400. So a minimum raises the cap to twice itself
+    (as much room after it as before), never past the reference's budget; a minimum past that budget
+    is cut to the cap, as ``generate`` treats a ``min_length`` it cannot reach.
+    """
+    if not min_new:
+        return decoding, []
+    cap = max(decoding.max_new_tokens, min(REFERENCE_MAX_NEW_TOKENS, 2 * max(min_new)))
+    return replace(decoding, max_new_tokens=cap), [min(floor, cap) for floor in min_new]
 
 
 def cut_at_newline(text: str) -> str:
@@ -120,8 +140,8 @@ def decoding_for(
 ) -> Decoding:
     """BPO's settings (thu-coai/BPO src/infer_example.py) for ``stable`` and ``aggressive``.
 
-    Aggressive mode is 5 samples at T 0.9 and top_p 0.9 with BPO's marker words banned. With
-    ``bpo_recipe`` (an optimizer trained on BPO's data: its checkpoint, or BPO's instruction) each
+    Aggressive mode is 5 samples at T 0.9 and top_p 0.9. With ``bpo_recipe`` (an optimizer trained
+    on BPO's data: its checkpoint, or BPO's instruction) BPO's marker words are banned and each
     sample also stops at a newline and runs at least the prompt's token count + 5 tokens, as the
     reference does; a general LLM acting as prompt engineer writes multi-line prompts, which a
     newline stop would cut to their first line, so it gets the sampling settings only.
@@ -140,7 +160,7 @@ def decoding_for(
         top_p=AGGRESSIVE_TOP_P,
         num_candidates=num_candidates,
         max_new_tokens=max_new_tokens,
-        banned_words=BANNED_MARKERS,
+        banned_words=BANNED_MARKERS if bpo_recipe else (),  # a general LLM does not write BPO's training markers
         stop_loops=stop_loops,
         stop_at_newline=bpo_recipe,
         min_tokens_over_prompt=AGGRESSIVE_MIN_OVER_PROMPT if bpo_recipe else None,

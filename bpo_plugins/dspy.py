@@ -16,7 +16,7 @@ from typing import Any
 import dspy
 
 from bpo_plugins.drpo import AlignmentPipeline
-from bpo_plugins.requests import EdgeRewriter
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -37,7 +37,7 @@ class BPO(dspy.Module):
             fields = (fields,)
         self.program = program
         self.fields = tuple(fields)
-        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
+        self.edge = IntegrationRewriter(rewriter, mode=mode, fail_open=fail_open)
 
     @property
     def rewriter(self) -> Rewriter:

@@ -36,6 +36,7 @@ __all__ = [
     "read_prompt_rows",
     "read_rows",
     "read_text",
+    "resume_jsonl",
     "row_prompt",
     "usage_errors",
 ]
@@ -106,6 +107,30 @@ def read_text(path: str | Path) -> str:
 
 
 # -- rows ----------------------------------------------------------------------------------------
+
+
+def resume_jsonl(path: str | Path) -> list[Any]:
+    """The rows an interrupted run appended to a JSONL file, parsed; the file is cut after the last whole one.
+
+    A run killed mid-write leaves a torn last line, and a row appended after it would be glued to the
+    fragment and lost. Every writer that resumes (``bpo optimize --file``, self-play's rows, the
+    evaluation and score caches) reads its file through this one rule: rows up to the first line that
+    is not whole JSON ended by a newline are kept, the rest is cut, and the next append starts a line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    *lines, tail = read_text(path).split("\n")  # "\n" only: a row's text may hold U+2028 and other line breaks
+    rows: list[Any] = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(rows) != len(lines) or tail:
+        path.write_text("".join(line + "\n" for line in lines[: len(rows)]), encoding="utf-8")
+    return rows
+
 
 
 def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) -> InputError:

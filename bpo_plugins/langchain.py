@@ -26,15 +26,18 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
+from bpo_plugins.chat import last_user_index
 from bpo_plugins.drpo import AlignmentPipeline
-from bpo_plugins.requests import EdgeRewriter, Outcome, Shape
+from bpo_plugins.outcome import RequestOutcome, Shape
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
 __all__ = ["BPOMiddleware", "BPORewriter", "DRPOAligner", "DRPOMiddleware"]
 
-def _last_human(messages: Sequence[BaseMessage]) -> int | None:
-    return next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], HumanMessage)), None)
+def _chat_view(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """Messages as chat messages that share each message's content, for the core's rules."""
+    return [{"role": "user" if isinstance(m, HumanMessage) else m.type, "content": m.content} for m in messages]
 
 
 class _Requests:
@@ -52,8 +55,7 @@ class _Requests:
                 messages = value.messages if isinstance(value, ChatPromptValue) else value
                 if not all(isinstance(m, BaseMessage) for m in messages):
                     raise TypeError("BPORewriter takes a list of BaseMessage objects")
-                roles = ["user" if isinstance(m, HumanMessage) else m.type for m in messages]
-                self._add({"messages": [{"role": r, "content": m.content} for r, m in zip(roles, messages)]}, Shape.CHAT)
+                self._add({"messages": _chat_view(messages)}, Shape.CHAT)
             else:
                 self._add({"prompt": self._text(value)}, Shape.COMPLETIONS)
 
@@ -72,7 +74,7 @@ class _Requests:
         self.bodies.append(body)
         self.shapes.append(shape)
 
-    def rebuild(self, done: Sequence[tuple[dict[str, Any], Outcome]]) -> list[Any]:
+    def rebuild(self, done: Sequence[tuple[dict[str, Any], RequestOutcome]]) -> list[Any]:
         outputs = []
         for value, view, (body, _) in zip(self.inputs, self.bodies, done):
             if isinstance(value, str):
@@ -90,7 +92,7 @@ class _Requests:
         return outputs
 
 
-def _results(done: Sequence[tuple[dict[str, Any], Outcome]]) -> list[list[RewriteResult]]:
+def _results(done: Sequence[tuple[dict[str, Any], RequestOutcome]]) -> list[list[RewriteResult]]:
     """Each input's rewrite, as a list (empty when there was no user text to rewrite)."""
     return [[outcome.result] if outcome.result is not None else [] for _, outcome in done]
 
@@ -122,8 +124,8 @@ class BPORewriter(RunnableSerializable[Any, Any]):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    def _edge(self) -> EdgeRewriter:
-        return EdgeRewriter(self.rewriter, mode=self.mode, fail_open=self.fail_open)
+    def _edge(self) -> IntegrationRewriter:
+        return IntegrationRewriter(self.rewriter, mode=self.mode, fail_open=self.fail_open)
 
     def _rewrite(self, inputs: Sequence[Any]) -> tuple[list[Any], list[list[RewriteResult]]]:
         requests = _Requests(inputs, self.input_key)
@@ -193,9 +195,9 @@ class BPOMiddleware(AgentMiddleware):
 
     def __init__(self, rewriter: Rewriter | None = None, mode: Mode = "greedy", fail_open: bool = True) -> None:
         super().__init__()
-        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
+        self.edge = IntegrationRewriter(rewriter, mode=mode, fail_open=fail_open)
 
-    def _request(self, request: ModelRequest, requests: _Requests, done: list[tuple[dict[str, Any], Outcome]]) -> ModelRequest:
+    def _request(self, request: ModelRequest, requests: _Requests, done: list[tuple[dict[str, Any], RequestOutcome]]) -> ModelRequest:
         results = _results(done)[0]
         if not results:
             return request
@@ -304,7 +306,7 @@ class DRPOMiddleware(AgentMiddleware):
         self.pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
 
     def _request(self, request: ModelRequest) -> ModelRequest:
-        last = _last_human(request.messages)
+        last = last_user_index(_chat_view(request.messages))  # the turn BPO rewrites: the same rule at every edge
         query = request.messages[last].text if last is not None else ""
         own = request.system_message.text if request.system_message is not None else None
         system = self.pipeline.alignment.system_message(query, keep=own)

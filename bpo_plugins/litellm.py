@@ -23,7 +23,9 @@ from typing import Any
 
 from litellm.integrations.custom_guardrail import CustomGuardrail
 
-from bpo_plugins.requests import RequestRewriter, Shape
+from bpo_plugins.outcome import Shape
+from bpo_plugins.registry import DEFAULT_MODEL
+from bpo_plugins.request_rewriter import RequestRewriter
 from bpo_plugins.rewriter import Rewriter
 
 log = logging.getLogger("bpo_plugins.litellm")
@@ -38,7 +40,7 @@ class BPOGuardrail(CustomGuardrail):
 
     def __init__(
         self,
-        optimizer: str = "bpo-small",
+        optimizer: str = DEFAULT_MODEL,
         optimizer_backend: str = "auto",
         optimizer_base_url: str | None = None,
         rewrite_timeout_s: float = 2.0,

@@ -23,7 +23,7 @@ from llama_index.core.query_engine import TransformQueryEngine
 from llama_index.core.schema import QueryBundle, QueryType
 
 from bpo_plugins.drpo import AlignmentPipeline
-from bpo_plugins.requests import EdgeRewriter
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
@@ -59,7 +59,7 @@ class BPOQueryTransform(BaseQueryTransform):
     def __init__(
         self, rewriter: Rewriter | None = None, mode: Mode = "greedy", rewrite_retrieval: bool = False, fail_open: bool = True
     ) -> None:
-        self.edge = EdgeRewriter(rewriter, mode=mode, fail_open=fail_open)
+        self.edge = IntegrationRewriter(rewriter, mode=mode, fail_open=fail_open)
         self.rewrite_retrieval = rewrite_retrieval
 
     @property
@@ -97,7 +97,7 @@ class BPOQueryTransform(BaseQueryTransform):
             rewriter = self.rewriter.with_options(template=PromptTemplate(
                 name="custom", user=text, system=self.rewriter.template.system, raw=self.rewriter.template.raw
             ))
-            self.edge = EdgeRewriter(rewriter, mode=self.edge.mode, fail_open=self.edge.fail_open)
+            self.edge = IntegrationRewriter(rewriter, mode=self.edge.mode, fail_open=self.edge.fail_open)
 
 
 class BPOTransformQueryEngine(TransformQueryEngine):

@@ -1,7 +1,7 @@
 """Building an ONNX Runtime export of a local model: optimum-onnx's graph or onnxruntime-genai's builder,
 weight-only quantization, a parity check against the source, and a manifest.
 
-The core builds the default runtime of a bundled model here on first use (``registry.default_export``);
+The core builds the default runtime of a bundled model here on first use (``backends.runtime.default_export``);
 ``bpo export onnx`` (``bpo_plugins.export``) resolves a model name and builds through :func:`build_export`.
 The folder holds the ONNX model, its tokenizer and config, and ``bpo_export.json``, which
 ``Rewriter.from_pretrained(folder)`` reads to pick the ONNX Runtime backend by itself.

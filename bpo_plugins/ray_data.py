@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from bpo_plugins.backends.base import Backend
+from bpo_plugins.registry import DEFAULT_MODEL
 
 __all__ = ["ORIGINAL", "OUTPUT_COLUMNS", "EngineOutputs", "RewriteBatch", "VLLMRows", "rewrite_dataset", "rewrite_dataset_vllm"]
 
@@ -57,7 +58,7 @@ class RewriteBatch:
         return batch
 
 
-def rewrite_dataset(ds: Any, *, model: str = "bpo-small", backend: str = "auto", base_url: str | None = None,
+def rewrite_dataset(ds: Any, *, model: str = DEFAULT_MODEL, backend: str = "auto", base_url: str | None = None,
                     mode: str = "greedy", max_new_tokens: int = 256, actors: int = 2, rows_per_call: int = 32,
                     batch_size: int | None = None, prompt_column: str = "prompt", context_column: str = "context",
                     **options: Any) -> Any:

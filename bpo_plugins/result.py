@@ -97,6 +97,29 @@ class RewriteResult:
     def with_(self, **changes: object) -> RewriteResult:
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    #: What a rewrite cache keeps of a result: what the optimizer said and the guards decided, not
+    #: who asked (prompt, context, latency) or which backend answered.
+    RECORD_FIELDS = ("rewritten", "fallback", "detail", "candidates", "output_tokens", "loops_cut")
+
+    def to_record(self) -> dict[str, object]:
+        """This result as a cache record (:data:`RECORD_FIELDS`, as JSON values)."""
+        record = self.to_dict()
+        return {name: record[name] for name in self.RECORD_FIELDS}
+
+    @staticmethod
+    def from_record(record: dict[str, object]) -> dict[str, object]:
+        """A cache record as result fields (``cached=True``), for a result of the prompt that hit it."""
+        fallback = record.get("fallback")
+        return {
+            "rewritten": record["rewritten"],
+            "fallback": None if fallback is None else FallbackReason(fallback),
+            "detail": record.get("detail"),
+            "candidates": tuple(record.get("candidates", ())),  # type: ignore[arg-type]
+            "output_tokens": int(record.get("output_tokens", 0)),  # type: ignore[arg-type]
+            "loops_cut": int(record.get("loops_cut", 0)),  # type: ignore[arg-type]
+            "cached": True,
+        }
+
     def to_dict(self) -> dict[str, object]:
         return {
             "original": self.original,

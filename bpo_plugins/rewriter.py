@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,27 +14,19 @@ from typing import Any
 from bpo_plugins import telemetry as _telemetry
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
 from bpo_plugins.cache import RewriteCache, cache_key, make_cache
+from bpo_plugins.cleanup import clean_output
+from bpo_plugins.construction import RewriterConstructors
 from bpo_plugins.decoding import Decoding, check_mode, cut_at_newline, decoding_for
-from bpo_plugins.guards import (
-    GuardConfig,
-    Masked,
-    check_rewrite,
-    check_text,
-    clean_output,
-    mask_protected,
-    non_english_reason,
-    word_count,
-)
+from bpo_plugins.guards import GuardConfig, word_count
+from bpo_plugins.judging import checked_inputs, judge_candidates, pass_through_reason
+from bpo_plugins.masking import Masked, mask_protected
 from bpo_plugins.result import FallbackReason, GuardPreset, Mode, RewriteError, RewriteResult
 from bpo_plugins.selectors import SELECTORS, Selector
-from bpo_plugins.spec import ModelSpec, resolve_spec
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, follows_bpo, resolve_template
 
 __all__ = ["BackendFactory", "Rewriter"]
 
 BackendFactory = Callable[[], Backend]
-_shared_default: Rewriter | None = None
-_default_lock = threading.Lock()
 
 
 @dataclass
@@ -49,7 +40,7 @@ class _Item:
     result: RewriteResult | None = None
 
 
-class Rewriter:
+class Rewriter(RewriterConstructors):
     """Rewrites prompts with a prompt-preference optimizer, and never passes on a bad rewrite.
 
     Every result is safe to send on: when a guard trips (timeout, backend error, empty or
@@ -58,9 +49,6 @@ class Rewriter:
     why. With ``strict=True`` a :class:`RewriteError` is raised instead. With ``stop_loops`` (the
     default) local backends stop a candidate as soon as it starts repeating itself and keep one copy.
     """
-
-    #: The model spec this Rewriter was resolved from (:meth:`from_spec`); None when built from a backend.
-    spec: ModelSpec | None = None
 
     def __init__(
         self,
@@ -108,107 +96,6 @@ class Rewriter:
         #: Our guard: decode at most ~9 tokens per prompt word + 16 (within max_new_tokens). False:
         #: every rewrite may use max_new_tokens, as the reference's fixed max_new_tokens=1024 does.
         self.length_budget = length_budget
-
-    # -- construction -------------------------------------------------------------------------
-
-    @classmethod
-    def shared(cls) -> Rewriter:
-        """The process-wide bundled ``bpo-small`` optimizer: one instance, so every integration that
-        falls back to it shares one model and one cache. Loaded on first use."""
-        from bpo_plugins.registry import DEFAULT_MODEL
-
-        global _shared_default
-        with _default_lock:
-            if _shared_default is None:
-                _shared_default = cls.from_pretrained(DEFAULT_MODEL)
-            return _shared_default
-
-    @classmethod
-    def default(cls, **options: Any) -> Rewriter:
-        """A new bundled ``bpo-small`` optimizer with ``options`` (offline, loaded on first use).
-
-        Without options it returns :meth:`shared`, as it always has; call :meth:`shared` to say so.
-        """
-        from bpo_plugins.registry import DEFAULT_MODEL
-
-        if not options:
-            return cls.shared()
-        return cls.from_pretrained(DEFAULT_MODEL, **options)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        *,
-        backend: str = "auto",
-        revision: str | None = None,
-        device: str | None = None,
-        dtype: str = "auto",
-        adapter: str | Path | None = None,
-        **options: Any,
-    ) -> Rewriter:
-        """A registry name (``bpo-small``), a local folder, or a hub id such as ``THUDM/BPO``.
-
-        Loading is deferred to the first rewrite, so constructing a Rewriter is free.
-        """
-        from bpo_plugins.backends import load_local_backend
-        from bpo_plugins.registry import REGISTRY
-
-        if backend not in ("auto", "transformers", "onnx"):
-            raise ValueError(f"unknown local backend {backend!r}: use 'auto', 'transformers' or 'onnx'")
-        if str(name_or_path) in REGISTRY:
-            # The bundled optimizers are 135M models: their added names are inventions, their drifts real.
-            options.setdefault("guards", GuardConfig.strict())
-
-        def load() -> Backend:
-            return load_local_backend(
-                str(name_or_path), backend=backend, revision=revision, device=device, dtype=dtype, adapter=adapter
-            )
-
-        return cls(load, **options)
-
-    @classmethod
-    def from_spec(cls, model: str | ModelSpec, *, backend: str = "auto", base_url: str | None = None,
-                  api_key: str | None = None, **options: Any) -> Rewriter:
-        """The optimizer a command line, config file or integration names: ``MODEL`` or ``MODEL@URL``,
-        resolved by :func:`~bpo_plugins.spec.resolve_spec`, the rule every entry point shares."""
-        spec = resolve_spec(model, backend=backend, base_url=base_url)
-        if spec.kind == "local":
-            rewriter = cls.from_pretrained(spec.model, backend=spec.runtime, **options)
-        elif spec.kind == "anthropic":
-            rewriter = cls.from_anthropic(spec.model, base_url=spec.base_url, api_key=api_key, **options)
-        else:
-            rewriter = cls.from_openai(spec.model, base_url=spec.base_url, api_key=api_key, **options)
-        rewriter.spec = spec
-        return rewriter
-
-    @classmethod
-    def from_openai(
-        cls,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        max_concurrency: int = 8,
-        **options: Any,
-    ) -> Rewriter:
-        """A remote optimizer on any OpenAI-compatible server (vLLM, TGI, llama.cpp), or an API LLM as prompt engineer."""
-        from bpo_plugins.backends.openai import OpenAIBackend
-
-        return cls(
-            OpenAIBackend(model, base_url=base_url, api_key=api_key, max_concurrency=max_concurrency), **options
-        )
-
-    @classmethod
-    def from_anthropic(
-        cls, model: str, *, api_key: str | None = None, base_url: str | None = None, max_concurrency: int = 8, **options: Any
-    ) -> Rewriter:
-        """Claude as the prompt engineer: the LLM-as-optimizer baseline of the BPO paper."""
-        from bpo_plugins.backends.anthropic import AnthropicBackend
-
-        return cls(
-            AnthropicBackend(model, api_key=api_key, base_url=base_url, max_concurrency=max_concurrency), **options
-        )
 
     @property
     def backend(self) -> Backend:
@@ -383,7 +270,7 @@ class Rewriter:
     def _admitted(
         self, prompts: Sequence[str], contexts: Sequence[str | None] | None, mode: Mode | None, protect: Sequence[str]
     ) -> tuple[list[_Item], Mode, Decoding]:
-        prompts, contexts = self._checked_inputs(prompts, contexts, protect)
+        prompts, contexts = checked_inputs(prompts, contexts, protect)
         mode = check_mode(mode or self.mode)
         decoding = self._decoding(mode)
         items = [
@@ -391,22 +278,6 @@ class Rewriter:
             for i, prompt in enumerate(prompts)
         ]
         return items, mode, decoding
-
-    @staticmethod
-    def _checked_inputs(
-        prompts: Sequence[str], contexts: Sequence[str | None] | None, protect: Sequence[str]
-    ) -> tuple[list[str], list[str | None] | None]:
-        """The prompts and contexts as lists of text; a TypeError or ValueError that names what to pass instead."""
-        if isinstance(prompts, (str, bytes)):
-            raise TypeError("rewrite_batch takes a list of prompts; use rewrite() for one prompt")
-        checked = [check_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        if contexts is not None:
-            if isinstance(contexts, (str, bytes)) or len(contexts) != len(checked):
-                raise ValueError("contexts must be a list with one entry (or None) per prompt")
-            contexts = [None if c is None else check_text(c, "context") for c in contexts]
-        if isinstance(protect, (str, bytes)):
-            raise TypeError("protect takes a list of strings, not a single string")
-        return checked, None if contexts is None else list(contexts)
 
     def _decoding(self, mode: Mode) -> Decoding:
         """BPO's decoding for ``mode``; aggressive mode's newline stop and minimum length only for an
@@ -416,7 +287,7 @@ class Rewriter:
 
     def _admit(self, item: _Item, mode: Mode, decoding: Decoding) -> _Item:
         """Settle ``item`` now when it is a pass-through; in greedy mode, give it its cache key."""
-        passed = self._pass_through(item)
+        passed = pass_through_reason(item.masked, self.max_input_words, self._english_only())
         if passed is not None:
             item.result = self._fallback(item, mode, *passed)
         elif mode == "greedy":
@@ -425,21 +296,7 @@ class Rewriter:
 
     def _settle_cached(self, item: _Item, mode: Mode, record: dict[str, Any] | None) -> None:
         if record is not None:
-            item.result = self._from_record(item, mode, record)
-
-    def _pass_through(self, item: _Item) -> tuple[FallbackReason, str] | None:
-        """Why ``item`` goes through unchanged without a generation: empty, too long, or not English."""
-        words = word_count(item.masked.plain)
-        if not item.masked.plain.strip():
-            return FallbackReason.EMPTY_INPUT, "nothing to rewrite"
-        if words > self.max_input_words:
-            # Long inputs are where BPO damages text (it rewrites passages): pass them through.
-            return FallbackReason.INPUT_TOO_LONG, f"{words} words > max_input_words={self.max_input_words}"
-        # Judged on what the optimizer would see: protected spans (a passage, options) are not its to read.
-        why = non_english_reason(re.sub(r"\{\{" + item.masked.tag + r"_\d+\}\}", " ", item.masked.text))
-        if why is not None and self._english_only():
-            return FallbackReason.NON_ENGLISH, why
-        return None
+            item.result = self._result(item, mode, **RewriteResult.from_record(record))
 
     def _english_only(self) -> bool:
         """GuardConfig.english_only, where None means: on for optimizers trained on BPO's English data."""
@@ -476,42 +333,17 @@ class Rewriter:
                 item.result = self._fallback(item, mode, FallbackReason.BACKEND_ERROR, f"{type(exc).__name__}: {exc}")
             # Timeouts and backend errors may not repeat; everything else is deterministic in greedy mode.
             if item.key is not None and (item.result.fallback is None or not item.result.fallback.transient):
-                self.cache.put(item.key, self._to_record(item.result))
+                self.cache.put(item.key, item.result.to_record())
 
     def _judge(self, item: _Item, texts: list[str], mode: Mode, timed_out: bool, tokens: int) -> RewriteResult:
-        candidates = [clean_output(t) for t in texts]
         if timed_out:
+            candidates = [clean_output(t) for t in texts]
             return self._fallback(item, mode, FallbackReason.TIMEOUT, f"generation hit timeout_s={self.timeout_s}", candidates, tokens)
-        valid: list[str] = []
-        first_failure: tuple[FallbackReason, str] | None = None
-        for candidate in candidates:
-            restored = item.masked.restore(candidate)
-            failure = (
-                (FallbackReason.PROTECTED_SPAN_LOST, "the optimizer dropped or invented a protected-span placeholder")
-                if restored is None
-                else check_rewrite(item.masked.plain, restored, self.guards)
-            )
-            if failure is None and restored is not None:
-                valid.append(restored)
-            elif first_failure is None:
-                first_failure = failure
-        if valid and self.guards.min_intent_cosine > 0:
-            valid, drift = self._keep_intent(item.masked.plain, valid)
-            first_failure = first_failure or drift
-        if not valid:
-            assert first_failure is not None
-            return self._fallback(item, mode, first_failure[0], first_failure[1], candidates, tokens)
-        chosen = valid[self.selector(item.masked.plain, valid)] if len(valid) > 1 else valid[0]
-        return self._result(item, mode, chosen, candidates=tuple(candidates), output_tokens=tokens)
-
-    def _keep_intent(self, prompt: str, candidates: list[str]) -> tuple[list[str], tuple[FallbackReason, str] | None]:
-        """The candidates whose MiniLM cosine with the prompt clears the intent bar (one forward pass)."""
-        from bpo_plugins.embeddings import shared_embedder
-
-        bar = self.guards.min_intent_cosine
-        sims = shared_embedder().cosine(candidates, [prompt] * len(candidates))
-        kept = [c for c, sim in zip(candidates, sims) if sim >= bar]
-        return kept, None if kept else (FallbackReason.MEANING_DRIFT, f"intent cosine {max(sims):.2f} is below {bar}")
+        verdict = judge_candidates(item.masked, texts, self.guards, self.selector)
+        if verdict.chosen is None:
+            assert verdict.failure is not None
+            return self._fallback(item, mode, *verdict.failure, verdict.candidates, tokens)
+        return self._result(item, mode, verdict.chosen, candidates=verdict.candidates, output_tokens=tokens)
 
     def _results(self, items: list[_Item], start: float, strict: bool | None) -> list[RewriteResult]:
         latency = time.perf_counter() - start
@@ -569,30 +401,6 @@ class Rewriter:
             dataclasses.asdict(self.guards),
             item.masked.text,
             item.masked.spans,
-        )
-
-    def _to_record(self, result: RewriteResult) -> dict[str, Any]:
-        return {
-            "rewritten": result.rewritten,
-            "fallback": None if result.fallback is None else result.fallback.value,
-            "detail": result.detail,
-            "candidates": list(result.candidates),
-            "output_tokens": result.output_tokens,
-            "loops_cut": result.loops_cut,
-        }
-
-    def _from_record(self, item: _Item, mode: Mode, record: dict[str, Any]) -> RewriteResult:
-        fallback = record.get("fallback")
-        return self._result(
-            item,
-            mode,
-            record["rewritten"],
-            fallback=None if fallback is None else FallbackReason(fallback),
-            detail=record.get("detail"),
-            candidates=tuple(record.get("candidates", ())),
-            output_tokens=int(record.get("output_tokens", 0)),
-            loops_cut=int(record.get("loops_cut", 0)),
-            cached=True,
         )
 
     def __repr__(self) -> str:

@@ -24,7 +24,6 @@ from bpo_plugins.inputs import UsageError
 
 __all__ = ["BACKEND_KINDS", "ModelSpec", "resolve_spec"]
 
-BackendKind = Literal["auto", "transformers", "onnx", "openai", "anthropic"]
 BACKEND_KINDS: tuple[str, ...] = ("auto", "transformers", "onnx", "openai", "anthropic")
 _URL_MARKERS = ("@http://", "@https://")
 

@@ -20,8 +20,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from bpo_plugins.outcome import RequestOutcome
+
 if TYPE_CHECKING:
-    from bpo_plugins.requests import Outcome
     from bpo_plugins.result import RewriteResult
 
 CAPTURE_PROMPTS_ENV = "BPO_OTEL_CAPTURE_PROMPTS"
@@ -44,7 +45,7 @@ def app_tracer() -> Any | None:
     return provider.get_tracer(INSTRUMENTATION)
 
 
-def outcome_attributes(outcome: Outcome) -> dict[str, Any]:
+def outcome_attributes(outcome: RequestOutcome) -> dict[str, Any]:
     """What a span may say about one rewrite: outcome, reason, cache, model, duration (text only if asked)."""
     attributes: dict[str, Any] = {"bpo.rewrite.outcome": outcome.status, "bpo.rewrite.cache": outcome.cache,
                                   "bpo.rewrite.duration_ms": round(outcome.rewrite_s * 1000, 3)}
@@ -61,9 +62,7 @@ def outcome_attributes(outcome: Outcome) -> dict[str, Any]:
 
 def rewrite_attributes(result: RewriteResult) -> dict[str, Any]:
     """:func:`outcome_attributes` of one finished rewrite."""
-    from bpo_plugins.requests import Outcome
-
-    return outcome_attributes(Outcome.of(result, result.latency_s))
+    return outcome_attributes(RequestOutcome.of(result, result.latency_s))
 
 
 def record_rewrites(results: Sequence[RewriteResult], start: float) -> None:
@@ -111,3 +110,10 @@ def gateway_tracer(service_name: str = "bpo-proxy") -> tuple[Any, Any] | None:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider.get_tracer(INSTRUMENTATION), provider
+
+
+def span_kind(name: str) -> Any:
+    """OpenTelemetry's ``SpanKind`` by name, imported only once tracing is on."""
+    from opentelemetry.trace import SpanKind
+
+    return SpanKind[name]

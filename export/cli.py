@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from bpo_plugins.registry import DEFAULT_MODEL
+
 __all__ = ["export_app"]
 
 export_app = typer.Typer(help="Export optimizers to low-latency runtimes.", no_args_is_help=True)
@@ -16,7 +18,7 @@ export_app = typer.Typer(help="Export optimizers to low-latency runtimes.", no_a
 @export_app.command("onnx")
 def export_onnx_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Export folder (replaced if it exists).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name, folder or hub id.")] = "bpo-small",
+    model: Annotated[str, typer.Option("--model", "-m", help="Registry name, folder or hub id.")] = DEFAULT_MODEL,
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8 | int4")] = "int8",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     engine: Annotated[str, typer.Option("--engine", help="auto | genai (onnxruntime-genai builder) | optimum")] = "auto",
@@ -37,7 +39,7 @@ def export_onnx_command(
 @export_app.command("merged")
 def export_merged_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="A new folder for the merged Hugging Face checkpoint.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name, folder or hub id.")] = "bpo-small",
+    model: Annotated[str, typer.Option("--model", "-m", help="Registry name, folder or hub id.")] = DEFAULT_MODEL,
 ) -> None:
     """Merge the optimizer's LoRA into its base: a plain folder vLLM and SGLang serve as it is."""
     from bpo_plugins.export.onnx import export_merged

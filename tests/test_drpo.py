@@ -34,6 +34,7 @@ def test_presets_and_published_data_load_with_no_call():
         load_preset("gpt-5")
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_retrieval_picks_the_nearest_examples():
     aligned = load_preset("llama3-8b-instruct")
     assert aligned.retrieve(TORTURE, 1)[0].query == TORTURE
@@ -42,6 +43,7 @@ def test_retrieval_picks_the_nearest_examples():
     assert len(aligned.retrieve("Write a poem about the sea", 5)) == 5
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_apply_lays_out_drpo_inference_format():
     aligned = load_preset("mistral-7b-instruct")
     messages = aligned.apply([{"role": "system", "content": "Answer in French."}, {"role": "assistant", "content": "Bonjour"},
@@ -74,6 +76,7 @@ def test_raw_format_and_custom_embedder():
                                     "aaaa aaaa\n\n#Answer:\n<START>\nA.\n<END>\n\n# Query:\nzz top\n\n# Answer:\n<START>")
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_artifact_round_trips_as_json(tmp_path):
     aligned = load_preset("gpt-3.5-turbo", k=2)
     path = aligned.save(tmp_path / "aligned.json")

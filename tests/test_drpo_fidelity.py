@@ -45,6 +45,8 @@ def _scores(*scores: int) -> str:
 METRICS_REPLY = json.dumps({"query_analysis": {"main_topic": "how-to"}, "harmful": False,
                             "aspects_selection": {"reasoning": REASON, "selected_aspects": ASPECTS3}})
 SCRIPT = {
+    # An empty answer, judged (DRPO judges whatever the base model wrote).
+    "<answer>\n\n</answer>": json.dumps({"Helpfulness": {"rationale": "nothing", "score": 1}, "Clarity": {"rationale": "none", "score": 1}}),
     # The example loop (query ALPHA): base 3s; rewrite 1 ties (3s, kept by >=); rewrite 2 is worse (2s,
     # not kept, but the next rewrite starts from it: the latest); rewrite 3 is perfect: early stop.
     # As in DRPO's loop, the critic and the next round see a rewrite with its <START>/<END> markers.
@@ -272,6 +274,7 @@ def test_all_nine_presets_load_by_name_and_hub_id_byte_identical():
         load_preset("meta-llama/Llama-4")
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_a_base_preset_renders_auto_models_raw_layout():
     # The package's copy of DRPO's ICL_examples.json, answers as published (between <START> and <END>).
     published = json.loads(resources.files("bpo_plugins.drpo").joinpath("data", "icl_examples.json").read_text(encoding="utf-8"))
@@ -320,6 +323,44 @@ def test_strict_parsing_reads_what_drpos_parser_reads(text: str, lenient: dict, 
     for on, expected in ((True, lenient), (False, strict)):
         judged = read_judgement(find_json(text, lenient=on), ["Helpfulness", "Clarity"], Counter(), lenient=on)
         assert (judged.scores if judged else None) == expected
+
+
+def test_an_empty_answer_is_judged_and_aspect_lists_are_cut_only_when_lenient(llms: Server):
+    """Issue 28: an empty base answer was dropped unjudged (at the root that stopped the search), and a
+    metrics reply naming more aspects than the rubric's maximum was cut silently, strict parsing too."""
+    from bpo_plugins.drpo.reward import SEARCH_RUBRIC, read_aspect_choice
+
+    scripted = load_backend("script-judge", base_url=llms.base_url, max_retries=0)
+    known = {"EMPTY?": {"aspects_selection": {"reasoning": "r", "selected_aspects": ["Helpfulness", "Clarity"]}}}
+    session = Session(default_roles(scripted, scripted, scripted), None, known_aspects=known)
+
+    async def rate():
+        try:
+            return await session.rate("EMPTY?", "", harmful=False)
+        finally:
+            await session.aclose_clients()
+
+    assert asyncio.run(rate()).scores == {"Helpfulness": 1.0, "Clarity": 1.0}
+    session.close()
+    seven = {"aspects_selection": {"reasoning": "r", "selected_aspects": ["Helpfulness", "Clarity", "Factuality", "Depth", "Engagement",
+                                                                          "Conciseness", "Safety"]}}
+    skips: Counter[str] = Counter()
+    assert len(read_aspect_choice(seven, skips, lenient=False).aspects) == 7  # DRPO judges every aspect it chose
+    assert len(read_aspect_choice(seven, skips).aspects) == SEARCH_RUBRIC.max_aspects and skips["aspects_cut"] == 1
+
+
+CODE_ANSWER = '<START>\n```python\nprint("a\\nb")\n```\n<END>'
+
+
+@pytest.mark.parametrize("lenient", [True, False])
+def test_a_code_answer_keeps_its_fences_and_escapes_through_the_example_loops_parser(lenient: bool):
+    """Issue 28: lenient parsing removed every fence in the reply and the loop turned each ``\\n`` into a
+    newline. DRPO strips fences only at the ends of the reply (``parse_json_output``)."""
+    from bpo_plugins.drpo.icl import _marked_rewrite
+
+    reply = "```json\n" + json.dumps({"analysis": "a", "thought": "t", "new_response": CODE_ANSWER}) + "\n```"
+    assert find_json(reply, lenient=lenient)["new_response"] == CODE_ANSWER
+    assert _marked_rewrite(reply, lenient=lenient) == CODE_ANSWER
 
 
 def test_refusal_correction_switch(llms: Server, tmp_path: Path):

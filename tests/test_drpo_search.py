@@ -327,6 +327,31 @@ def test_eval_compares_raw_bpo_drpo_and_both(model_server: Server, llms: Server,
     assert "| bpo+drpo |" in (out / "compare_vicuna_eval" / "compare.md").read_text()
 
 
+EGG_REWRITE = "How do I boil an egg? Give the steps and the minutes for a soft and a hard egg."
+
+
+@pytest.mark.slow
+def test_eval_drpo_resolves_an_api_optimizer_as_every_spec_is(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Issue 28: ``bpo eval --drpo`` loaded its optimizer with Rewriter.from_pretrained, so ``MODEL@URL``
+    was read as a hub id and the run ended: "cannot load optimizer model 'script@http://...'"."""
+    from tests.conftest import shared_data
+
+    server = _script_server(tmp_path_factory, "drpo-eval-api", {"Improve this prompt:": EGG_REWRITE, **SCRIPT})
+    llms = next(server)
+    try:
+        (tmp_path / "set.jsonl").write_text(json.dumps({"prompt": "How do I boil an egg?"}) + "\n")
+        done = subprocess.run([sys.executable, "-m", "bpo_plugins.cli", "eval", str(tmp_path / "set.jsonl"), "--out", str(tmp_path / "eval"),
+                               "--model", f"script@{llms.base_url}", "--target-model", f"echo-target@{llms.base_url}",
+                               "--judge-model", f"script-judge@{llms.base_url}", "--answer-tokens", "8", "--drpo", "llama3-8b-instruct",
+                               "--arms", "raw,bpo", "--judge-prompts", str(shared_data("judge", "fastchat_judge_prompts.jsonl"))],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        asked = [r["body"]["messages"][-1]["content"] for r in llms.received() if r["body"].get("model") == "echo-target"]
+        assert EGG_REWRITE in asked and "How do I boil an egg?" in asked  # the bpo arm and the raw arm
+    finally:
+        server.close()
+
+
 def test_raw_format_search_runs_a_local_base_model_without_chat_template(bundled_folder: Path, llms: Server, files, tmp_path: Path):
     from bpo_plugins.backends import load_local_backend
 

@@ -182,6 +182,7 @@ def test_every_runtime_stops_the_same_loop_at_the_same_token(onnx_fp32, tiny_bpo
     assert exported.candidates == source.candidates and exported.output_tokens == source.output_tokens
 
 
+@pytest.mark.slow  # loads and merges the bundled model
 def test_export_merged_is_a_plain_folder_that_rewrites_like_the_adapter(tmp_path):
     """What vLLM and SGLang serve: the LoRA merged into its base, greedy output unchanged."""
     import json

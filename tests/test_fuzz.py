@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +33,7 @@ def test_inline_path_never_raises(tiny_rewriter, prompt, context, protect, mode)
         assert span in result.rewritten  # protected text survives byte-identical either way
 
 
+@pytest.mark.slow  # 1,000 hypothesis examples
 @settings(max_examples=1000, deadline=None)
 @given(original=HOSTILE_TEXT, output=HOSTILE_TEXT)
 def test_guards_never_raise_on_hostile_outputs(original, output):

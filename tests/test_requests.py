@@ -1,4 +1,4 @@
-"""The one request rewriter (bpo_plugins.requests) on every request shape, against a real optimizer
+"""The one request rewriter (bpo_plugins.request_rewriter) on every request shape, against a real optimizer
 server process with scripted rewrites; and a raw (base-model) DRPO preset served through the gateway."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from bpo_plugins import Rewriter
 from bpo_plugins.drpo import RAW_FORMAT, Alignment, icl_examples, load_preset
-from bpo_plugins.requests import RequestRewriter, Shape, find_prompt, rewrite_requests
+from bpo_plugins.request_rewriter import RequestRewriter, Shape, find_prompt, rewrite_requests
 from tests.conftest import Server, start_cli_server
 
 PROMPT = "Tell me about Harry Potter"
@@ -118,6 +118,7 @@ async def test_alignment_goes_where_each_api_keeps_instructions(requests_rewrite
     assert new["system"][1:] == blocks["system"] and new["system"][0]["text"].startswith(preset.system_prompt)
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_a_raw_alignment_turns_a_chat_request_into_one_completions_request():
     raw = Alignment("Be helpful.", icl_examples(), k=1, format=RAW_FORMAT)
     body = {"model": "base", "max_tokens": 7, "temperature": 0, "stream": True, "tools": [], "stop": "###",
@@ -176,6 +177,7 @@ def test_gateway_serves_a_raw_preset_as_one_completions_call(model_server: Serve
         assert error.status_code == 400 and json.loads(error.content)["error"]["param"] == "messages"
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_drpo_base_model_presets_are_served_raw_and_instruct_presets_as_chat():
     from bpo_plugins.drpo import load_alignment
 
@@ -190,6 +192,7 @@ def test_drpo_base_model_presets_are_served_raw_and_instruct_presets_as_chat():
     assert outcome.upstream_shape is None and chat["messages"][0]["role"] == "system"
 
 
+@pytest.mark.slow  # loads MiniLM
 def test_a_raw_request_keeps_the_apps_system_text_after_drpos_prompt():
     raw = Alignment("Be helpful.", icl_examples(), k=1, format=RAW_FORMAT)
     body = {"model": "base", "stop": ["a", "b", "c", "d"],
@@ -198,3 +201,51 @@ def test_a_raw_request_keeps_the_apps_system_text_after_drpos_prompt():
     assert request["prompt"] == RAW_FORMAT.render_raw(raw.system_message("How do I bake bread?", keep="Answer in French."),
                                                       "How do I bake bread?")
     assert request["stop"] == ["<END>", "<END", "<|eot_id|>", "a"]
+
+
+class _QueryRecorder:
+    """An embedder that keeps every text it is asked to embed: which query an edge retrieved for."""
+
+    name = "query-recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def encode(self, texts):
+        import numpy as np
+
+        self.seen += list(texts)
+        return np.ones((len(texts), 2)) / np.sqrt(2)
+
+
+def test_bpo_and_drpo_take_the_same_last_user_message_at_every_edge():
+    """Issue 28: a user turn of tool results only is not the prompt for BPO (chat.last_user_index), but
+    Alignment.apply, the raw completion and LangChain's middleware took it. One rule now, at every edge."""
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from bpo_plugins.chat import last_user_index
+    from bpo_plugins.drpo.serving import _raw_completion
+    from bpo_plugins.langchain import DRPOMiddleware
+
+    tool_use = {"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": "x"}}
+    results = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "result"}]
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": [tool_use]}, {"role": "user", "content": results}]
+    assert last_user_index(messages) == 0 and find_prompt({"messages": messages}, Shape.CHAT)[1].text == PROMPT
+
+    def aligned(fmt=None) -> tuple[Alignment, _QueryRecorder]:
+        recorder = _QueryRecorder()
+        alignment = Alignment("Be kind.", tuple(icl_examples()[:2]), k=1, **({"format": fmt} if fmt else {}))
+        return alignment.use_embedder(recorder), recorder
+
+    chat, recorder = aligned()
+    applied = chat.apply(messages)
+    assert applied[1]["content"] == chat.format.render_user(PROMPT) and applied[3] == messages[2] and recorder.seen[-1] == PROMPT
+    raw, recorder = aligned(RAW_FORMAT)
+    request = _raw_completion({"model": "m", "messages": messages}, raw, None)
+    assert request["prompt"] == raw.render(PROMPT) and recorder.seen[-1] == PROMPT
+    middleware_alignment, recorder = aligned()
+    lc_messages = [HumanMessage(PROMPT), AIMessage(content=[tool_use]), HumanMessage(content=results)]
+    DRPOMiddleware(middleware_alignment)._request(ModelRequest(model=FakeListChatModel(responses=["ok"]), messages=lc_messages))
+    assert recorder.seen[-1] == PROMPT

@@ -257,3 +257,29 @@ def test_two_process_training_under_accelerate_launch(tiny_bpo_dir, tmp_path: Pa
     losses = [row["loss"] for row in figures["log_history"] if "loss" in row]
     assert losses[-1] < losses[0]
     assert len(list((tmp_path / "ddp").glob("*.safetensors"))) == 1 and (tmp_path / "ddp" / "README.md").is_file()
+
+
+def test_every_resuming_writer_cuts_a_torn_last_line_before_it_appends(tmp_path: Path):
+    """Issue 28: self-play's rows and the evaluation and score caches appended after a half-written line,
+    so the first new row was glued to the fragment and lost on the next resume. One rule (inputs.resume_jsonl)."""
+    from bpo_plugins.training.evaluate import CallCache
+    from bpo_plugins.training.scores import ScoreCache
+    from bpo_plugins.training.selfplay import _done_rows
+
+    def torn(name: str, row: dict) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(row) + "\n" + json.dumps(row)[:9], encoding="utf-8")  # killed mid-write
+        return path
+
+    scores = torn("scores.jsonl", {"key": "a", "value": 1.0})
+    ScoreCache(scores).put_many({"b": 2.0})
+    assert ScoreCache(scores).values == {"a": 1.0, "b": 2.0}
+    calls = torn("calls.jsonl", {"key": "a", "value": "first"})
+    CallCache(calls).get_or_call(["b"], lambda: "second")
+    assert len(CallCache(calls).values) == 2
+    row = {"key": "a", "prompt": "p", "raw_score": 0.0, "candidates": [{"text": "q", "guard": None, "score": 1.0}]}
+    pairs = torn("pairs.jsonl", row)
+    assert list(_done_rows(pairs, 0.5)) == ["a"]
+    with pairs.open("a", encoding="utf-8") as sink:  # what run_round_data does next
+        sink.write(json.dumps({**row, "key": "b"}) + "\n")
+    assert list(_done_rows(pairs, 0.5)) == ["a", "b"] and _done_rows(pairs, 0.5)["b"]["selected"] == "q"

@@ -22,7 +22,8 @@ from typing import Any
 
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
-from bpo_plugins.guards import answered_reason, word_count
+from bpo_plugins.guards import answered_reason, has_marker, length_ratio_reason
+from bpo_plugins.inputs import resume_jsonl
 from bpo_plugins.templates import PromptTemplate
 from bpo_plugins.training.data import Pair, Triplet, normalise
 
@@ -82,7 +83,9 @@ Optimized Instruction: <the improved instruction> [END]"""
 
 TEACHER_TEMPLATE = PromptTemplate(name="bpo-teacher", user="{prompt}", system=TEACHER_SYSTEM)
 _OPTIMIZED = re.compile(r"optimi[sz]ed\s+instruction\s*[:：]\s*(.*?)(?:\[END\]|$)", re.IGNORECASE | re.DOTALL)
-LEFTOVER_MARKERS = ("[protected", "[end]", "[instruction]", "[better response]", "[worse response]", "optimized instruction")
+#: The teacher prompt's own headings, which a rewrite must not carry over; runtime's markers
+#: (:data:`~bpo_plugins.guards.CUT_MARKERS`) drop a rewrite too (:func:`~bpo_plugins.guards.has_marker`).
+TEACHER_HEADINGS = ("[better response]", "[worse response]", "optimized instruction")
 
 
 def teacher_prompt(triplet: Triplet) -> str:
@@ -108,11 +111,9 @@ def parse_teacher(output: str) -> str | None:
 
 def filter_reason(original: str, optimized: str) -> str | None:
     """BPO's per-pair filters plus answered-not-rewrote; None when the pair is kept."""
-    ratio_words = word_count(optimized) / max(word_count(original), 1)
-    if word_count(original) / max(word_count(optimized), 1) > 2 or ratio_words > 6:
+    if length_ratio_reason(original, optimized):
         return "length_ratio"
-    lowered = optimized.lower()
-    if any(marker in lowered for marker in LEFTOVER_MARKERS):
+    if has_marker(optimized) or any(heading in optimized.lower() for heading in TEACHER_HEADINGS):
         return "leftover_marker"
     if answered_reason(original, optimized):
         return "answered"
@@ -204,32 +205,10 @@ def _call_with_retry(call: Callable[[], Any], retries: int = 4, base_delay: floa
             time.sleep(base_delay * 2**attempt * (1 + random.random()))
 
 
-def build(
-    triplets: Sequence[Triplet],
-    teacher: Backend,
-    out: Path,
-    *,
-    concurrency: int = 8,
-    temperature: float = 0.9,
-    max_new_tokens: int = 1024,
-    near_duplicate: float = 0.8,
-    max_self_bleu: float = 0.6,
-    retries: int = 4,
-    progress: Callable[[int], None] | None = None,
-) -> BuildReport:
-    """Ask the teacher for every triplet not yet in ``out``.raw.jsonl, then filter into ``out``."""
-    report = BuildReport(inputs=len(triplets))
-    raw_path = out.with_suffix(".raw.jsonl")
-    done: dict[str, dict[str, Any]] = {}
-    if raw_path.exists():
-        for line in raw_path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                done[row["key"]] = row
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn last line from an interrupted run is asked again
-    report.resumed = len(done)
-    todo = [t for t in triplets if t.key not in done]
+def _ask_teacher(todo: Sequence[Triplet], teacher: Backend, raw_path: Path, done: dict[str, dict[str, Any]], report: BuildReport, *,
+                 concurrency: int, temperature: float, max_new_tokens: int, retries: int,
+                 progress: Callable[[int], None] | None) -> None:
+    """The teacher's output for every triplet in ``todo``, appended to ``raw_path`` as it comes (and to ``done``)."""
     decoding = Decoding(do_sample=temperature > 0, temperature=temperature or 1.0, max_new_tokens=max_new_tokens)
     raw_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -254,6 +233,9 @@ def build(
             if progress:
                 progress(1)
 
+
+def _kept_pairs(triplets: Sequence[Triplet], done: dict[str, dict[str, Any]], report: BuildReport) -> list[Pair]:
+    """The pairs whose teacher output parses and passes BPO's per-pair filters; the rest counted in ``report.dropped``."""
     pairs = []
     for triplet in triplets:
         row = done.get(triplet.key, {})
@@ -269,6 +251,32 @@ def build(
             report.dropped[reason] += 1
             continue
         pairs.append(Pair(triplet.prompt, optimized, triplet.chosen, triplet.rejected, triplet.context, triplet.source))
+    return pairs
+
+
+def build(
+    triplets: Sequence[Triplet],
+    teacher: Backend,
+    out: Path,
+    *,
+    concurrency: int = 8,
+    temperature: float = 0.9,
+    max_new_tokens: int = 1024,
+    near_duplicate: float = 0.8,
+    max_self_bleu: float = 0.6,
+    retries: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> BuildReport:
+    """Ask the teacher for every triplet not yet in ``out``.raw.jsonl, then filter into ``out``."""
+    report = BuildReport(inputs=len(triplets))
+    raw_path = out.with_suffix(".raw.jsonl")
+    # A torn last line from an interrupted run is cut (inputs.resume_jsonl, the one resume rule) and asked again.
+    done: dict[str, dict[str, Any]] = {row["key"]: row for row in resume_jsonl(raw_path) if isinstance(row, dict) and "key" in row}
+    report.resumed = len(done)
+    todo = [t for t in triplets if t.key not in done]
+    _ask_teacher(todo, teacher, raw_path, done, report, concurrency=concurrency, temperature=temperature,
+                 max_new_tokens=max_new_tokens, retries=retries, progress=progress)
+    pairs = _kept_pairs(triplets, done, report)
     pairs, n_exact, n_near = dedupe(pairs, near_duplicate)
     report.dropped["exact_duplicate"] += n_exact
     report.dropped["near_duplicate"] += n_near

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from bpo_plugins.inputs import UsageError, usage_errors
+from bpo_plugins.registry import DEFAULT_MODEL
 
 __all__ = ["data_app", "evaluate", "train"]
 
@@ -96,7 +97,7 @@ def data_build(
 def evaluate(
     sets: Annotated[list[Path], typer.Argument(help="Eval files: BPO pairs, dolly_eval.json, self_instruct_eval.json, vicuna_eval.jsonl...")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json, eval_report.md, eval_plot.png and the call cache.")] = Path("runs/eval"),
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = ["bpo-small"],  # noqa: B006
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Optimizer(s) to compare: registry name, folder or hub id.")] = [DEFAULT_MODEL],  # noqa: B006
     adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter for a --model that is a base.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto (the default runtime: GenAI int8) | transformers (fp32) | onnx.")] = "auto",
     template: Annotated[str | None, typer.Option("--template", help="bpo | bpo-chat | prompt-engineer")] = None,
@@ -118,39 +119,18 @@ def evaluate(
     With --drpo, raw, BPO, DRPO and BPO+DRPO answers get DRPO's per-aspect reward and pair-v2 against raw."""
     from tqdm import tqdm
 
-    from bpo_plugins import Rewriter
     from bpo_plugins.backends import load_backend
     from bpo_plugins.pairwise import load_judge_prompt
     from bpo_plugins.training import evaluate as ev
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
-    if drpo:
-        from bpo_plugins.drpo import load_alignment
-        from bpo_plugins.drpo.compare import ARMS
-
-        if not (target_model and judge_model):
-            raise UsageError("--drpo compares answers: give --target-model and --judge-model too")
-        if not arm_list or set(arm_list) - set(ARMS):
-            raise UsageError(f"--arms {arms!r}: use some of {', '.join(ARMS)}")
-        with usage_errors():
-            alignment = load_alignment(drpo)  # a bad name fails now, before any rewrite
+    alignment = _drpo_alignment(drpo, arm_list, arms, bool(target_model and judge_model)) if drpo else None
     # Every input file is read before any work, so a bad one fails at once.
     data = {path.stem: ev.read_eval_set(path, limit) for path in sets}
     prompt = load_judge_prompt(judge_prompts) if target_model and judge_model else {}
     out.mkdir(parents=True, exist_ok=True)
-    embedder = ev.Embedder()
-    proxy: dict[str, dict] = {}
-    rewrites: dict[tuple[str, str], list[str]] = {}
-    for name in model:
-        local = {"adapter": adapter} if adapter is not None else {}  # an adapter only applies to a local base
-        with usage_errors():
-            rewriter = Rewriter.from_spec(name, backend=backend, template=template, max_new_tokens=max_new_tokens, mode=mode, **local)
-        for set_name, items in data.items():
-            with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
-                figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)
-            proxy[f"{name}:{set_name}"] = figures
-            rewrites[(name, set_name)] = [r["rewritten"] for r in rows]
-            (out / f"rows_{Path(name).name}_{set_name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    proxy, rewrites, first = _proxy_runs(model, data, out, backend=backend, template=template, max_new_tokens=max_new_tokens,
+                                         mode=mode, adapter=adapter)
     judged = []
     if target_model and judge_model:
         with usage_errors():
@@ -164,15 +144,51 @@ def evaluate(
                                    progress=bar.update)
             judged.append({**row, "optimizer": name})
     if drpo:
-        rewriter = Rewriter.from_pretrained(model[0], backend=backend, adapter=adapter, template=template, max_new_tokens=max_new_tokens,
-                                            mode=mode)
-        _compare_arms(data, alignment, arm_list, rewriter, target, judge, prompt, out, answer_tokens)
+        _compare_arms(data, alignment, arm_list, first, target, judge, prompt, out, answer_tokens)
     report = {"proxy": proxy, "judge": judged}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval_report.md").write_text(ev.markdown_report(proxy, judged))
     ev.plot(proxy, judged, out / "eval_plot.png")
     typer.echo(ev.markdown_report(proxy, judged))
     typer.echo(f"figures in {out}/eval.json, eval_report.md, eval_plot.png", err=True)
+
+
+def _drpo_alignment(drpo: str, arm_list: list[str], arms: str, judged: bool) -> Any:
+    """``--drpo``'s alignment, loaded before any rewrite; bad arms or a missing target or judge are usage errors."""
+    from bpo_plugins.drpo import load_alignment
+    from bpo_plugins.drpo.compare import ARMS
+
+    if not judged:
+        raise UsageError("--drpo compares answers: give --target-model and --judge-model too")
+    if not arm_list or set(arm_list) - set(ARMS):
+        raise UsageError(f"--arms {arms!r}: use some of {', '.join(ARMS)}")
+    with usage_errors():
+        return load_alignment(drpo)  # a bad name fails now, before any rewrite
+
+
+def _proxy_runs(models: list[str], data: dict[str, Any], out: Path, **options: Any) -> tuple[dict[str, dict], dict[tuple[str, str], list[str]], Any]:
+    """Each optimizer's proxy figures on each set (its rows written to ``out``), its rewrites, and the first
+    optimizer (the one --drpo compares), each resolved as every spec is."""
+    from tqdm import tqdm
+
+    from bpo_plugins import Rewriter
+    from bpo_plugins.training import evaluate as ev
+
+    embedder = ev.Embedder()
+    proxy: dict[str, dict] = {}
+    rewrites: dict[tuple[str, str], list[str]] = {}
+    first: Rewriter | None = None
+    for name in models:
+        with usage_errors():
+            rewriter = Rewriter.from_spec(name, **options)
+        first = first or rewriter
+        for set_name, items in data.items():
+            with tqdm(total=len(items), desc=f"rewrite {name} on {set_name}", unit="prompt") as bar:
+                figures, rows = ev.proxy_figures(rewriter, items, embedder, progress=bar.update)
+            proxy[f"{name}:{set_name}"] = figures
+            rewrites[(name, set_name)] = [r["rewritten"] for r in rows]
+            (out / f"rows_{Path(name).name}_{set_name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return proxy, rewrites, first
 
 
 def _compare_arms(data: dict, alignment, arms: list[str], rewriter, target, judge, judge_prompt: dict[str, str], out: Path,

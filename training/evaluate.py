@@ -12,10 +12,7 @@ so a rerun resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ from bpo_plugins.inputs import InputError, read_rows
 from bpo_plugins.pairwise import outcome, pair_prompt, verdict, win_tie_lose_bars
 from bpo_plugins.rewriter import Rewriter
 from bpo_plugins.templates import PromptTemplate
+from bpo_plugins.training.cache import JsonlCache
 
 __all__ = ["DRIFT_COSINE", "PASSTHROUGH", "CallCache", "EvalItem", "judge_set", "markdown_report", "plot", "proxy_figures",
            "read_eval_set", "rouge_l"]
@@ -83,16 +81,7 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         results = rewriter.rewrite_batch([i.prompt for i in chunk], contexts=[i.context for i in chunk])
-        for item, result in zip(chunk, results):
-            raw = clean_output(result.candidates[0]) if result.candidates else ""
-            rows.append({
-                "prompt": item.prompt, "reference": item.reference, "raw_output": raw, "rewritten": result.rewritten,
-                "fallback": result.fallback and result.fallback.value,
-                "loop_cut": result.loops_cut > 0,
-                "answered": bool(raw) and answered_reason(item.prompt, raw) is not None,
-                "degenerate": bool(raw) and degenerate_reason(item.prompt, raw) is not None,
-                "expansion": word_count(raw) / max(word_count(item.prompt), 1) if raw else None,
-            })
+        rows += [_proxy_row(item, result) for item, result in zip(chunk, results)]
         if progress:
             progress(len(chunk))
     generated = [r for r in rows if r["raw_output"]]
@@ -124,48 +113,46 @@ def proxy_figures(rewriter: Rewriter, items: Sequence[EvalItem], embedder: Embed
         for r, s in zip(applied, sims):
             r["applied_cosine"] = s
         figures["meaning_drift"] = _mean([s < DRIFT_COSINE for s in sims])
-    referenced = [r for r in rows if r["reference"]]
-    if referenced:
-        outs = [r["rewritten"] for r in referenced]
-        refs = [r["reference"] for r in referenced]
-        figures["reference_cosine"] = _mean(embedder.cosine(outs, refs))
-        figures["raw_prompt_reference_cosine"] = _mean(embedder.cosine([r["prompt"] for r in referenced], refs))
-        figures["reference_rouge_l"] = _mean([rouge_l(o, ref) for o, ref in zip(outs, refs)])
-        figures["raw_prompt_reference_rouge_l"] = _mean([rouge_l(r["prompt"], ref) for r, ref in zip(referenced, refs)])
-        keep = [r for r in referenced if r["reference"].strip() == r["prompt"].strip()]
-        if keep:
-            figures["keep_as_is_cosine"] = _mean(embedder.cosine([r["rewritten"] for r in keep], [r["prompt"] for r in keep]))
+    figures.update(_reference_figures([r for r in rows if r["reference"]], embedder))
     return figures, rows
+
+
+def _proxy_row(item: EvalItem, result: Any) -> dict[str, Any]:
+    """One item's row: the optimizer's raw output (its first candidate, cleaned) and what it shows."""
+    raw = clean_output(result.candidates[0]) if result.candidates else ""
+    return {
+        "prompt": item.prompt, "reference": item.reference, "raw_output": raw, "rewritten": result.rewritten,
+        "fallback": result.fallback and result.fallback.value,
+        "loop_cut": result.loops_cut > 0,
+        "answered": bool(raw) and answered_reason(item.prompt, raw) is not None,
+        "degenerate": bool(raw) and degenerate_reason(item.prompt, raw) is not None,
+        "expansion": word_count(raw) / max(word_count(item.prompt), 1) if raw else None,
+    }
+
+
+def _reference_figures(referenced: list[dict[str, Any]], embedder: Embedder) -> dict[str, Any]:
+    """How close the rewrites (and the raw prompts) come to the set's reference rewrites."""
+    if not referenced:
+        return {}
+    outs = [r["rewritten"] for r in referenced]
+    refs = [r["reference"] for r in referenced]
+    figures = {
+        "reference_cosine": _mean(embedder.cosine(outs, refs)),
+        "raw_prompt_reference_cosine": _mean(embedder.cosine([r["prompt"] for r in referenced], refs)),
+        "reference_rouge_l": _mean([rouge_l(o, ref) for o, ref in zip(outs, refs)]),
+        "raw_prompt_reference_rouge_l": _mean([rouge_l(r["prompt"], ref) for r, ref in zip(referenced, refs)]),
+    }
+    keep = [r for r in referenced if r["reference"].strip() == r["prompt"].strip()]
+    if keep:
+        figures["keep_as_is_cosine"] = _mean(embedder.cosine([r["rewritten"] for r in keep], [r["prompt"] for r in keep]))
+    return figures
 
 
 # --- pairwise judge ----------------------------------------------------------------------------
 
 
-class CallCache:
-    """A JSONL file of finished LLM calls, so an interrupted evaluation resumes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.entries: dict[str, str] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.entries[row["key"]] = row["value"]
-                except (json.JSONDecodeError, KeyError):
-                    continue
-
-    def get_or_call(self, parts: Sequence[str], call: Callable[[], str]) -> str:
-        key = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
-        if key in self.entries:
-            return self.entries[key]
-        value = call()
-        with self.lock:
-            self.entries[key] = value
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
-        return value
+#: The evaluation's LLM call cache: the training package's one JSONL cache.
+CallCache = JsonlCache
 
 
 def _complete(backend: Backend, prompt: str, system: str | None, max_new_tokens: int) -> str:

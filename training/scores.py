@@ -14,17 +14,15 @@ band, *loses* when it is below by more, and ties otherwise (:func:`win_tie_loss`
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.templates import TARGET, PromptTemplate
+from bpo_plugins.training.cache import JsonlCache
 
 __all__ = ["ANSWER_TIE_BAND", "LIKELIHOOD_TIE_BAND", "RAW_TARGET", "TARGET_CHAT", "LikelihoodScorer", "ScoreCache", "answer_margins",
            "target_answers", "target_template", "target_text", "win_tie_loss"]
@@ -53,35 +51,8 @@ def target_template(backend: Backend) -> PromptTemplate:
     return TARGET_CHAT
 
 
-class ScoreCache:
-    """Finished scores in memory and, with a path, in a JSONL file, so a rerun does not recompute them."""
-
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else None
-        self.values: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    self.values[row["key"]] = row["value"]
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a torn last line: computed again
-
-    @staticmethod
-    def key(*parts: str) -> str:
-        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
-
-    def get(self, key: str) -> Any:
-        return self.values.get(key)
-
-    def put_many(self, items: dict[str, Any]) -> None:
-        with self._lock:
-            self.values.update(items)
-            if self.path is not None and items:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as sink:
-                    sink.writelines(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items())
+#: Self-play's score cache: the training package's one JSONL cache.
+ScoreCache = JsonlCache
 
 
 class LikelihoodScorer:

@@ -129,27 +129,14 @@ def _version_arguments(arguments: Any) -> dict[str, Any]:
         {"group_by_length": True} if "group_by_length" in names else {"train_sampling_strategy": "group_by_length"})
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Fine-tune; write the adapter (or merged model), a model card and figures to ``config.out``."""
+def _model_and_tokenizer(config: TrainConfig, base_path: str) -> tuple[Any, Any]:
+    """The base model (with LoRA when asked) and its tokenizer, with a pad token."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from bpo_plugins.registry import resolve
-
-    set_seed(config.seed)
-    entry = resolve(config.base_model)
-    base_path = str(entry.path) if entry is not None else config.base_model
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    pairs = read_pairs(config.data, exclude=config.exclude)
-    train_pairs, val_pairs = _split_pairs(pairs, config.val_fraction, config.seed)
-    train_rows = _augment(train_pairs, config.keep_as_is_fraction, config.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    template = _pick_template(config.template, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -160,10 +147,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ))
+    return model, tokenizer
 
-    train_data = [encode(p, tokenizer, template, config.max_length) for p in train_rows]
-    val_data = [encode(p, tokenizer, template, config.max_length) for p in val_pairs]
-    args = TrainingArguments(
+
+def _training_arguments(config: TrainConfig, out: Path, evaluate: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -173,7 +164,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         learning_rate=config.learning_rate,
         lr_scheduler_type="cosine",
         logging_steps=5,
-        eval_strategy="epoch" if val_data else "no",
+        eval_strategy="epoch" if evaluate else "no",
         save_strategy="epoch",
         save_total_limit=1,
         bf16=config.bf16,
@@ -185,6 +176,30 @@ def train(config: TrainConfig) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),
         **_version_arguments(TrainingArguments),
     )
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Fine-tune; write the adapter (or merged model), a model card and figures to ``config.out``."""
+    import torch
+    from transformers import Trainer, set_seed
+
+    from bpo_plugins.registry import checkpoint
+
+    set_seed(config.seed)
+    base_path = checkpoint(config.base_model)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    pairs = read_pairs(config.data, exclude=config.exclude)
+    train_pairs, val_pairs = _split_pairs(pairs, config.val_fraction, config.seed)
+    train_rows = _augment(train_pairs, config.keep_as_is_fraction, config.seed)
+
+    model, tokenizer = _model_and_tokenizer(config, base_path)
+    template = _pick_template(config.template, tokenizer)
+
+    train_data = [encode(p, tokenizer, template, config.max_length) for p in train_rows]
+    val_data = [encode(p, tokenizer, template, config.max_length) for p in val_pairs]
+    args = _training_arguments(config, out, bool(val_data))
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data or None,
                       data_collator=_Collator(tokenizer.pad_token_id))
     start = time.time()

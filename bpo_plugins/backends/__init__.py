@@ -32,29 +32,12 @@ def load_local_backend(
     dtype: str = "auto",
     adapter: str | Path | None = None,
 ) -> Backend:
-    """Resolve a registry name, local folder or hub id to a loaded local backend."""
+    """Resolve a registry name, local folder, export folder or hub id to a loaded local backend
+    (:func:`bpo_plugins.backends.runtime.load_local`: the one place that decides)."""
     _require_local_stack(str(name_or_path))
-    from bpo_plugins.backends.transformers import TransformersBackend
-    from bpo_plugins.registry import resolve
+    from bpo_plugins.backends.runtime import load_local
 
-    if backend == "onnx" or (backend == "auto" and (Path(name_or_path) / "bpo_export.json").is_file()):
-        from bpo_plugins.backends.onnx import load_export
-
-        return load_export(name_or_path, device=device)
-    entry = resolve(name_or_path)
-    if entry is not None and backend == "auto" and adapter is None and device != "cuda":
-        from bpo_plugins.registry import default_export
-
-        export = default_export(entry)
-        if export is not None:
-            from bpo_plugins.backends.onnx import load_export
-
-            return load_export(export, device=device)
-    if entry is not None:
-        return TransformersBackend.load(
-            entry.path, device=device, dtype=dtype, template=entry.template, adapter=adapter or entry.adapter, model_id=entry.name
-        )
-    return TransformersBackend.load(name_or_path, revision=revision, device=device, dtype=dtype, adapter=adapter)
+    return load_local(name_or_path, backend=backend, revision=revision, device=device, dtype=dtype, adapter=adapter)
 
 
 def load_backend(model: str | ModelSpec, *, backend: str = "auto", base_url: str | None = None, max_retries: int = 2,

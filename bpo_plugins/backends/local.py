@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
-from bpo_plugins.decoding import Decoding, cut_at_newline, cut_at_stop
+from bpo_plugins.decoding import Decoding, cut_at_newline, cut_at_stop, fit_minimum
 from bpo_plugins.templates import PromptTemplate, pick_local_template
 
 if TYPE_CHECKING:
@@ -82,8 +82,9 @@ class LocalBackend(Backend):
     ) -> BatchOutput:
         # Chat templates already carry their special tokens; raw templates need the tokenizer's BOS.
         special = template.raw is not None
+        decoding, min_new = fit_minimum(decoding, self.min_new_tokens(prompts, decoding))
         return self.generate_texts([self.render(p, template) for p in prompts], decoding, timeout_s, special,
-                                   prefix=self.template_prefix(template, special), min_new=self.min_new_tokens(prompts, decoding))
+                                   prefix=self.template_prefix(template, special), min_new=min_new)
 
     def min_new_tokens(self, prompts: Sequence[str], decoding: Decoding) -> list[int]:
         """Each prompt's least number of new tokens: BPO's aggressive ``min_length``.

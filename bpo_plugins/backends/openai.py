@@ -10,15 +10,22 @@ from typing import Any
 
 from bpo_plugins.backends.base import Generation
 from bpo_plugins.backends.http import HTTPBackend, require
-from bpo_plugins.decoding import Decoding
+from bpo_plugins.decoding import Decoding, fit_minimum
 from bpo_plugins.result import ModelLoadError
 from bpo_plugins.templates import PROMPT_ENGINEER, PromptTemplate, pick_local_template
 
 __all__ = ["OpenAIBackend"]
 
-#: Request fields a server may not know. ``min_tokens`` and ``bad_words`` are vLLM's extra sampling
-#: fields (SGLang takes ``min_tokens``); ``top_p``, ``stop`` and ``seed`` are OpenAI's own, which some servers lack.
-_OPTIONAL_FIELDS = ("min_tokens", "bad_words", "top_p", "stop", "seed")
+#: Request fields a server may not know. ``min_tokens``, ``bad_words`` and ``stop_token_ids`` are vLLM's
+#: extra sampling fields (SGLang takes ``min_tokens``); ``top_p``, ``stop`` and ``seed`` are OpenAI's own,
+#: which some servers lack.
+_OPTIONAL_FIELDS = ("min_tokens", "bad_words", "stop_token_ids", "top_p", "stop", "seed")
+#: How servers say they do not know a field: OpenAI ("Unrecognized request argument supplied"), vLLM's and
+#: SGLang's pydantic ("Extra inputs are not permitted"), TGI ("unknown field"). A 400 about a field's value
+#: (vLLM: "min_tokens must be less than or equal to max_tokens") says none of these, and drops nothing.
+_UNKNOWN_FIELD = re.compile(r"unrecogni[sz]ed|unknown|unsupported|not supported|extra (?:inputs?|fields?)|not permitted|unexpected", re.I)
+#: The newline of THUDM/BPO's Llama-2 vocabulary (``<0x0A>``): the 13 of the reference's ``eos_token_id=[eos, 13]``.
+LLAMA2_NEWLINE_ID = 13
 #: Per server (base URL): the optional fields it answered 400 for. Remembered for the process, so each
 #: server costs one failed request per field however many Rewriters talk to it.
 _REJECTED: dict[str, set[str]] = {}
@@ -31,14 +38,17 @@ def _estimate_tokens(text: str) -> int:
     return 1 + sum(max(1, round(len(piece) / 5)) for piece in re.findall(r"\w+|[^\w\s]", text))
 
 
-def _named_field(exc: Exception, fields: Sequence[str]) -> str | None:
-    """The one of ``fields`` a 400 answer names (its ``param``, else its message), or None."""
+def _unknown_field(exc: Exception, fields: Sequence[str]) -> str | None:
+    """The one of ``fields`` a 400 answer says the server does not know (named by its ``param`` or its
+    message, which must say the field is unknown), or None."""
     body = getattr(exc, "body", None)
     error = body.get("error", body) if isinstance(body, dict) else None
+    message = str(error.get("message")) if isinstance(error, dict) else str(exc)
+    if not _UNKNOWN_FIELD.search(message):
+        return None
     param = error.get("param") if isinstance(error, dict) else None
     if param in fields:
         return str(param)
-    message = str(error.get("message")) if isinstance(error, dict) else str(exc)
     return next((f for f in fields if re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", message)), None)
 
 
@@ -58,12 +68,22 @@ class OpenAIBackend(HTTPBackend):
         if key is None:
             raise ModelLoadError("no OpenAI API key: pass api_key=... or set OPENAI_API_KEY")
         self.max_concurrency = max_concurrency
+        #: The token id of a newline in the served checkpoint's vocabulary (THUDM/BPO is Llama-2's).
+        self.newline_token_id = LLAMA2_NEWLINE_ID
         self._bad_request = openai.BadRequestError
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
         self._new_aclient = lambda: openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=max_retries)
         self._aclient = self._new_aclient()
 
     def requests(self, prompt: str, template: PromptTemplate, decoding: Decoding, timeout_s: float | None) -> list[dict[str, Any]]:
+        rejected = self._rejected()
+        # BPO's minimum length goes to a checkpoint only (see _checkpoint_fields), with a cap it fits under.
+        minimum = None
+        if template.raw is not None and decoding.min_tokens_over_prompt is not None and "min_tokens" not in rejected:
+            decoding, (minimum,) = fit_minimum(decoding, [_estimate_tokens(prompt) + decoding.min_tokens_over_prompt])
+        # vLLM holds stop token ids back until min_tokens, but not stop strings: with a minimum, the
+        # newline goes as the checkpoint's token id (the reference's eos_token_id=[eos, 13]).
+        newline_id = minimum is not None and decoding.stop_at_newline and "stop_token_ids" not in rejected
         request: dict[str, Any] = {
             "model": self.model_id,
             "max_tokens": decoding.max_new_tokens,
@@ -72,7 +92,7 @@ class OpenAIBackend(HTTPBackend):
         }
         if decoding.do_sample and decoding.top_p < 1.0:
             request["top_p"] = decoding.top_p
-        stops = ["\n"] if decoding.stop_at_newline else []
+        stops = ["\n"] if decoding.stop_at_newline and not newline_id else []
         stops += [stop for stop in decoding.stop if stop not in stops]
         if stops:
             request["stop"] = stops[:4]  # OpenAI takes at most 4
@@ -82,7 +102,7 @@ class OpenAIBackend(HTTPBackend):
             # A BPO checkpoint on vLLM or SGLang: BPO's exact [INST] format through /v1/completions, as it
             # was trained (the server adds BOS); a chat endpoint would wrap it in another template.
             request["prompt"] = template.render_raw(prompt)
-            extra = self._checkpoint_fields(prompt, decoding)
+            extra = self._checkpoint_fields(decoding, minimum, newline_id)
             if extra:
                 request["extra_body"] = extra
         else:
@@ -92,17 +112,19 @@ class OpenAIBackend(HTTPBackend):
             request["messages"] = template.messages(prompt)
         if timeout_s is not None:
             request["timeout"] = timeout_s
-        rejected = self._rejected()
         for name in rejected & request.keys():
             del request[name]
         return [request]
 
-    def _checkpoint_fields(self, prompt: str, decoding: Decoding) -> dict[str, Any]:
-        """vLLM's extra sampling fields for BPO's aggressive mode (``min_length`` and ``bad_words_ids`` of
-        the reference), minus those this server rejected. vLLM holds back EOS until ``min_tokens``."""
+    def _checkpoint_fields(self, decoding: Decoding, minimum: int | None, newline_id: bool) -> dict[str, Any]:
+        """vLLM's extra sampling fields for BPO's aggressive mode (``min_length``, ``bad_words_ids`` and the
+        newline of ``eos_token_id`` in the reference), minus those this server rejected. vLLM holds back
+        EOS and ``stop_token_ids`` until ``min_tokens``."""
         extra: dict[str, Any] = {}
-        if decoding.min_tokens_over_prompt is not None:
-            extra["min_tokens"] = _estimate_tokens(prompt) + decoding.min_tokens_over_prompt
+        if minimum is not None:
+            extra["min_tokens"] = minimum
+        if newline_id:
+            extra["stop_token_ids"] = [self.newline_token_id]
         if decoding.banned_words:
             extra["bad_words"] = list(decoding.banned_words)
         rejected = self._rejected()
@@ -117,12 +139,14 @@ class OpenAIBackend(HTTPBackend):
         when the answer names none of the fields the request still carries."""
         extra = dict(request.get("extra_body") or {})
         present = [f for f in _OPTIONAL_FIELDS if f in request or f in extra]
-        name = _named_field(exc, present)
+        name = _unknown_field(exc, present)
         if name is None:
             return None
         with _REJECTED_LOCK:
             _REJECTED.setdefault(self.revision, set()).add(name)
         retry = {k: v for k, v in request.items() if k != name}
+        if name == "stop_token_ids":  # the newline goes back as a stop string
+            retry["stop"] = ["\n", *retry.get("stop", [])][:4]
         if name in extra:
             del extra[name]
             retry["extra_body"] = extra

@@ -167,10 +167,15 @@ def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float | N
     return max(retry_after, backoff_s * 2**attempt * random.uniform(0.5, 1.0))  # jitter spreads a burst of 429s
 
 
+#: Concurrent calls per HTTP backend, and retries (with backoff) on 429, 5xx and timeouts.
+CONCURRENCY = 8
+RETRIES = 4
+
+
 class Caller:
     """Sends role calls: from the cache when it has them, else live under a per-backend concurrency limit."""
 
-    def __init__(self, cache: RewriteCache, ledger: Ledger, *, concurrency: int = 8, retries: int = 4,
+    def __init__(self, cache: RewriteCache, ledger: Ledger, *, concurrency: int = CONCURRENCY, retries: int = RETRIES,
                  backoff_s: float = 1.0, timeout_s: float | None = 300.0) -> None:
         self.cache, self.ledger = cache, ledger
         self.concurrency, self.retries, self.backoff_s, self.timeout_s = concurrency, retries, backoff_s, timeout_s

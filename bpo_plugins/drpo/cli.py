@@ -8,11 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
+from bpo_plugins.drpo.calls import CONCURRENCY, RETRIES
+from bpo_plugins.drpo.search import SearchConfig
+from bpo_plugins.drpo.session import ANSWER_TOKENS
 from bpo_plugins.inputs import UsageError, read_text, usage_errors
 
 drpo_app = typer.Typer(help="DRPO: search a system prompt and in-context examples with dynamic rewards.", no_args_is_help=True)
 
-ModelSpec = Annotated[str | None, typer.Option(help="MODEL or MODEL@URL: an API model (gpt-4o-mini, claude-...), a local model, or a model on an OpenAI-compatible server.")]
+#: The search's defaults are SearchConfig's: the options below show them, they do not copy them.
+_DEFAULTS = SearchConfig()
+
+ModelOption = Annotated[str | None, typer.Option(help="MODEL or MODEL@URL: an API model (gpt-4o-mini, claude-...), a local model, or a model on an OpenAI-compatible server.")]
 CapOption = Annotated[list[str] | None, typer.Option(help="ROLE=N (base, metrics, judge, optimizer), or N for every role. Repeatable.")]
 PriceOption = Annotated[list[str] | None, typer.Option("--price", help="ROLE=IN/OUT dollars per million tokens, or IN/OUT for every role. Repeatable.")]
 LenientOption = Annotated[bool, typer.Option("--lenient-parsing/--strict-parsing", help="Our guard: read JSON in prose, renamed aspects and '4/5' scores, and ask once more; strict reads replies as DRPO's parser does.")]
@@ -29,7 +35,7 @@ def _backend(spec: str, dry_run: bool = False) -> Any:
 
 def _read_seeds(path: Path) -> Any:
     """A user's seed queries; a bad file fails naming itself and its line."""
-    from bpo_plugins.drpo.search import read_seeds
+    from bpo_plugins.drpo.seeds import read_seeds
 
     read_text(path)  # missing, unreadable or not UTF-8: the file, line and column
     with usage_errors():  # a row without a query names its row
@@ -73,39 +79,39 @@ def _session_parts(base: str | None, judge: str | None, optimizer: str | None, m
 
 @drpo_app.command("search")
 def search(
-    base: ModelSpec = None,
-    judge: ModelSpec = None,
-    optimizer: ModelSpec = None,
-    metrics: ModelSpec = None,
+    base: ModelOption = None,
+    judge: ModelOption = None,
+    optimizer: ModelOption = None,
+    metrics: ModelOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for alignment.json, the report, the checkpoint and the call cache.")] = Path("runs/drpo"),
     seeds: Annotated[Path | None, typer.Option(help="Seed queries (.txt lines, or JSON/JSONL with 'query'); default DRPO's 180.")] = None,
     examples: Annotated[Path | None, typer.Option(help="Example bank from 'bpo drpo icl' (default DRPO's 16).")] = None,
-    depth: Annotated[int, typer.Option(min=1)] = 20,
-    beam_width: Annotated[int, typer.Option(min=1)] = 2,
-    num_actions: Annotated[int, typer.Option(min=1)] = 3,
-    max_extensions: Annotated[int, typer.Option(min=0)] = 10,
-    holdout: Annotated[int, typer.Option(min=0, help="Held-out seeds for the final check.")] = 8,
-    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | search (DRPO's search layout as a chat system message, as it searched API models) | raw (DRPO's search layout as one text, no chat template: a local model or /v1/completions) | base (DRPO's auto_model.py raw layout for a base model).")] = "chat",
-    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = 2048,
-    seed: Annotated[int, typer.Option(help="Fixes the seed-query order and the proposals' sampling salt.")] = 0,
+    depth: Annotated[int, typer.Option(min=1)] = _DEFAULTS.depth,
+    beam_width: Annotated[int, typer.Option(min=1)] = _DEFAULTS.beam_width,
+    num_actions: Annotated[int, typer.Option(min=1)] = _DEFAULTS.num_actions,
+    max_extensions: Annotated[int, typer.Option(min=0)] = _DEFAULTS.max_extensions,
+    holdout: Annotated[int, typer.Option(min=0, help="Held-out seeds for the final check.")] = _DEFAULTS.holdout,
+    prompt_format: Annotated[str, typer.Option("--format", help="chat (DRPO's inference layout) | search (DRPO's search layout as a chat system message, as it searched API models) | raw (DRPO's search layout as one text, no chat template: a local model or /v1/completions) | base (DRPO's auto_model.py raw layout for a base model).")] = _DEFAULTS.format,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = ANSWER_TOKENS,
+    seed: Annotated[int, typer.Option(help="Fixes the seed-query order and the proposals' sampling salt.")] = _DEFAULTS.seed,
     request_seed: Annotated[int, typer.Option(help="The 'seed' every OpenAI request carries (DRPO: 0); -1 sends none.")] = 0,
     max_prompt_chars: Annotated[int, typer.Option(min=0, help="Our guard, off (0) by default: drop proposals longer than this many characters.")] = 0,
-    initial_prompt: Annotated[str, typer.Option(help="The root of the search.")] = "You are a helpful assistant.",
+    initial_prompt: Annotated[str, typer.Option(help="The root of the search.")] = _DEFAULTS.initial_prompt,
     price: PriceOption = None,
     max_calls: CapOption = None,
     max_tokens: CapOption = None,
     max_cost: Annotated[list[str] | None, typer.Option(help="ROLE=USD, or USD for every role. Repeatable.")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent calls per HTTP model.")] = 8,
-    retries: Annotated[int, typer.Option(min=0, help="Retries, with backoff, on 429, 5xx and timeouts.")] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent calls per HTTP model.")] = CONCURRENCY,
+    retries: Annotated[int, typer.Option(min=0, help="Retries, with backoff, on 429, 5xx and timeouts.")] = RETRIES,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the projected calls, tokens and cost per role; call nothing.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the checkpoint in --out (cached calls are still reused).")] = False,
-    final_check: Annotated[bool, typer.Option("--final-check/--no-final-check", help="Our guard: re-score the top candidates and the initial prompt on --holdout unseen seeds and keep the best; off, DRPO's best beam wins and every seed goes to the search.")] = True,
-    lenient_parsing: LenientOption = True,
-    refusal_correction: RefusalOption = True,
+    final_check: Annotated[bool, typer.Option("--final-check/--no-final-check", help="Our guard: re-score the top candidates and the initial prompt on --holdout unseen seeds and keep the best; off, DRPO's best beam wins and every seed goes to the search.")] = _DEFAULTS.final_check,
+    lenient_parsing: LenientOption = _DEFAULTS.lenient_parsing,
+    refusal_correction: RefusalOption = _DEFAULTS.refusal_correction,
 ) -> None:
     """Search a system prompt for --base by DRPO's beam search; resumes from --out's checkpoint."""
     from bpo_plugins.drpo.icl import read_examples
-    from bpo_plugins.drpo.search import FORMATS, Search, SearchConfig
+    from bpo_plugins.drpo.search import FORMATS, Search
     from bpo_plugins.drpo.session import default_roles
 
     if prompt_format not in FORMATS:
@@ -125,7 +131,10 @@ def search(
     if dry_run:
         _print_plan(runner.plan(), caps)
         return
-    result = runner.run(fresh=fresh)
+    _print_result(runner.run(fresh=fresh), out)
+
+
+def _print_result(result: Any, out: Path) -> None:
     final = result.report["final_check"]
     if result.stopped:
         typer.secho(f"stopped early: {result.stopped}; the artifact holds the best prompt so far", err=True, fg=typer.colors.YELLOW)
@@ -151,28 +160,28 @@ def _print_plan(plan: dict[str, dict[str, Any]], caps: dict[str, Any]) -> None:
 
 @drpo_app.command("icl")
 def icl(
-    base: ModelSpec = None,
-    judge: ModelSpec = None,
-    optimizer: ModelSpec = None,
-    metrics: ModelSpec = None,
+    base: ModelOption = None,
+    judge: ModelOption = None,
+    optimizer: ModelOption = None,
+    metrics: ModelOption = None,
     queries: Annotated[Path | None, typer.Option(help="Queries to build examples for (.txt or JSON/JSONL); default the queries of DRPO's 16 examples.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The example bank (JSON); figures go to OUT.report.json.")] = Path("runs/drpo/examples.json"),
     rounds: Annotated[int, typer.Option(min=0, max=20, help="Rewrite-and-rescore rounds per query (DRPO: 5).")] = 5,
-    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = 2048,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per base-model answer (DRPO: 2048).")] = ANSWER_TOKENS,
     lenient_parsing: LenientOption = True,
     refusal_correction: RefusalOption = True,
     price: PriceOption = None,
     max_calls: CapOption = None,
     max_tokens: CapOption = None,
     max_cost: Annotated[list[str] | None, typer.Option(help="ROLE=USD, or USD for every role.")] = None,
-    concurrency: Annotated[int, typer.Option(min=1)] = 8,
+    concurrency: Annotated[int, typer.Option(min=1)] = CONCURRENCY,
     request_seed: Annotated[int, typer.Option(help="The 'seed' every OpenAI request carries (DRPO: 0); -1 sends none.")] = 0,
 ) -> None:
     """Build an in-context example bank by DRPO's loop: a critic rates the answer, the optimizer rewrites the latest answer, keep the best (ties go to the rewrite)."""
-    from bpo_plugins.drpo import icl_examples
     from bpo_plugins.drpo.icl import optimize_examples
+    from bpo_plugins.drpo.presets import icl_examples
     from bpo_plugins.drpo.reward import CRITIC_RUBRIC
-    from bpo_plugins.drpo.search import Seed
+    from bpo_plugins.drpo.seeds import Seed
     from bpo_plugins.drpo.session import Session, icl_roles
 
     seeds = _read_seeds(queries) if queries else [Seed(e.query, "drpo-examples") for e in icl_examples()]

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.drpo.alignment import CHAT_FORMAT, Example, strip_markers
 from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed
+from bpo_plugins.drpo.formats import CHAT_FORMAT, Example, strip_markers
 from bpo_plugins.drpo.reward import CRITIC_RUBRIC, Judgement, find_json, sections
-from bpo_plugins.drpo.search import INITIAL_PROMPT, Seed
+from bpo_plugins.drpo.search import INITIAL_PROMPT
+from bpo_plugins.drpo.seeds import Seed
 from bpo_plugins.drpo.session import Session
 
 REWRITE_PROMPT = """You are a capable, helpful language model, and your task is to write an answer that satisfies a ruthless critic.
@@ -101,9 +102,11 @@ def _marked_rewrite(text: str, *, lenient: bool = True) -> str | None:
         value = text[text.index(CHAT_FORMAT.start):]
         if CHAT_FORMAT.end in value:  # broken JSON: the answer ends at its <END>
             value = value[: value.index(CHAT_FORMAT.end) + len(CHAT_FORMAT.end)]
+        # Still JSON-escaped: its line breaks are "\\n". A decoded value is left as written (code keeps its escapes).
+        value = value.replace("\\n", "\n")
     if not isinstance(value, str):
         return None
-    value = value.replace("\\n", "\n").strip()
+    value = value.strip()
     return value if strip_markers(value) else None
 
 

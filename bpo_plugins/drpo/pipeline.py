@@ -5,7 +5,7 @@ prompt and retrieved examples. Every integration's BPO+DRPO line is this object.
     pipeline = AlignmentPipeline("llama3-8b-instruct")            # a DRPO preset or artifact, plus bpo-small
     messages = pipeline.apply([{"role": "user", "content": "tips for a job interview"}])
 
-Both steps are the core request rewriter's (:mod:`bpo_plugins.requests`); this class holds the
+Both steps are the core request rewriter's (:mod:`bpo_plugins.request_rewriter`); this class holds the
 settings. Examples are retrieved for the user's own words, not the rewrite: the rewrite adds detail
 that would pull retrieval away from the intent. A rewrite that fails falls back to the original
 (``fail_open``), and the alignment is applied either way.
@@ -18,8 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.drpo.alignment import CHAT_FORMAT, Alignment
-from bpo_plugins.requests import EdgeRewriter, Outcome, Shape
+from bpo_plugins.drpo.alignment import Alignment
+from bpo_plugins.drpo.formats import CHAT_FORMAT
+from bpo_plugins.drpo.presets import load_alignment
+from bpo_plugins.outcome import RequestOutcome, Shape
+from bpo_plugins.request_rewriter import IntegrationRewriter
 from bpo_plugins.result import Mode, RewriteResult
 from bpo_plugins.rewriter import Rewriter
 
@@ -35,7 +38,7 @@ class Aligned:
     rewrite: RewriteResult | None
 
 
-class AlignmentPipeline(EdgeRewriter):
+class AlignmentPipeline(IntegrationRewriter):
     """``alignment``: a DRPO preset name, an artifact path or an :class:`~bpo_plugins.drpo.Alignment`
     (None: BPO only). ``rewriter``: the BPO optimizer (default: the shared ``bpo-small``); ``bpo=False``: DRPO only."""
 
@@ -44,18 +47,16 @@ class AlignmentPipeline(EdgeRewriter):
         if alignment is None and not bpo:
             raise ValueError("an AlignmentPipeline needs BPO, a DRPO alignment, or both")
         if isinstance(alignment, (str, Path)):
-            from bpo_plugins.drpo import load_alignment
-
             alignment = load_alignment(alignment, k=k)
         elif alignment is not None and k is not None:
             alignment = replace(alignment, k=k)
         super().__init__(rewriter, mode=mode, fail_open=fail_open, bpo=bpo, alignment=alignment)
         # Message lists stay message lists (a raw preset's prompt framed as chat); render() gives the text.
-        self._chat: EdgeRewriter = self if alignment is None or not alignment.format.raw else self._with(alignment.with_format(CHAT_FORMAT))
+        self._chat: IntegrationRewriter = self if alignment is None or not alignment.format.raw else self._with(alignment.with_format(CHAT_FORMAT))
         self._text = None if alignment is None else self._with(alignment.with_format(replace(alignment.format, raw=True)))
 
-    def _with(self, alignment: Alignment) -> EdgeRewriter:
-        return EdgeRewriter(self._rewriter, mode=self.mode, fail_open=self.fail_open, bpo=self.bpo, alignment=alignment)
+    def _with(self, alignment: Alignment) -> IntegrationRewriter:
+        return IntegrationRewriter(self._rewriter, mode=self.mode, fail_open=self.fail_open, bpo=self.bpo, alignment=alignment)
 
     def align_batch(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[Aligned]:
         return [_aligned(body, outcome) for body, outcome in self._chat.rewrite(_bodies(conversations), Shape.CHAT)]
@@ -67,9 +68,6 @@ class AlignmentPipeline(EdgeRewriter):
     def apply(self, messages: Sequence[dict[str, Any]]) -> Messages:
         """An OpenAI-style message list, rewritten and aligned."""
         return self.align_batch([messages])[0].messages
-
-    async def aapply(self, messages: Sequence[dict[str, Any]]) -> Messages:
-        return (await self.aalign_batch([messages]))[0].messages
 
     def apply_to_request(self, body: dict[str, Any]) -> dict[str, Any]:
         """An OpenAI chat request body rewritten and aligned (DRPO's stop strings added); for a raw
@@ -88,7 +86,7 @@ class AlignmentPipeline(EdgeRewriter):
         return [str(body["prompt"]) for body, _ in await self._text_edge.arewrite(_bodies(conversations), Shape.CHAT)]
 
     @property
-    def _text_edge(self) -> EdgeRewriter:
+    def _text_edge(self) -> IntegrationRewriter:
         if self._text is None:
             raise ValueError("rendering a text prompt needs a DRPO alignment")
         return self._text
@@ -98,5 +96,5 @@ def _bodies(conversations: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str,
     return [{"messages": list(messages)} for messages in conversations]
 
 
-def _aligned(body: dict[str, Any], outcome: Outcome) -> Aligned:
+def _aligned(body: dict[str, Any], outcome: RequestOutcome) -> Aligned:
     return Aligned(body["messages"], outcome.result)

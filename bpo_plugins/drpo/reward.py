@@ -118,7 +118,9 @@ def find_json(text: str, *, lenient: bool = True) -> dict[str, Any] | None:
     stripped from its ends, control characters allowed in strings) and nothing else."""
     if not lenient:
         return _drpo_json(text or "")
-    text = re.sub(r"```(?:json)?", "", text or "")
+    # No fence is removed: the scan starts at each "{", fences around the JSON included, and fences
+    # inside it (a code answer's) are part of a value.
+    text = text or ""
     decoder = json.JSONDecoder(strict=False)
     for match in re.finditer(r"\{", text):
         try:
@@ -280,7 +282,10 @@ def read_aspect_choice(data: Mapping[str, Any] | None, skips: Counter[str], *, r
     aspects = [a for a in (canonical_aspect(n, lenient=lenient) for n in names) if a is not None]
     if len(aspects) < len(names):
         skips["aspect_unknown"] += len(names) - len(aspects)
-    aspects = list(dict.fromkeys(aspects))[: rubric.max_aspects]
+    aspects = list(dict.fromkeys(aspects))
+    if lenient and len(aspects) > rubric.max_aspects:  # ours: the rubric's maximum, counted; DRPO judges every one chosen
+        skips["aspects_cut"] += 1
+        aspects = aspects[: rubric.max_aspects]
     if len(aspects) < rubric.min_aspects:  # the rubric's minimum: 2 for the search's judge, 3 for the critic
         skips["aspects_too_few"] += 1
         return None
@@ -397,10 +402,8 @@ def corrected_for_refusal(judgement: Judgement, harmful: bool, answer: str) -> J
 
 async def judge(call: Caller, role: Role, query: str, answer: str, choice: AspectChoice, skips: Counter[str], *,
                 rubric: Rubric = SEARCH_RUBRIC, lenient: bool = True, refusal_correction: bool = True) -> Judgement | None:
-    """The judge's rating of ``answer``; None (counted in ``skips``) when no usable rating came back."""
-    if not answer.strip():
-        skips["answer_empty"] += 1
-        return None
+    """The judge's rating of ``answer``; None (counted in ``skips``) when no usable rating came back.
+    An empty answer is judged too, as DRPO judges it: it is the base model's answer to that prompt."""
     prompt = judge_prompt(rubric, query, answer, choice)
     for attempt in range(2 if lenient else 1):
         texts = await call(role, prompt, attempt=attempt)

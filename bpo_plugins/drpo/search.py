@@ -19,87 +19,31 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bpo_plugins.drpo.alignment import FORMATS, Alignment, Example, ExampleRetriever, PromptFormat, strip_markers
-from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed, Caps, DRPOError, Price, Role, Usage, raw_capable
-from bpo_plugins.drpo.reward import Judgement, find_json, sections
+from bpo_plugins.drpo.alignment import Alignment, ExampleRetriever
+from bpo_plugins.drpo.calls import (
+    CONCURRENCY,
+    RETRIES,
+    BudgetExhausted,
+    CallFailed,
+    Caps,
+    DRPOError,
+    Role,
+    Usage,
+    raw_capable,
+)
+from bpo_plugins.drpo.checkpoint import Checkpoint, LevelRecord, Node, read_checkpoint, write_checkpoint
+from bpo_plugins.drpo.formats import FORMATS, Example, PromptFormat, strip_markers
+from bpo_plugins.drpo.plan import cost_plan
+from bpo_plugins.drpo.proposals import optimizer_input, read_proposal
+from bpo_plugins.drpo.reward import Judgement
+from bpo_plugins.drpo.seeds import Seed, drpo_order, drpo_seeds
 from bpo_plugins.drpo.session import Session, log
+from bpo_plugins.embeddings import MINILM
 
-CHECKPOINT_VERSION = 3  # 3: the root carries no reward; a path holds at most depth states
 INITIAL_PROMPT = "You are a helpful assistant."
-
-
-# -- seeds ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Seed:
-    query: str
-    #: alpaca, lima, malicious (DRPO's three files), or the name of a user's file.
-    source: str
-
-
-def drpo_seeds() -> list[Seed]:
-    """DRPO's 180 seed queries (Alpaca, LIMA, malicious), one source after another, each in its
-    file's order. A search orders them as DRPO does (:func:`drpo_order`)."""
-    data = json.loads(resources.files("bpo_plugins.drpo").joinpath("data", "seeds.json").read_text(encoding="utf-8"))
-    return [Seed(q, source) for source in ("alpaca", "lima", "malicious") for q in data[source]]
-
-
-#: The order in which DRPO's ``interleave_data_arrays`` takes chunks from its sources (``run.py``).
-_DRPO_SOURCE_ORDER = ("lima", "malicious", "alpaca")
-
-
-def drpo_order(seeds: Sequence[Seed], seed: int) -> list[Seed]:
-    """The seeds in the order DRPO's ``run.py`` gives its search: each source in random order
-    (DRPO: ``random.sample``, unseeded; here drawn with ``seed``), interleaved in chunks sized by
-    each source's share of ten (for DRPO's 180: LIMA 2, malicious 2, Alpaca 4), then shuffled by
-    numpy with seed 42. Which source each level draws from is therefore DRPO's; which of its
-    queries is ``seed``'s. Sources other than DRPO's three follow them, in order of appearance."""
-    import numpy as np
-
-    groups: dict[str, list[Seed]] = {}
-    for s in seeds:
-        groups.setdefault(s.source, []).append(s)
-    rng = random.Random(seed)
-    drawn = {name: rng.sample(group, len(group)) for name, group in groups.items()}  # DRPO: alpaca, lima, malicious
-    names = [n for n in _DRPO_SOURCE_ORDER if n in drawn] + [n for n in drawn if n not in _DRPO_SOURCE_ORDER]
-    total = len(seeds)
-    frac = {n: max(int(10 * (len(drawn[n]) / total)), 1) for n in names}
-    ptr = dict.fromkeys(names, 0)
-    open_ = dict.fromkeys(names, True)
-    order: list[Seed] = []
-    while any(open_.values()):  # interleave_data_arrays, for any number of sources
-        for n in names:
-            if not open_[n]:
-                continue
-            if (ptr[n] + 1) * frac[n] - 1 < len(drawn[n]):
-                order.extend(drawn[n][ptr[n] * frac[n]:(ptr[n] + 1) * frac[n]])
-                ptr[n] += 1
-            else:
-                order.extend(drawn[n][ptr[n] * frac[n]:])
-                open_[n] = False
-    np.random.RandomState(42).shuffle(order)  # DRPO: np.random.seed(42); np.random.shuffle(examples)
-    return order
-
-
-def read_seeds(path: str | Path) -> list[Seed]:
-    """Seed queries from a text file (one per line), or JSON/JSONL rows with a query field."""
-    from bpo_plugins.inputs import read_rows
-
-    path = Path(path)
-    if path.suffix == ".txt":
-        return [Seed(line.strip(), path.stem) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    seeds = []
-    for number, row in enumerate(read_rows(path), 1):
-        query = next((row[f] for f in ("query", "prompt", "instruction", "question") if isinstance(row.get(f), str)), None)
-        if query is None:
-            raise ValueError(f"{path}: row {number} has no string 'query' (or prompt, instruction, question) field")
-        seeds.append(Seed(query, str(row.get("source", path.stem))))
-    return seeds
 
 
 # -- settings and state --------------------------------------------------------------------------
@@ -161,142 +105,6 @@ class SearchConfig:
 
 
 @dataclass
-class Node:
-    prompt: str
-    #: The reward of each level along this node's path (ranking uses their mean). The root's is
-    #: not among them: DRPO's beam starts from the root with an empty reward list.
-    rewards: list[float]
-    #: The prompt of each earlier level of this node's path, oldest first (a carried prompt repeats).
-    lineage: list[str]
-    query: str
-    answer: str
-    judgement: Judgement
-    carried: bool = False
-
-    @property
-    def path_mean(self) -> float:
-        """The mean reward along the path; 0.0 for the root (DRPO's root carries no reward)."""
-        return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
-
-    def needs_edit(self, threshold: float) -> bool:
-        return not (self.judgement.perfect or self.judgement.reward > threshold)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "judgement": self.judgement.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Node:
-        return cls(**{**data, "judgement": Judgement.from_dict(data["judgement"])})
-
-
-OPTIMIZER_PROMPT = """You improve the system prompt of an AI assistant, so that its answers to user queries rate well on every aspect an expert judges. With the current system prompt below, the assistant answered a user query, and the expert rated the answer on several aspects, each from 1 (worst) to 5 (best). The earlier versions of the system prompt are listed too, oldest first: each was improved from the one before, and the last is the current one.
-
-{inputs}
-
-Write a new system prompt. In general:
-1. It must be better than the current one.
-2. You may edit the current prompt, add new instructions, or write a new one from scratch.
-3. A 5 on an aspect is the best quality and a 1 the worst.
-4. Aim for even quality across all the aspects rather than one at the expense of others.
-5. It guides the assistant on every kind of query: it must stay general and never refer to this query or its topic.
-
-Shape it as follows:
-1. Open with general instructions on what the assistant is for and what it can do.
-2. List in bullet points what it cannot do: it has no internet access or real-time data, cannot take physical actions, and must not help with malicious requests.
-3. Among the bullets, describe its capabilities, and say that declining what it cannot do well is better than an answer beside the point.
-4. Lay the prompt out as an opening paragraph about being a helpful, ethical assistant that does well on every aspect rated, followed by bullet points with specific, important instructions.
-5. Include bullets on making answers engaging and human, naming robotic habits to avoid.
-6. Draw concrete tips from the answer and its rating above: what to keep doing and what to avoid.
-7. Make each bullet informative and brief.
-8. The opening instructions may be long and detailed: cover as many aspects and issues as they can.
-9. Add no more than 2 new bullets at a time.
-10. Do not delete a bullet that serves the general goal just because it does not fit this query: reword or merge it.
-11. Keep to 8 bullets at most: add, reword or merge to stay within that.
-
-Reply with JSON only: {{"analysis": "<study the scores and the current system prompt: what should improve>", "thought": "<how the system prompt can improve>", "new_system_prompt": "<the whole new system prompt>"}}"""
-PROPOSAL_KEYS = ("new_system_prompt", "system_prompt", "new_prompt", "prompt")
-
-
-def read_proposal(text: str, *, lenient: bool = True) -> str | None:
-    """The new system prompt in an optimizer's reply; strict: DRPO's parse and its key only."""
-    data = find_json(text, lenient=lenient)
-    if data is None:
-        return None
-    keys = PROPOSAL_KEYS if lenient else PROPOSAL_KEYS[:1]
-    value = next((data[k] for k in keys if isinstance(data.get(k), str) and data[k].strip()), None)
-    if not value:
-        return None
-    value = value.replace("\\n", "\n")  # as DRPO: a doubly escaped newline is a newline
-    return value.strip().strip('"').strip() if lenient else value
-
-
-@dataclass
-class LevelRecord:
-    """One level of the search, as the report shows it."""
-
-    level: int
-    query: str
-    source: str
-    children: int
-    #: Beam prompts that needed no edit (each may extend the depth, once per level).
-    carried: int
-    rewards: list[float]
-    best_reward: float
-    #: None at level 0: the root has no path reward (its reward is the report's ``root_reward``).
-    best_path_mean: float | None
-    best_prompt: str
-    live_calls: int
-    cost_usd: float
-    #: Beam prompts that needed an edit but got no usable proposal: they go on unchanged, with no extension.
-    unedited: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LevelRecord:
-        return cls(**data)
-
-
-@dataclass
-class Checkpoint:
-    """The search after a level: everything a killed run needs to go on where it stopped."""
-
-    fingerprint: str
-    level: int
-    #: Levels added so far because a beam prompt needed no edit (at most ``max_extensions``).
-    extensions: int
-    depth_limit: int
-    beam: list[Node]
-    #: The best distinct prompts seen at any level (the final check's candidates).
-    best_seen: list[Node]
-    #: The sampling salt's generator, as ``random.getstate()``.
-    rng: tuple[Any, ...]
-    usage: dict[str, Usage]
-    skips: dict[str, int]
-    history: list[LevelRecord]
-    version: int = CHECKPOINT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version, "fingerprint": self.fingerprint, "level": self.level, "extensions": self.extensions,
-            "depth_limit": self.depth_limit, "beam": [n.to_dict() for n in self.beam], "best_seen": [n.to_dict() for n in self.best_seen],
-            "rng": _rng_json(self.rng), "usage": {r: asdict(u) for r, u in self.usage.items()}, "skips": dict(self.skips),
-            "history": [h.to_dict() for h in self.history],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
-        return cls(
-            fingerprint=data["fingerprint"], level=int(data["level"]), extensions=int(data["extensions"]),
-            depth_limit=int(data["depth_limit"]), beam=[Node.from_dict(n) for n in data["beam"]],
-            best_seen=[Node.from_dict(n) for n in data["best_seen"]], rng=_rng_state(data["rng"]),
-            usage={r: Usage(**u) for r, u in data["usage"].items()}, skips=dict(data["skips"]),
-            history=[LevelRecord.from_dict(h) for h in data["history"]], version=int(data["version"]),
-        )
-
-
-@dataclass
 class SearchResult:
     alignment: Alignment
     report: dict[str, Any]
@@ -314,10 +122,10 @@ class Search:
         self, roles: Mapping[str, Role], out: str | Path, *, config: SearchConfig = SearchConfig(),
         examples: Sequence[Example] | None = None, seeds: Sequence[Seed] | None = None,
         caps: Mapping[str, Caps] | None = None, known_aspects: Mapping[str, Any] | None = None,
-        cache_path: str | Path | None = None, concurrency: int = 8, retries: int = 4, backoff_s: float = 1.0,
+        cache_path: str | Path | None = None, concurrency: int = CONCURRENCY, retries: int = RETRIES, backoff_s: float = 1.0,
         progress: bool = True, embedder: Any = None, dry_run: bool = False,
     ) -> None:
-        from bpo_plugins.drpo import icl_examples
+        from bpo_plugins.drpo.presets import icl_examples
 
         self.config, self.out = config, Path(out)
         self.examples = list(icl_examples() if examples is None else examples)
@@ -354,32 +162,11 @@ class Search:
         return self.out / "checkpoint.json"
 
     def load_checkpoint(self) -> Checkpoint | None:
-        """The checkpoint in ``out``, or None; a checkpoint of another search or version is an
-        :class:`~bpo_plugins.inputs.InputError` (the command line's exit 2) naming the file."""
-        from bpo_plugins.inputs import InputError
-
-        path = self.checkpoint_path
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"not a checkpoint ({exc.msg}): use --fresh to start over", exc.lineno) from None
-        version = data.get("version") if isinstance(data, dict) else None
-        if version != CHECKPOINT_VERSION:
-            raise InputError(path, f"a version-{version} checkpoint; this bpo-plugins reads version {CHECKPOINT_VERSION}: "
-                                   "use --fresh to start over (the cached calls are reused) or another --out")
-        if data.get("fingerprint") != self.fingerprint():
-            raise InputError(path, "belongs to a search with other settings, models or seeds: use another --out, or --fresh to start over")
-        try:
-            return Checkpoint.from_dict(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(path, f"a malformed checkpoint ({type(exc).__name__}: {exc}): use --fresh to start over") from None
+        """The checkpoint in ``out``, or None (:func:`~bpo_plugins.drpo.checkpoint.read_checkpoint`)."""
+        return read_checkpoint(self.checkpoint_path, self.fingerprint())
 
     def save_checkpoint(self, state: Checkpoint) -> None:
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.to_dict(), ensure_ascii=False), encoding="utf-8")
-        tmp.replace(self.checkpoint_path)  # a kill mid-write leaves the previous level's checkpoint
+        write_checkpoint(self.checkpoint_path, state)
 
     # -- one evaluation -------------------------------------------------------------------------
 
@@ -406,10 +193,7 @@ class Search:
 
     async def propose(self, node: Node, salt: int) -> list[str]:
         role = self.roles["optimizer"]
-        earlier = node.lineage[-(self.config.lineage - 1):] if self.config.lineage > 1 else []
-        versions = "\n\n".join([*(f"[Version {i}]\n{p}" for i, p in enumerate(earlier, 1)), f"[Current version]\n{node.prompt}"])
-        text = OPTIMIZER_PROMPT.format(inputs=sections(current_system_prompt=node.prompt, query=node.query, answer=node.answer,
-                                                       rating=node.judgement.evaluation_json(), system_prompt_versions=versions))
+        text = optimizer_input(node, self.config.lineage)
         decoding = replace(role.decoding, num_candidates=self.config.num_actions)
         lenient = self.config.lenient_parsing
         for attempt in range(2 if lenient else 1):
@@ -598,7 +382,7 @@ class Search:
             "stopped": stopped,
         }
         alignment = Alignment(winner, tuple(self.examples), k=self.config.serve_k, format=self.config.prompt_format,
-                              embedder=getattr(self.retriever.embedder, "name", "all-MiniLM-L6-v2"), provenance=provenance)
+                              embedder=getattr(self.retriever.embedder, "name", MINILM), provenance=provenance)
         alignment.save(self.out / "alignment.json")
         report = {
             "fingerprint": self.fingerprint(), "config": asdict(self.config), "roles": roles,
@@ -612,35 +396,9 @@ class Search:
         self.session.close()
         return SearchResult(alignment, report, stopped)
 
-    # -- the projection -------------------------------------------------------------------------
-
     def plan(self) -> dict[str, dict[str, float]]:
-        """Upper bounds on calls and tokens per role, before any call: what ``--dry-run`` prints."""
-        c, fmt = self.config, self.config.prompt_format
-        levels = min(c.depth + c.max_extensions - 1, len(self.queries) - 1)  # levels after the root
-        candidates = c.top_candidates + 1
-        evaluations = 1 + levels * c.beam_width * c.num_actions + candidates * len(self.holdout)
-        queries = [s.query for s in [*self.queries, *self.holdout]]
-        new_queries = sum(q not in self.session.known_aspects for q in queries)
-        mean_query = sum(map(len, queries)) / max(len(queries), 1)
-        mean_example = sum(len(e.query) + len(e.answer) for e in self.examples) / max(len(self.examples), 1)
-        prompt_chars = min(c.max_prompt_chars or 2500, 2500)  # DRPO's published prompts run 1,500-2,500 characters
-        answer = self.roles["base"].decoding.max_new_tokens
-        chars = {
-            "base": prompt_chars + c.k * mean_example + mean_query + len(fmt.system) + len(fmt.user),
-            "metrics": 2200 + mean_query, "judge": 2100 + mean_query + 4 * answer,
-            "optimizer": 2200 + (c.lineage + 1) * prompt_chars + mean_query + 4 * answer + 600,
-        }
-        calls = {"base": evaluations, "judge": evaluations, "metrics": new_queries, "optimizer": levels * c.beam_width}
-        plan = {}
-        for role_name, role in self.roles.items():
-            n = calls[role_name]
-            out_tokens = n * role.decoding.max_new_tokens * (c.num_actions if role_name == "optimizer" else 1)
-            in_tokens = int(n * chars[role_name] / 4)
-            cost = (in_tokens * role.price.input + out_tokens * role.price.output) / 1e6
-            plan[role_name] = {"model": role.model, "calls": n, "input_tokens": in_tokens, "output_tokens": out_tokens,
-                               "cost_usd": round(cost, 4), "priced": role.price != Price()}
-        return plan
+        """Upper bounds on calls and tokens per role, before any call (:func:`~bpo_plugins.drpo.plan.cost_plan`)."""
+        return cost_plan(self)
 
 
 class _NoChild(DRPOError):
@@ -655,10 +413,3 @@ def _top(nodes: Sequence[Node], n: int) -> list[Node]:
     return list(best.values())[:n]
 
 
-def _rng_json(state: tuple[Any, ...]) -> list[Any]:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_state(data: list[Any]) -> tuple[Any, ...]:
-    return (data[0], tuple(data[1]), data[2])

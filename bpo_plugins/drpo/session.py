@@ -13,8 +13,8 @@ from typing import Any
 from bpo_plugins.backends.base import Backend
 from bpo_plugins.cache import RewriteCache
 from bpo_plugins.decoding import Decoding
-from bpo_plugins.drpo.alignment import FORMATS, PromptFormat
-from bpo_plugins.drpo.calls import ROLES, Caller, Caps, Ledger, Price, Role
+from bpo_plugins.drpo.calls import CONCURRENCY, RETRIES, ROLES, Caller, Caps, Ledger, Price, Role
+from bpo_plugins.drpo.formats import FORMATS, PromptFormat
 from bpo_plugins.drpo.reward import SEARCH_RUBRIC, AspectChoice, Judgement, Rubric, choose_aspects, judge
 
 log = logging.getLogger("bpo_plugins.drpo")
@@ -29,10 +29,10 @@ class Session:
     (DRPO's critic chose its own aspects)."""
 
     def __init__(self, roles: Mapping[str, Role], cache_path: str | Path | None, *, caps: Mapping[str, Caps] | None = None,
-                 known_aspects: Mapping[str, Any] | None = None, concurrency: int = 8, retries: int = 4,
+                 known_aspects: Mapping[str, Any] | None = None, concurrency: int = CONCURRENCY, retries: int = RETRIES,
                  backoff_s: float = 1.0, rubric: Rubric = SEARCH_RUBRIC, lenient: bool = True,
                  refusal_correction: bool = True) -> None:
-        from bpo_plugins.drpo import metrics_cache
+        from bpo_plugins.drpo.presets import metrics_cache
 
         missing = set(ROLES) - set(roles)
         if missing:

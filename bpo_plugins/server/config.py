@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from bpo_plugins.registry import DEFAULT_MODEL
 from bpo_plugins.result import MODES
 
 ENV_PREFIX = "BPO_PROXY_"
@@ -66,7 +67,7 @@ class GatewayConfig:
     upstream_anthropic_api_key: str | None = field(default=None, repr=False)
     gateway_keys: tuple[str, ...] = field(default=(), repr=False)
     #: The BPO optimizer: a registry name, folder or hub id, or a model on ``optimizer_base_url``.
-    optimizer: str = "bpo-small"
+    optimizer: str = DEFAULT_MODEL
     optimizer_backend: str = "auto"
     optimizer_base_url: str | None = None
     #: Seconds a rewrite may take before the original prompt is sent instead.

@@ -17,6 +17,9 @@ On top of the product's OpenAI-compatible API over a real local model (chat, com
   on vLLM);
 - ``--reject-field NAME`` (repeatable): a request that carries that field gets a 400 naming it, as OpenAI's
   API answers a field it does not know ("Unrecognized request argument supplied: NAME");
+- ``--vllm-limits``: a completion request whose ``min_tokens`` exceeds its ``max_tokens`` gets the 400 vLLM
+  answers ("min_tokens must be less than or equal to max_tokens=..."); a completions reply
+  ``"__error__:400:MESSAGE"`` answers 400 with that message;
 - fault switches, per request, in the ``x-test-fault`` header: ``latency=S`` (before the answer),
   ``status=CODE`` (an OpenAI-shaped error with rate-limit headers), ``reset`` (the connection drops
   mid-stream), ``hang`` (no answer at all), ``trickle=S`` (S seconds between chunks).
@@ -66,6 +69,7 @@ class TestAPI(LocalModelAPI):
         self.flaky: dict[str, int] = {}
         self.count = 0
         self.reject_fields: list[str] = []
+        self.vllm_limits = False
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -170,12 +174,17 @@ class TestAPI(LocalModelAPI):
         body = await self.record(request)
         if (rejected := self.rejection(body)) is not None:
             return rejected
+        if self.vllm_limits and int(body.get("min_tokens") or 0) > int(body.get("max_tokens") or 16):
+            message = f"min_tokens must be less than or equal to max_tokens={body.get('max_tokens')}, got {body['min_tokens']}."
+            return JSONResponse(api.error_body(message, type="BadRequestError"), status_code=400)
         model, prompt = str(body.get("model", "")), str(body.get("prompt", ""))
         if model.startswith("script"):
             n = int(body.get("n") or 1)
             texts = (self.scripted(prompt) * n)[:n]
             if texts[0].startswith("__error__:"):
-                return JSONResponse(api.error_body("scripted failure", type="server_error"), status_code=int(texts[0].split(":")[1]))
+                _, code, *message = texts[0].split(":", 2)
+                return JSONResponse(api.error_body(message[0] if message else "scripted failure", type="server_error"),
+                                    status_code=int(code))
             return JSONResponse(api.text_completion(model, texts, len(prompt.split()), sum(len(t.split()) for t in texts)))
         return await super().completions(request)
 
@@ -233,6 +242,7 @@ def main() -> None:
     parser.add_argument("--model-path")
     parser.add_argument("--script")
     parser.add_argument("--reject-field", action="append", default=[])
+    parser.add_argument("--vllm-limits", action="store_true")
     args = parser.parse_args()
     backend = None
     if args.model_path:
@@ -248,6 +258,7 @@ def main() -> None:
             script = json.load(f)
     test_api = TestAPI(backend, script)
     test_api.reject_fields = args.reject_field
+    test_api.vllm_limits = args.vllm_limits
     app = BodyLimit(Starlette(routes=test_api.routes()), 64 << 20)
     serve_announced(app, "127.0.0.1", 0, lambda port: print(f"PORT {port}", flush=True))
 

@@ -15,7 +15,7 @@ A DRPO alignment goes where each API keeps instructions: a chat request gets DRP
 query format and stop strings; an Anthropic request gets it in the top-level ``system`` field. An
 alignment for a *base* model (``format.raw``: no chat template) turns a chat request into one
 completions request with DRPO's rendered text, as DRPO's ``auto_model.py`` serves base models;
-``Outcome.upstream_shape`` then says ``completions``.
+``RequestOutcome.upstream_shape`` then says ``completions``.
 """
 
 from __future__ import annotations
@@ -24,75 +24,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from bpo_plugins.chat import UserPrompt, content_text, last_user_index, last_user_prompt
+from bpo_plugins.chat import UserPrompt, last_user_index, last_user_prompt
+from bpo_plugins.outcome import RequestOutcome, Shape
 from bpo_plugins.result import Mode, RewriteResult
 
 if TYPE_CHECKING:
     from bpo_plugins.drpo.alignment import Alignment
     from bpo_plugins.rewriter import Rewriter
 
-__all__ = ["AsyncRewrite", "EdgeRewriter", "Outcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt",
+__all__ = ["AsyncRewrite", "IntegrationRewriter", "RequestOutcome", "RequestRewriter", "Shape", "arewrite_requests", "find_prompt",
            "rewrite_requests"]
 
-log = logging.getLogger("bpo_plugins.requests")
+log = logging.getLogger("bpo_plugins.request_rewriter")
 
 #: An async rewrite of one prompt in a mode: ``Rewriter.arewrite`` or a micro-batcher in front of it.
 AsyncRewrite = Callable[[str, Mode], Awaitable[RewriteResult]]
-
-
-class Shape(str, Enum):
-    """The request formats the rewriter reads."""
-
-    CHAT = "chat"
-    RESPONSES = "responses"
-    COMPLETIONS = "completions"
-    #: Anthropic's Messages API.
-    MESSAGES = "messages"
-
-
-@dataclass
-class Outcome:
-    """What was done to one request: for the ``X-BPO-Rewrite`` header, metrics and traces."""
-
-    status: str  # applied | unchanged | off | fallback | skipped
-    reason: str | None = None
-    #: BPO's result (None when no rewrite was tried).
-    result: RewriteResult | None = None
-    #: Seconds spent rewriting (0 when no rewrite was tried).
-    rewrite_s: float = 0.0
-    #: True when a DRPO alignment was applied.
-    aligned: bool = False
-    #: The shape of the returned body when it differs from the request's (a raw DRPO preset turns a
-    #: chat request into a completions request); None when unchanged.
-    upstream_shape: Shape | None = None
-
-    @classmethod
-    def of(cls, result: RewriteResult, seconds: float = 0.0) -> Outcome:
-        """The outcome of a finished rewrite: fallback (with its reason), applied or unchanged."""
-        if result.fallback is not None:
-            return cls("fallback", result.fallback.value, result, seconds)
-        return cls("applied" if result.changed else "unchanged", None, result, seconds)
-
-    @property
-    def header(self) -> str:
-        """The ``X-BPO-Rewrite`` value: the status and a reason, never prompt text."""
-        return self.status if self.reason is None else f"{self.status}; reason={self.reason}"
-
-    @property
-    def cache(self) -> str:
-        """``hit`` or ``miss`` for a greedy rewrite (the only cached mode), else ``off``."""
-        if self.result is None or self.result.mode != "greedy":
-            return "off"
-        return "hit" if self.result.cached else "miss"
-
-    @property
-    def changed(self) -> bool:
-        """True when the body differs from the request's."""
-        return self.status == "applied" or self.aligned
 
 
 # -- finding the prompt --------------------------------------------------------------------------
@@ -135,71 +83,18 @@ def find_prompt(body: dict[str, Any], shape: Shape) -> tuple[dict[str, Any], Use
     return body, UserPrompt(value, lambda text: body.__setitem__(field, text)), None
 
 
-# -- outcomes ------------------------------------------------------------------------------------
-
-
 # -- DRPO alignment ------------------------------------------------------------------------------
 
 
-def _align(body: dict[str, Any], shape: Shape, alignment: Alignment, query: str | None, outcome: Outcome) -> dict[str, Any]:
-    """``body`` with ``alignment`` applied (examples retrieved for ``query``, the user's own words)."""
-    if shape == Shape.CHAT and alignment.format.raw:
-        outcome.upstream_shape = Shape.COMPLETIONS
-        body = _raw_completion(body, alignment, query)
-    elif shape == Shape.CHAT:
-        body = dict(body)
-        body["messages"] = alignment.apply(body.get("messages") or [], query=query)
-        body["stop"] = _stops(body, alignment)
-    elif shape == Shape.MESSAGES:
-        body = dict(body)
-        own = body.get("system")
-        if isinstance(own, list):  # blocks stay blocks (cache_control and all); DRPO's message goes first
-            body["system"] = [{"type": "text", "text": alignment.system_message(query or "")}, *own]
-        else:
-            body["system"] = alignment.system_message(query or "", keep=own if isinstance(own, str) and own else None)
-    else:
-        return body  # a Responses or completions request has no system prompt to align
+def _align(body: dict[str, Any], shape: Shape, alignment: Alignment, query: str | None, outcome: RequestOutcome) -> dict[str, Any]:
+    """``body`` with ``alignment`` applied by DRPO's request recipe (:meth:`Alignment.align_request`)."""
+    aligned = alignment.align_request(body, shape, query)
+    if aligned is None:
+        return body
+    body, upstream = aligned
+    outcome.upstream_shape = upstream if upstream != shape else None
     outcome.aligned = True
     return body
-
-
-#: How DRPO's ``auto_model.py`` samples answers: temperature 0.7, top_p 0.95, 512 new tokens.
-_DRPO_DECODING = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512}
-#: Chat request fields a completions request takes as they are.
-_COMPLETION_FIELDS = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "seed",
-                      "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs")
-
-
-def _raw_completion(body: dict[str, Any], alignment: Alignment, query: str | None) -> dict[str, Any]:
-    """A chat request for a base model as one completions request: DRPO's prompt, the retrieved
-    examples, earlier turns as answered queries, then the last user turn, generated to ``<END>``."""
-    from bpo_plugins.drpo.alignment import Example
-
-    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-    turns = [(m.get("role"), content_text(m.get("content"))) for m in messages if m.get("role") in ("user", "assistant")]
-    last = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=None)
-    text = turns[last][1] if last is not None else ""
-    history = [Example(q, a) for (r1, q), (r2, a) in zip(turns[: last or 0], turns[1 : last or 0]) if r1 == "user" and r2 == "assistant"]
-    fmt = alignment.format
-    # The app's own system text follows DRPO's prompt and examples, as Alignment.apply keeps it in chat.
-    own = "\n\n".join(content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
-    system = alignment.system_message(query if query is not None else text, keep=own or None)
-    prompt = fmt.render_raw(system + "".join(fmt.render_example(e) for e in history), text)
-    # DRPO's inference defaults (auto_model.py) where the client set none: a completions server's own
-    # default length (16 tokens on OpenAI-compatible servers) would cut every answer short.
-    request = {**_DRPO_DECODING, **{k: body[k] for k in _COMPLETION_FIELDS if k in body}}
-    if "max_completion_tokens" in body and "max_tokens" not in body:
-        request["max_tokens"] = body["max_completion_tokens"]
-    request["prompt"] = prompt
-    request["stop"] = _stops(body, alignment)
-    return request
-
-
-def _stops(body: dict[str, Any], alignment: Alignment) -> list[str]:
-    """DRPO's stop strings first (an answer ends at ``<END>``), then the client's, four at most (OpenAI's limit)."""
-    own = body.get("stop")
-    own = [own] if isinstance(own, str) else list(own or [])
-    return list(dict.fromkeys([*alignment.format.stop, *own]))[:4]
 
 
 # -- the rewriter --------------------------------------------------------------------------------
@@ -207,7 +102,7 @@ def _stops(body: dict[str, Any], alignment: Alignment) -> list[str]:
 
 class RequestRewriter:
     """Rewrites one request at a time within ``timeout_s``, failing open: whatever goes wrong, the
-    original prompt goes on and the :class:`Outcome` says why. For servers and guardrails.
+    original prompt goes on and the :class:`RequestOutcome` says why. For servers and guardrails.
 
     ``rewrite``: a :class:`~bpo_plugins.Rewriter`, or any :data:`AsyncRewrite` (a micro-batcher);
     None rewrites nothing (alignments still apply).
@@ -234,7 +129,7 @@ class RequestRewriter:
         opted_out: bool = False,
         unavailable: str | None = None,
         alignment: Alignment | None = None,
-    ) -> tuple[dict[str, Any], Outcome]:
+    ) -> tuple[dict[str, Any], RequestOutcome]:
         """The request rewritten (and aligned) and what was done.
 
         ``enabled=False``: this model's requests are not rewritten; ``opted_out``: the client asked
@@ -249,28 +144,43 @@ class RequestRewriter:
         return body, outcome
 
     async def _rewrite_prompt(self, prompt: UserPrompt | None, reason: str | None, mode: Mode, enabled: bool,
-                              opted_out: bool, unavailable: str | None) -> Outcome:
+                              opted_out: bool, unavailable: str | None) -> RequestOutcome:
         if opted_out:
-            return Outcome("off")
-        if not enabled or self._rewrite is None:
-            return Outcome("skipped", "model_not_rewritten")
-        if prompt is None:
-            return Outcome("skipped", reason)
+            return RequestOutcome("off")
+        skipped = _not_rewritten(prompt, reason, enabled and self._rewrite is not None)
+        if skipped is not None:
+            return skipped
         if unavailable is not None:
-            return Outcome("fallback", unavailable)
+            return RequestOutcome("fallback", unavailable)
+        assert prompt is not None and self._rewrite is not None  # _not_rewritten said so
         start = time.perf_counter()
         try:
             call = self._rewrite(prompt.text, mode)
             result = await (asyncio.wait_for(call, self.timeout_s) if self.timeout_s is not None else call)
         except asyncio.TimeoutError:
-            return Outcome("fallback", "timeout", rewrite_s=time.perf_counter() - start)
+            return RequestOutcome("fallback", "timeout", rewrite_s=time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - fail open: the original prompt goes on
             log.warning("rewrite failed (%s); the original prompt goes on", type(exc).__name__)
-            return Outcome("fallback", "backend_error", rewrite_s=time.perf_counter() - start)
-        outcome = Outcome.of(result, time.perf_counter() - start)
-        if outcome.status == "applied":
-            prompt.replace(result.rewritten)
-        return outcome
+            return RequestOutcome("fallback", "backend_error", rewrite_s=time.perf_counter() - start)
+        return _rewritten(prompt, result, time.perf_counter() - start)
+
+
+def _not_rewritten(prompt: UserPrompt | None, reason: str | None, rewriting: bool) -> RequestOutcome | None:
+    """Why a request goes on without a rewrite (this model's requests are not rewritten, or there is
+    no prompt to rewrite); None when its prompt is to be rewritten."""
+    if not rewriting:
+        return RequestOutcome("skipped", "model_not_rewritten")
+    if prompt is None:
+        return RequestOutcome("skipped", reason)
+    return None
+
+
+def _rewritten(prompt: UserPrompt, result: RewriteResult, seconds: float) -> RequestOutcome:
+    """The outcome of a finished rewrite, its text put in the request when applied."""
+    outcome = RequestOutcome.of(result, seconds)
+    if outcome.status == "applied":
+        prompt.replace(result.rewritten)
+    return outcome
 
 
 # -- batches: one rewrite_batch for many requests ------------------------------------------------
@@ -288,19 +198,12 @@ def _batch_inputs(bodies: Sequence[dict[str, Any]], shapes: Shapes) -> tuple[lis
 
 
 def _batch_finish(found: list[_Found], results: Sequence[RewriteResult], seconds: float, alignment: Alignment | None,
-                  rewriting: bool) -> list[tuple[dict[str, Any], Outcome]]:
+                  rewriting: bool) -> list[tuple[dict[str, Any], RequestOutcome]]:
     out = []
     pending = iter(results)
     for body, prompt, reason, shape in found:
         original = prompt.text if prompt is not None else None
-        if not rewriting:
-            outcome = Outcome("skipped", "model_not_rewritten")
-        elif prompt is None:
-            outcome = Outcome("skipped", reason)
-        else:
-            outcome = Outcome.of(next(pending), seconds)
-            if outcome.status == "applied":
-                prompt.replace(outcome.result.rewritten)  # type: ignore[union-attr]
+        outcome = _not_rewritten(prompt, reason, rewriting) or _rewritten(prompt, next(pending), seconds)  # type: ignore[arg-type]
         if alignment is not None:
             body = _align(body, shape, alignment, original, outcome)
         out.append((body, outcome))
@@ -308,7 +211,7 @@ def _batch_finish(found: list[_Found], results: Sequence[RewriteResult], seconds
 
 
 def rewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, rewriter: Rewriter | None, *, mode: Mode | None = None,
-                     strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], Outcome]]:
+                     strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], RequestOutcome]]:
     """Many requests (one shape, or one per body) rewritten with one ``rewrite_batch`` call (one
     generate call), then aligned. ``rewriter=None``: alignment only. ``strict``: a fallback raises
     :class:`~bpo_plugins.RewriteError` instead of passing the original on."""
@@ -319,7 +222,7 @@ def rewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, rewriter:
 
 
 async def arewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, rewriter: Rewriter | None, *, mode: Mode | None = None,
-                            strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], Outcome]]:
+                            strict: bool = False, alignment: Alignment | None = None) -> list[tuple[dict[str, Any], RequestOutcome]]:
     """:func:`rewrite_requests` off the event loop's thread for local models."""
     found, texts = _batch_inputs(bodies, shapes)
     start = time.perf_counter()
@@ -330,7 +233,7 @@ async def arewrite_requests(bodies: Sequence[dict[str, Any]], shapes: Shapes, re
 # -- what every framework integration holds ------------------------------------------------------
 
 
-class EdgeRewriter:
+class IntegrationRewriter:
     """The settings each framework integration holds, and its calls into the request rewriter.
 
     ``rewriter``: the BPO optimizer; None means the process-wide bundled ``bpo-small``
@@ -355,11 +258,11 @@ class EdgeRewriter:
             self._rewriter = Rewriter.shared()
         return self._rewriter
 
-    def rewrite(self, bodies: Sequence[dict[str, Any]], shapes: Shapes) -> list[tuple[dict[str, Any], Outcome]]:
+    def rewrite(self, bodies: Sequence[dict[str, Any]], shapes: Shapes) -> list[tuple[dict[str, Any], RequestOutcome]]:
         return rewrite_requests(bodies, shapes, self.rewriter if self.bpo else None, mode=self.mode,
                                 strict=not self.fail_open, alignment=self.alignment)
 
-    async def arewrite(self, bodies: Sequence[dict[str, Any]], shapes: Shapes) -> list[tuple[dict[str, Any], Outcome]]:
+    async def arewrite(self, bodies: Sequence[dict[str, Any]], shapes: Shapes) -> list[tuple[dict[str, Any], RequestOutcome]]:
         return await arewrite_requests(bodies, shapes, self.rewriter if self.bpo else None, mode=self.mode,
                                        strict=not self.fail_open, alignment=self.alignment)
 
@@ -371,7 +274,7 @@ class EdgeRewriter:
         return _results(await self.arewrite([{"prompt": t} for t in texts], Shape.COMPLETIONS))
 
 
-def _results(done: list[tuple[dict[str, Any], Outcome]]) -> list[RewriteResult]:
+def _results(done: list[tuple[dict[str, Any], RequestOutcome]]) -> list[RewriteResult]:
     results = [outcome.result for _, outcome in done]
     if any(r is None for r in results):
         raise ValueError("rewrite_texts needs BPO on (bpo=True)")

@@ -1,0 +1,62 @@
+"""``bpo data selfplay``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bpo_plugins.inputs import UsageError
+from bpo_plugins.training.scores import (
+    LIKELIHOOD_TIE_BAND,
+)
+from bpo_plugins.training.selfplay.config import SHIPPED, SelfplayConfig
+from bpo_plugins.training.selfplay.rounds import markdown, run
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def selfplay_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: pairs, adapters, scores, selfplay.json/.md.")] = Path("runs/selfplay"),
+    bpo: Annotated[Path, typer.Option("--bpo", help="BPO pairs with good_res/bad_res (20% held out).")] = Path("tests/data/bpo/bpo_val.json"),
+    hh: Annotated[Path | None, typer.Option("--hh", help="HH-RLHF transcripts, opt-in (single-turn ones are used; see the results README).")] = None,
+    reference: Annotated[list[Path] | None, typer.Option("--reference", help="Dolly/Self-Instruct set: reference preferred, the target's answer rejected.")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1)] = 2,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 40,
+    num_candidates: Annotated[int, typer.Option("--num-candidates", "-n", min=1, help="Aggressive-mode candidates per prompt.")] = 8,
+    margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by. A resumed run selects again from its stored scores; a round already trained on another selection stops with exit 2 (copy its pairs.jsonl into a new --out).")] = LIKELIHOOD_TIE_BAND,
+    target: Annotated[str, typer.Option("--target", help="Target model: registry name, folder, or API model (with --target-base-url).")] = "smollm2-135m-instruct",
+    target_base_url: Annotated[str | None, typer.Option("--target-base-url")] = None,
+    base_model: Annotated[str, typer.Option("--base-model", help="The optimizer's base model.")] = "smollm2-135m-instruct",
+    start_adapter: Annotated[str | None, typer.Option("--start-adapter", help="First round's adapter: 'shipped' (bpo-small), a folder, or 'none'.")] = SHIPPED,
+    runtime: Annotated[str, typer.Option("--runtime", help="auto (GenAI int8 for the bundled base) | transformers")] = "auto",
+    heldout_limit: Annotated[int | None, typer.Option("--heldout-limit", min=1, help="Score only the first k held-out pairs.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", min=1)] = 128,
+    response_tokens: Annotated[int, typer.Option("--response-tokens", min=1, help="Tokens of each response the likelihood scores.")] = 128,
+    measure: Annotated[int | None, typer.Option("--measure", min=1, help="Only time candidates and scoring on this many prompts (cost.json).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+) -> None:
+    """Optimized-prompt pairs without a teacher: best-of-N aggressive rewrites judged by the target's own
+    likelihood preference, guarded, then SFT, in rounds; figures on a fixed held-out BPO split."""
+    if runtime not in ("auto", "transformers"):
+        raise UsageError(f"--runtime {runtime!r}: use auto or transformers")
+    for path in [bpo, *([] if hh is None else [hh]), *(reference or [])]:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    config = SelfplayConfig(
+        out=str(out), bpo=str(bpo), hh=None if hh is None else str(hh), references=[str(r) for r in reference or []],
+        rounds=rounds, prompts=prompts, num_candidates=num_candidates, margin=margin, target=target, target_base_url=target_base_url,
+        base_model=base_model, start_adapter=None if start_adapter in (None, "none") else start_adapter, runtime=runtime,
+        heldout_limit=heldout_limit, answer_tokens=answer_tokens, response_tokens=response_tokens, seed=seed,
+    )
+    overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
+    report = run(config, measure=measure, train_overrides=overrides)
+    if measure:
+        typer.echo(json.dumps(report["measure"], indent=2))
+    else:
+        typer.echo(markdown(report))
+    typer.echo(f"figures in {out}/{'cost.json' if measure else 'selfplay.json, selfplay.md'}", err=True)
