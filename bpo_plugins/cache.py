@@ -4,6 +4,7 @@ Redis / Valkey shared by every worker and replica (:class:`RedisRewriteCache`)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,14 +14,28 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from bpo_plugins.backends.base import Backend
+    from bpo_plugins.decoding import Decoding
+    from bpo_plugins.guards import GuardConfig
+    from bpo_plugins.masking import Masked
+    from bpo_plugins.templates import PromptTemplate
 
 log = logging.getLogger("bpo_plugins.cache")
 
 
 def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def rewrite_key(backend: Backend, template: PromptTemplate, decoding: Decoding, guards: GuardConfig, masked: Masked) -> str:
+    """What a cached rewrite is valid for: the model (and its revision), the template, the decoding,
+    the guards that judged it, and the prompt as the optimizer saw it with its protected spans."""
+    return cache_key(backend.name, backend.model_id, backend.revision, [template.user, template.system, template.raw],
+                     decoding.as_key(), dataclasses.asdict(guards), masked.text, masked.spans)
 
 
 class RewriteCache:

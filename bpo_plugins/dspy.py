@@ -74,7 +74,11 @@ class BPO(dspy.Module):
 def aligned_program(program: dspy.Module, alignment: Any, *, query: str | None = None, k: int | None = None) -> dspy.Module:
     """A copy of ``program`` whose predictors carry DRPO's system prompt as instructions and its
     examples as demos: the k retrieved for ``query``, else the bank's first k. Each demo fills the
-    predictor's first input field and last output field (``answer`` after ChainOfThought's reasoning)."""
+    predictor's first input field and last output field (``answer`` after ChainOfThought's reasoning).
+
+    DSPy's adapters lay out the prompt themselves, from a signature's instructions and demos: there is
+    no chat request to give the one request rule, so DRPO's pieces (its prompt and the retrieved
+    examples) go where DSPy takes them."""
     aligned = AlignmentPipeline(alignment, bpo=False, k=k).alignment
     count = aligned.k if k is None else k
     examples = aligned.retrieve(query, count) if query is not None else list(aligned.examples[:count])

@@ -44,54 +44,68 @@ def minilm_folder() -> Path:
     raise ModelLoadError(f"embeddings (the intent guard, DRPO's example retrieval) need the MiniLM weights: {MINILM_INSTALL_HINT}")
 
 
-def _bert_graph(folder: Path) -> bytes:
-    """A BERT encoder's last hidden states as a serialized ONNX model, from a safetensors checkpoint."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-    from safetensors.numpy import load_file
+class _BertGraph:
+    """An ONNX graph built node by node from a BERT checkpoint's weights: the embeddings, the padding mask, each encoder layer."""
 
-    config = json.loads((folder / "config.json").read_text())
-    weights = load_file(str(folder / "model.safetensors"))
-    hidden, heads, eps = config["hidden_size"], config["num_attention_heads"], config["layer_norm_eps"]
-    nodes: list[Any] = []
-    initializers: list[Any] = []
+    def __init__(self, weights: dict[str, Any], config: dict[str, Any]) -> None:
+        import numpy as np
+        from onnx import helper, numpy_helper
 
-    def constant(name: str, value: Any) -> str:
-        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        self.np, self.helper, self.numpy_helper = np, helper, numpy_helper
+        self.weights, self.eps = weights, config["layer_norm_eps"]
+        self.hidden, self.heads = config["hidden_size"], config["num_attention_heads"]
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        # Shared by every layer: the head split and merge shapes, and the attention scale.
+        self.split_heads = self.constant("split_heads", np.array([0, 0, self.heads, self.hidden // self.heads], dtype=np.int64))
+        self.merge_heads = self.constant("merge_heads", np.array([0, 0, self.hidden], dtype=np.int64))
+        self.scale = self.constant("scale", np.float32(1 / np.sqrt(self.hidden // self.heads)))
+
+    def constant(self, name: str, value: Any) -> str:
+        self.initializers.append(self.numpy_helper.from_array(self.np.asarray(value), name))
         return name
 
-    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> str:
-        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+    def node(self, op: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        self.nodes.append(self.helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
-    def linear(x: str, prefix: str) -> str:  # torch's Linear: x @ W.T + b
-        w = constant(prefix + ".weight.T", weights[prefix + ".weight"].T.copy())
-        return node("Add", [node("MatMul", [x, w], prefix + ".matmul"), constant(prefix + ".bias", weights[prefix + ".bias"])], prefix)
+    def linear(self, x: str, prefix: str) -> str:  # torch's Linear: x @ W.T + b
+        w = self.constant(prefix + ".weight.T", self.weights[prefix + ".weight"].T.copy())
+        bias = self.constant(prefix + ".bias", self.weights[prefix + ".bias"])
+        return self.node("Add", [self.node("MatMul", [x, w], prefix + ".matmul"), bias], prefix)
 
-    def layer_norm(x: str, prefix: str) -> str:
-        return node("LayerNormalization", [x, constant(prefix + ".weight", weights[prefix + ".weight"]),
-                                           constant(prefix + ".bias", weights[prefix + ".bias"])], prefix, axis=-1, epsilon=eps)
+    def layer_norm(self, x: str, prefix: str) -> str:
+        return self.node("LayerNormalization", [x, self.constant(prefix + ".weight", self.weights[prefix + ".weight"]),
+                                                self.constant(prefix + ".bias", self.weights[prefix + ".bias"])],
+                         prefix, axis=-1, epsilon=self.eps)
 
-    # Embeddings: words + positions + token type 0 (one sentence per row), then LayerNorm.
-    seq_len = node("Gather", [node("Shape", ["input_ids"], "shape"), constant("one_index", np.int64(1))], "seq_len", axis=0)
-    positions = node("Range", [constant("zero", np.int64(0)), seq_len, constant("step", np.int64(1))], "positions")
-    x = node("Add", [node("Gather", [constant("word_embeddings", weights["embeddings.word_embeddings.weight"]), "input_ids"], "words"),
-                     node("Gather", [constant("position_embeddings", weights["embeddings.position_embeddings.weight"]), positions], "pos")],
-             "words_pos")
-    x = node("Add", [x, constant("token_type_0", weights["embeddings.token_type_embeddings.weight"][0])], "embedded")
-    x = layer_norm(x, "embeddings.LayerNorm")
-    # Padding keys get the most negative float before the softmax, as transformers' attention masks do.
-    mask = node("Cast", ["attention_mask"], "mask_float", to=TensorProto.FLOAT)
-    mask = node("Mul", [node("Sub", [constant("f_one", np.float32(1)), mask], "mask_inv"),
-                        constant("f_min", np.float32(np.finfo(np.float32).min))], "mask_bias_2d")
-    mask = node("Unsqueeze", [mask, constant("mask_axes", np.array([1, 2], dtype=np.int64))], "mask_bias")
-    split_heads = constant("split_heads", np.array([0, 0, heads, hidden // heads], dtype=np.int64))
-    merge_heads = constant("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
-    scale = constant("scale", np.float32(1 / np.sqrt(hidden // heads)))
-    for i in range(config["num_hidden_layers"]):
-        p = f"encoder.layer.{i}"
+    def embeddings(self) -> str:
+        """Words + positions + token type 0 (one sentence per row), then LayerNorm."""
+        np, node, constant, weights = self.np, self.node, self.constant, self.weights
+        seq_len = node("Gather", [node("Shape", ["input_ids"], "shape"), constant("one_index", np.int64(1))], "seq_len", axis=0)
+        positions = node("Range", [constant("zero", np.int64(0)), seq_len, constant("step", np.int64(1))], "positions")
+        x = node("Add", [node("Gather", [constant("word_embeddings", weights["embeddings.word_embeddings.weight"]), "input_ids"], "words"),
+                         node("Gather", [constant("position_embeddings", weights["embeddings.position_embeddings.weight"]), positions], "pos")],
+                 "words_pos")
+        x = node("Add", [x, constant("token_type_0", weights["embeddings.token_type_embeddings.weight"][0])], "embedded")
+        return self.layer_norm(x, "embeddings.LayerNorm")
 
-        def heads_of(name: str, perm: list[int], p: str = p, x: str = x) -> str:
+    def mask_bias(self) -> str:
+        """Padding keys get the most negative float before the softmax, as transformers' attention masks do."""
+        from onnx import TensorProto
+
+        np, node, constant = self.np, self.node, self.constant
+        mask = node("Cast", ["attention_mask"], "mask_float", to=TensorProto.FLOAT)
+        mask = node("Mul", [node("Sub", [constant("f_one", np.float32(1)), mask], "mask_inv"),
+                            constant("f_min", np.float32(np.finfo(np.float32).min))], "mask_bias_2d")
+        return node("Unsqueeze", [mask, constant("mask_axes", np.array([1, 2], dtype=np.int64))], "mask_bias")
+
+    def layer(self, x: str, i: int, mask: str) -> str:
+        """Encoder layer ``i``: self-attention, then the feed-forward block, each with its residual and LayerNorm."""
+        np, node, constant, linear = self.np, self.node, self.constant, self.linear
+        p, split_heads, merge_heads, scale = f"encoder.layer.{i}", self.split_heads, self.merge_heads, self.scale
+
+        def heads_of(name: str, perm: list[int]) -> str:
             reshaped = node("Reshape", [linear(x, f"{p}.attention.self.{name}"), split_heads], f"{p}.{name}.split")
             return node("Transpose", [reshaped], f"{p}.{name}.heads", perm=perm)
 
@@ -99,21 +113,33 @@ def _bert_graph(folder: Path) -> bytes:
         scores = node("Add", [node("Mul", [node("MatMul", [q, k], f"{p}.qk"), scale], f"{p}.scaled"), mask], f"{p}.scores")
         context = node("MatMul", [node("Softmax", [scores], f"{p}.probs", axis=-1), v], f"{p}.context")
         context = node("Reshape", [node("Transpose", [context], f"{p}.context.t", perm=[0, 2, 1, 3]), merge_heads], f"{p}.context.merged")
-        x = layer_norm(node("Add", [linear(context, f"{p}.attention.output.dense"), x], f"{p}.attention.residual"),
-                       f"{p}.attention.output.LayerNorm")
+        x = self.layer_norm(node("Add", [linear(context, f"{p}.attention.output.dense"), x], f"{p}.attention.residual"),
+                            f"{p}.attention.output.LayerNorm")
         inner = linear(x, f"{p}.intermediate.dense")  # exact (erf) GELU, as config.hidden_act "gelu" is
         erf = node("Erf", [node("Mul", [inner, constant(f"{p}.rsqrt2", np.float32(1 / np.sqrt(2)))], f"{p}.gelu.scaled")], f"{p}.gelu.erf")
         gelu = node("Mul", [node("Mul", [inner, constant(f"{p}.half", np.float32(0.5))], f"{p}.gelu.half"),
                             node("Add", [erf, constant(f"{p}.gelu.one", np.float32(1))], f"{p}.gelu.onep")], f"{p}.gelu")
-        x = layer_norm(node("Add", [linear(gelu, f"{p}.output.dense"), x], f"{p}.output.residual"), f"{p}.output.LayerNorm")
-    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
-    graph = helper.make_graph(
-        nodes, "minilm",
+        return self.layer_norm(node("Add", [linear(gelu, f"{p}.output.dense"), x], f"{p}.output.residual"), f"{p}.output.LayerNorm")
+
+
+def _bert_graph(folder: Path) -> bytes:
+    """A BERT encoder's last hidden states as a serialized ONNX model, from a safetensors checkpoint."""
+    from onnx import TensorProto, helper
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    graph = _BertGraph(load_file(str(folder / "model.safetensors")), config)
+    x, mask = graph.embeddings(), graph.mask_bias()
+    for i in range(config["num_hidden_layers"]):
+        x = graph.layer(x, i, mask)
+    graph.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
+    onnx_graph = helper.make_graph(
+        graph.nodes, "minilm",
         [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "tokens"]) for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "tokens", hidden])],
-        initializers,
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "tokens", graph.hidden])],
+        graph.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # the oldest onnxruntime the core allows reads it
     return model.SerializeToString()
 

@@ -14,7 +14,7 @@ from bpo_plugins.cleanup import BANNED_MARKERS, CUT_MARKERS, clean_output, has_m
 from bpo_plugins.constraints import constraint_reason
 from bpo_plugins.language import IMPERATIVES, NON_ENGLISH_SHARE, QUOTED, WORD, first_word, non_english_reason
 from bpo_plugins.masking import KEEP_TAG, Masked, check_text, mask_protected, placeholder_pattern
-from bpo_plugins.result import FallbackReason
+from bpo_plugins.result import FallbackReason, GuardPreset
 
 __all__ = [
     "BANNED_MARKERS", "CUT_MARKERS", "GENERIC_NAMES", "KEEP_TAG", "MAX_LENGTH_RATIO", "MIN_LENGTH_RATIO", "MIN_TERM_RECALL",
@@ -302,6 +302,13 @@ class GuardConfig:
         default for THUDM/BPO-class models and API LLMs, whose added names are mostly knowledge
         (9% of BPO's own reference rewrites add one)."""
         return cls(check_entities=True, min_intent_cosine=STRICT_INTENT_COSINE)
+
+    @property
+    def preset(self) -> GuardPreset:
+        """Which preset these guards are, as a result names them: ``default``, ``strict`` or ``custom``."""
+        if self == GuardConfig():
+            return "default"
+        return "strict" if self == GuardConfig.strict() else "custom"
 
 
 def check_rewrite(original: str, output: str, config: GuardConfig = GuardConfig()) -> tuple[FallbackReason, str] | None:

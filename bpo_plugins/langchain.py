@@ -26,7 +26,6 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ConfigDict, Field
 
-from bpo_plugins.chat import last_user_index
 from bpo_plugins.drpo import AlignmentPipeline
 from bpo_plugins.outcome import RequestOutcome, Shape
 from bpo_plugins.request_rewriter import IntegrationRewriter
@@ -306,11 +305,15 @@ class DRPOMiddleware(AgentMiddleware):
         self.pipeline = AlignmentPipeline(alignment, bpo=False, k=k)
 
     def _request(self, request: ModelRequest) -> ModelRequest:
-        last = last_user_index(_chat_view(request.messages))  # the turn BPO rewrites: the same rule at every edge
-        query = request.messages[last].text if last is not None else ""
-        own = request.system_message.text if request.system_message is not None else None
-        system = self.pipeline.alignment.system_message(query, keep=own)
-        return request.override(system_message=SystemMessage(system))
+        # The one request rule aligns the conversation (the agent's system prompt in front, so it is
+        # kept after DRPO's); only its system message is taken. The agent's turns go on as the agent
+        # keeps them: DRPO's query format ends the user turn at ``<START>``, which in an agent loop
+        # sits before the tool calls and results that follow it, and the agent's model is not
+        # stopped at ``<END>``.
+        own = request.system_message
+        messages = [{"role": "system", "content": own.content}] if own is not None else []
+        aligned = self.pipeline.apply([*messages, *_chat_view(request.messages)])
+        return request.override(system_message=SystemMessage(aligned[0]["content"]))
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
         return handler(self._request(request))

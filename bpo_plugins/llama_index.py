@@ -144,7 +144,11 @@ def _aligned_text_template(template: BasePromptTemplate, pipeline: AlignmentPipe
 
 
 def _aligned_template(template: BasePromptTemplate, pipeline: AlignmentPipeline) -> BasePromptTemplate:
-    """``template`` with DRPO's system message, its examples retrieved for each query at format time."""
+    """``template`` with DRPO's system message, its examples retrieved for each query at format time.
+
+    A query engine formats its prompts itself, from templates filled at synthesis time: there is no
+    chat request to give the one request rule, so the system message is Alignment's own piece
+    (:meth:`~bpo_plugins.drpo.Alignment.system_message`), the query being the template's ``query_str``."""
     if pipeline.alignment.format.raw:
         return _aligned_text_template(template, pipeline)
     if isinstance(template, SelectorPromptTemplate):  # prefer the chat variant LlamaIndex picks for chat models
@@ -191,7 +195,12 @@ class DRPOChatEngine(SimpleChatEngine):
         return cls(base._llm, base._memory, base._prefix_messages, base.callback_manager, alignment=alignment, k=k)
 
     def _align(self, message: str) -> None:
-        system = self._pipeline.alignment.system_message(message, keep=_system_text(self._own_prefix))
+        # The one request rule aligns the message (the engine's system prompt in front, kept after
+        # DRPO's); only its system message is taken: the engine puts the user's message in its
+        # memory and lays out the turns itself.
+        own = _system_text(self._own_prefix)
+        conversation = [{"role": "system", "content": own}] if own else []
+        system = self._pipeline.apply([*conversation, {"role": "user", "content": message}])[0]["content"]
         rest = [m for m in self._own_prefix if m.role != MessageRole.SYSTEM]
         self._prefix_messages = [ChatMessage(role=MessageRole.SYSTEM, content=system), *rest]
 

@@ -311,6 +311,20 @@ def _build_genai(source: str, staging: Path, precision: str, device: str, block_
     config_path.write_text(json.dumps(config, indent=4))
 
 
+def _checked_options(precision: str, device: str, block_size: int | None, int4_algo: str) -> int | None:
+    """The quantization block size for ``precision`` (None where it takes none); a UsageError for an
+    option the export cannot honour, before anything is loaded."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device != "cuda":
+        raise UsageError("fp16 export needs --device cuda (CPU kernels for fp16 are slower than fp32)")
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise UsageError(f"block size {block_size}: MatMulNBits takes a power of two, 16 or more")
+    if int4_algo not in INT4_ALGOS:
+        raise UsageError(f"unknown int4 method {int4_algo!r}: use one of {', '.join(INT4_ALGOS)}")
+    return (block_size or BLOCK_SIZE[precision]) if precision in BLOCK_SIZE else None
+
+
 def build_export(
     source: str, out: Path, precision: str = "fp32", device: str = "cpu", *, name: str | None = None,
     template: PromptTemplate | None = None, adapter: Path | None = None, check: bool = True,
@@ -324,15 +338,7 @@ def build_export(
     with (default: picked from the tokenizer); ``desc``: the progress bar's label.
     """
     name = name or source
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device != "cuda":
-        raise UsageError("fp16 export needs --device cuda (CPU kernels for fp16 are slower than fp32)")
-    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
-        raise UsageError(f"block size {block_size}: MatMulNBits takes a power of two, 16 or more")
-    block = (block_size or BLOCK_SIZE[precision]) if precision in BLOCK_SIZE else None
-    if int4_algo not in INT4_ALGOS:
-        raise UsageError(f"unknown int4 method {int4_algo!r}: use one of {', '.join(INT4_ALGOS)}")
+    block = _checked_options(precision, device, block_size, int4_algo)
     from tqdm import tqdm
     from transformers import AutoTokenizer
 

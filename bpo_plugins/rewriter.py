@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +12,7 @@ from typing import Any
 
 from bpo_plugins import telemetry as _telemetry
 from bpo_plugins.backends.base import Backend, BatchOutput, Generation
-from bpo_plugins.cache import RewriteCache, cache_key, make_cache
+from bpo_plugins.cache import RewriteCache, make_cache, rewrite_key
 from bpo_plugins.cleanup import clean_output
 from bpo_plugins.construction import RewriterConstructors
 from bpo_plugins.decoding import Decoding, check_mode, cut_at_newline, decoding_for
@@ -291,7 +290,7 @@ class Rewriter(RewriterConstructors):
         if passed is not None:
             item.result = self._fallback(item, mode, *passed)
         elif mode == "greedy":
-            item.key = self._cache_key(item, decoding)
+            item.key = rewrite_key(self.backend, self.template, decoding, self.guards, item.masked)
         return item
 
     def _settle_cached(self, item: _Item, mode: Mode, record: dict[str, Any] | None) -> None:
@@ -360,9 +359,7 @@ class Rewriter(RewriterConstructors):
     @property
     def guard_preset(self) -> GuardPreset:
         """Which guards judge this Rewriter's results; the bundled models get ``strict`` unless told otherwise."""
-        if self.guards == GuardConfig():
-            return "default"
-        return "strict" if self.guards == GuardConfig.strict() else "custom"
+        return self.guards.preset
 
     def _result(self, item: _Item, mode: Mode, rewritten: str, **fields: Any) -> RewriteResult:
         backend = self._backend
@@ -388,19 +385,6 @@ class Rewriter(RewriterConstructors):
     ) -> RewriteResult:
         return self._result(
             item, mode, item.masked.plain, fallback=reason, detail=detail, candidates=tuple(candidates), output_tokens=output_tokens
-        )
-
-    def _cache_key(self, item: _Item, decoding: Decoding) -> str:
-        backend, template = self.backend, self.template
-        return cache_key(
-            backend.name,
-            backend.model_id,
-            backend.revision,
-            [template.user, template.system, template.raw],
-            decoding.as_key(),
-            dataclasses.asdict(self.guards),
-            item.masked.text,
-            item.masked.spans,
         )
 
     def __repr__(self) -> str:

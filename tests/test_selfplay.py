@@ -21,6 +21,7 @@ from bpo_plugins.training.selfplay import (
     run,
     run_round_data,
     select,
+    selection_fields,
 )
 from tests.conftest import shared_data
 
@@ -129,11 +130,14 @@ def test_guard_failing_candidates_are_never_selected(tiny_bpo_dir, tiny_lm, tmp_
     best_failing = max(failing, key=scores.get)
     below = [c for c in passing if scores[c] < scores[best_failing]]
     assert below  # the precondition: the best-scoring candidate of the offer fails a guard
-    chosen = select(item, failing + below, rewriter, scorer, margin=-10.0)  # any passing candidate beats raw
-    assert chosen.selected in below and chosen.selected != best_failing
+    chosen = select(item, failing + below, rewriter, scorer)
+    kept = selection_fields(prompt, chosen.raw_score, chosen.candidates, margin=-10.0)  # any passing candidate beats raw
+    assert kept["selected"] in below and kept["selected"] != best_failing and kept["changed"]
     assert all(row["score"] is None for row in chosen.candidates if row["guard"] is not None)
     assert {row["guard"] for row in chosen.candidates if row["text"] in failing} >= {"answered", "numbers_lost"}
-    assert select(item, failing, rewriter, scorer, margin=-10.0).selected == prompt  # nothing passes: the raw prompt
+    nothing = select(item, failing, rewriter, scorer)
+    kept = selection_fields(prompt, nothing.raw_score, nothing.candidates, margin=-10.0)
+    assert kept["selected"] == prompt and not kept["changed"]  # nothing passes: the raw prompt
 
 
 def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):

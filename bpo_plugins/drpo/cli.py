@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from bpo_plugins.drpo.calls import CONCURRENCY, RETRIES
-from bpo_plugins.drpo.search import SearchConfig
+from bpo_plugins.drpo.search_config import SearchConfig
 from bpo_plugins.drpo.session import ANSWER_TOKENS
 from bpo_plugins.inputs import UsageError, read_text, usage_errors
 
@@ -111,7 +111,8 @@ def search(
 ) -> None:
     """Search a system prompt for --base by DRPO's beam search; resumes from --out's checkpoint."""
     from bpo_plugins.drpo.icl import read_examples
-    from bpo_plugins.drpo.search import FORMATS, Search
+    from bpo_plugins.drpo.formats import FORMATS
+    from bpo_plugins.drpo.search import Search
     from bpo_plugins.drpo.session import default_roles
 
     if prompt_format not in FORMATS:
@@ -180,7 +181,7 @@ def icl(
     """Build an in-context example bank by DRPO's loop: a critic rates the answer, the optimizer rewrites the latest answer, keep the best (ties go to the rewrite)."""
     from bpo_plugins.drpo.icl import optimize_examples
     from bpo_plugins.drpo.presets import icl_examples
-    from bpo_plugins.drpo.reward import CRITIC_RUBRIC
+    from bpo_plugins.drpo.rubrics import CRITIC_RUBRIC
     from bpo_plugins.drpo.seeds import Seed
     from bpo_plugins.drpo.session import Session, icl_roles
 

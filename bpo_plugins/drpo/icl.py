@@ -1,6 +1,6 @@
 """DRPO's in-context example optimization (``offline_icl_opti.py``): answer, critique, rewrite, repeat.
 
-For each seed query the base model answers; a ruthless critic (:data:`~bpo_plugins.drpo.reward.CRITIC_RUBRIC`)
+For each seed query the base model answers; a ruthless critic (:data:`~bpo_plugins.drpo.rubrics.CRITIC_RUBRIC`)
 picks 3-6 aspects and rates the answer on them. For up to ``rounds`` rounds the optimizer rewrites
 the **latest** answer from the critic's latest feedback, greedily, following DRPO's answer guidelines
 and two annotated example answers, and replies in JSON with the answer between ``<START>`` and
@@ -19,8 +19,9 @@ from typing import Any
 
 from bpo_plugins.drpo.calls import BudgetExhausted, CallFailed
 from bpo_plugins.drpo.formats import CHAT_FORMAT, Example, strip_markers
-from bpo_plugins.drpo.reward import CRITIC_RUBRIC, Judgement, find_json, sections
-from bpo_plugins.drpo.search import INITIAL_PROMPT
+from bpo_plugins.drpo.reward import Judgement, find_json
+from bpo_plugins.drpo.rubrics import CRITIC_RUBRIC, sections
+from bpo_plugins.drpo.search_config import INITIAL_PROMPT
 from bpo_plugins.drpo.seeds import Seed
 from bpo_plugins.drpo.session import Session
 
@@ -113,7 +114,7 @@ def _marked_rewrite(text: str, *, lenient: bool = True) -> str | None:
 async def optimize_example(session: Session, seed: Seed, *, rounds: int = 5, system_prompt: str = INITIAL_PROMPT) -> dict[str, Any] | None:
     """One query's best answer and its history; None (counted in the session's skips) if none could be rated.
 
-    ``session`` should judge with :data:`~bpo_plugins.drpo.reward.CRITIC_RUBRIC`, as DRPO's loop does."""
+    ``session`` should judge with :data:`~bpo_plugins.drpo.rubrics.CRITIC_RUBRIC`, as DRPO's loop does."""
     if session.rubric is not CRITIC_RUBRIC:
         session.warn("the example loop is judged with the search's rubric, not DRPO's critic")
     harmful = seed.source == "malicious"

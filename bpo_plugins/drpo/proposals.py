@@ -4,7 +4,8 @@ rating and the prompt's lineage) and how its reply is read (:func:`read_proposal
 from __future__ import annotations
 
 from bpo_plugins.drpo.checkpoint import Node
-from bpo_plugins.drpo.reward import find_json, sections
+from bpo_plugins.drpo.reward import find_json
+from bpo_plugins.drpo.rubrics import sections
 
 __all__ = ["OPTIMIZER_PROMPT", "PROPOSAL_KEYS", "optimizer_input", "read_proposal"]
 

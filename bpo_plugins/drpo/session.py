@@ -15,7 +15,8 @@ from bpo_plugins.cache import RewriteCache
 from bpo_plugins.decoding import Decoding
 from bpo_plugins.drpo.calls import CONCURRENCY, RETRIES, ROLES, Caller, Caps, Ledger, Price, Role
 from bpo_plugins.drpo.formats import FORMATS, PromptFormat
-from bpo_plugins.drpo.reward import SEARCH_RUBRIC, AspectChoice, Judgement, Rubric, choose_aspects, judge
+from bpo_plugins.drpo.reward import AspectChoice, Judgement, choose_aspects, judge
+from bpo_plugins.drpo.rubrics import SEARCH_RUBRIC, Rubric
 
 log = logging.getLogger("bpo_plugins.drpo")
 

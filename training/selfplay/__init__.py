@@ -27,8 +27,8 @@ from bpo_plugins.training.selfplay.config import SHIPPED, Item, Selection, Selfp
 from bpo_plugins.training.selfplay.models import load_round_optimizer
 from bpo_plugins.training.selfplay.pool import heldout_split, load_pool, round_prompts
 from bpo_plugins.training.selfplay.rounds import evaluate_heldout, markdown, run, train_round
-from bpo_plugins.training.selfplay.selection import _done_rows, answer_margin_score, run_round_data, select
+from bpo_plugins.training.selfplay.selection import _done_rows, answer_margin_score, run_round_data, select, selection_fields
 
 __all__ = ["SHIPPED", "Item", "Selection", "SelfplayConfig", "_done_rows", "answer_margin_score", "evaluate_heldout",
            "heldout_split", "load_pool", "load_round_optimizer", "markdown", "round_prompts", "run", "run_round_data",
-           "select", "selfplay_command", "train_round"]
+           "select", "selection_fields", "selfplay_command", "train_round"]

@@ -67,9 +67,8 @@ class Item:
 
 @dataclass
 class Selection:
-    """One prompt's candidates, their guard verdicts and scores, and the kept version."""
+    """One prompt's candidates, their guard verdicts and scores; which version is kept is
+    :func:`~bpo_plugins.training.selfplay.selection.selection_fields`, under a margin."""
 
     raw_score: float
     candidates: list[dict[str, Any]]
-    selected: str
-    selected_score: float

@@ -46,10 +46,10 @@ def answer_margin_score(target: Any, embedder: Any, answer_tokens: int, cache: S
     return score
 
 
-def select(item: Item, candidates: Sequence[str], rewriter: Any, scorer: LikelihoodScorer | Score, margin: float) -> Selection:
+def select(item: Item, candidates: Sequence[str], rewriter: Any, scorer: LikelihoodScorer | Score) -> Selection:
     """Guard every candidate with the optimizer's own checks, score the raw prompt and the survivors
-    with the target (likelihood preference, or a callable such as :func:`answer_margin_score`), and keep
-    the best survivor when it beats the raw prompt by more than ``margin``."""
+    with the target (likelihood preference, or a callable such as :func:`answer_margin_score`).
+    :func:`selection_fields` then keeps the best survivor when it beats the raw prompt by more than a margin."""
     assert item.rejected is not None
     candidates = _unique(candidates, item.prompt)
     verdicts = rewriter.check([item.prompt] * len(candidates), [[c] for c in candidates], mode="aggressive") if candidates else []
@@ -61,7 +61,7 @@ def select(item: Item, candidates: Sequence[str], rewriter: Any, scorer: Likelih
     raw_score = scores[0]
     for row, score in zip(passing, scores[1:]):
         row["score"] = round(score, 5)
-    return Selection(round(raw_score, 5), rows, *_pick(item.prompt, round(raw_score, 5), rows, margin))
+    return Selection(round(raw_score, 5), rows)
 
 
 def _pick(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], margin: float) -> tuple[str, float]:
@@ -73,7 +73,7 @@ def _pick(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], m
     return prompt, raw_score
 
 
-def _selection_fields(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], margin: float) -> dict[str, Any]:
+def selection_fields(prompt: str, raw_score: float, candidates: Sequence[dict[str, Any]], margin: float) -> dict[str, Any]:
     """A pairs.jsonl row's selection, the one rule for a fresh prompt and a resumed one."""
     text, score = _pick(prompt, raw_score, candidates, margin)
     return {"selected": text, "selected_score": score, "changed": text != prompt, "delta": round(score - raw_score, 5)}
@@ -84,7 +84,7 @@ def _done_rows(path: Path, margin: float) -> dict[str, dict[str, Any]]:
     scores, so a resumed run with another ``--margin`` re-selects without drawing or scoring again."""
     done = {row["key"]: row for row in resume_jsonl(path)}  # a torn last line is cut: that prompt runs again
     for row in done.values():
-        row.update(_selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
+        row.update(selection_fields(row["prompt"], row["raw_score"], row["candidates"], margin))
     return done
 
 
@@ -103,11 +103,11 @@ def run_round_data(items: Sequence[Item], rewriter: Any, scorer: LikelihoodScore
             result = rewriter.rewrite_batch([item.prompt], contexts=[item.context], mode="aggressive")[0]
             took = time.perf_counter() - start
             start = time.perf_counter()
-            chosen = select(item, list(result.candidates), rewriter, scorer, margin)
+            chosen = select(item, list(result.candidates), rewriter, scorer)
             scored = time.perf_counter() - start
             row = {"key": item.key, "source": item.source, "prompt": item.prompt, "context": item.context, "good_res": item.chosen,
                    "candidates_s": round(took, 3), "scoring_s": round(scored, 3), "bad_res": item.rejected, "raw_score": chosen.raw_score, "candidates": chosen.candidates,
-                   **_selection_fields(item.prompt, chosen.raw_score, chosen.candidates, margin)}
+                   **selection_fields(item.prompt, chosen.raw_score, chosen.candidates, margin)}
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()
             done[item.key] = row
