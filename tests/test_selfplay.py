@@ -3,6 +3,7 @@ kept, and the whole loop (candidates, scores, selection, one SFT step, held-out 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -185,6 +186,14 @@ def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
     with pytest.raises(UsageError, match="trained on another selection"):
         train_round(config, tmp_path / "run" / "round-1", moved, train_pairs)
     assert train_round(config, tmp_path / "run" / "round-1", rows, train_pairs) == again["rounds"][0]["sft"]
+
+    # --rounds 0 scores an adapter trained elsewhere: the baselines only, its figures those of the round it came from.
+    adapter = str(tmp_path / "run" / "round-1" / "adapter")
+    scored = run(dataclasses.replace(config, out=str(tmp_path / "score"), rounds=0, start_adapter=adapter))
+    assert scored["rounds"] == [] and not (tmp_path / "score" / "round-1").exists()
+    assert scored["baselines"]["raw"] == report["baselines"]["raw"]
+    assert scored["baselines"]["start"]["likelihood"] == held["likelihood"]
+    assert "| start (" in (tmp_path / "score" / "selfplay.md").read_text()
 
 
 def test_round_data_resumes_per_prompt(tiny_bpo_dir, tiny_lm, tmp_path: Path):

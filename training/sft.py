@@ -42,6 +42,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     max_steps: int = -1
+    save_steps: int | None = None  # a checkpoint every N steps, so a long run resumes mid-epoch; None: each epoch
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -165,7 +166,8 @@ def _training_arguments(config: TrainConfig, out: Path, evaluate: bool) -> Any:
         lr_scheduler_type="cosine",
         logging_steps=5,
         eval_strategy="epoch" if evaluate else "no",
-        save_strategy="epoch",
+        save_strategy="steps" if config.save_steps else "epoch",
+        save_steps=config.save_steps or 500,
         save_total_limit=1,
         bf16=config.bf16,
         seed=config.seed,

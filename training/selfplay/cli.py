@@ -23,7 +23,7 @@ def selfplay_command(
     bpo: Annotated[Path, typer.Option("--bpo", help="BPO pairs with good_res/bad_res (20% held out).")] = Path("tests/data/bpo/bpo_val.json"),
     hh: Annotated[Path | None, typer.Option("--hh", help="HH-RLHF transcripts, opt-in (single-turn ones are used; see the results README).")] = None,
     reference: Annotated[list[Path] | None, typer.Option("--reference", help="Dolly/Self-Instruct set: reference preferred, the target's answer rejected.")] = None,
-    rounds: Annotated[int, typer.Option("--rounds", min=1)] = 2,
+    rounds: Annotated[int, typer.Option("--rounds", min=0, help="0: only the held-out figures of the raw prompt, BPO's reference and --start-adapter (scores an adapter trained elsewhere).")] = 2,
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 40,
     num_candidates: Annotated[int, typer.Option("--num-candidates", "-n", min=1, help="Aggressive-mode candidates per prompt.")] = 8,
     margin: Annotated[float, typer.Option("--margin", help="Nats/token a candidate must beat the raw prompt by. A resumed run selects again from its stored scores; a round already trained on another selection stops with exit 2 (copy its pairs.jsonl into a new --out).")] = LIKELIHOOD_TIE_BAND,
