@@ -291,7 +291,8 @@ def _load_weights(source: str, kwargs: dict[str, Any], dtype: str, device: str |
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        with quiet_libraries(("transformers",)):  # peft reads transformers 5's deprecated is_gradient_checkpointing
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model, tokenizer
 
 
