@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -176,12 +177,33 @@ def test_lora_adapter_loads_into_a_rewriter(tiny_bpo_dir, tmp_path: Path):
     from bpo_plugins import Rewriter
     from bpo_plugins.training.sft import TrainConfig, train
 
-    train(TrainConfig(data=[str(_tiny_pairs(tmp_path))], base_model=str(tiny_bpo_dir), out=str(tmp_path / "lora"),
-                      max_steps=2, batch_size=4, max_length=96))
+    with warnings.catch_warnings(record=True) as caught:  # peft on transformers 5 warns unless we quiet it
+        warnings.simplefilter("always")
+        train(TrainConfig(data=[str(_tiny_pairs(tmp_path))], base_model=str(tiny_bpo_dir), out=str(tmp_path / "lora"),
+                          max_steps=2, batch_size=4, max_length=96))
+        rewriter = Rewriter.from_pretrained(tiny_bpo_dir, adapter=tmp_path / "lora", max_new_tokens=4)
+        result = rewriter.rewrite("Explain gravity")
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
-    rewriter = Rewriter.from_pretrained(tiny_bpo_dir, adapter=tmp_path / "lora", max_new_tokens=4)
     assert rewriter.backend.revision.count("local-") == 2  # the adapter is part of the cache identity
-    assert rewriter.rewrite("Explain gravity").candidates
+    assert result.candidates
+
+
+def test_save_steps_checkpoints_every_n_steps_and_a_resume_takes_the_latest_step(tiny_bpo_dir, tmp_path: Path):
+    """A long run checkpoints mid-epoch (``save_steps``), and resuming picks the checkpoint of the highest step:
+    checkpoint-10, not checkpoint-9, which sorts after it as text (here an empty folder that cannot be resumed)."""
+    import dataclasses
+
+    from bpo_plugins.training.sft import TrainConfig, train
+
+    config = TrainConfig(data=[str(_tiny_pairs(tmp_path))], base_model=str(tiny_bpo_dir), out=str(tmp_path / "run"),
+                         max_steps=10, save_steps=5, batch_size=4, max_length=96)
+    train(config)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-10"]
+    assert json.loads((checkpoints / "checkpoint-10" / "trainer_state.json").read_text())["save_steps"] == 5
+    (checkpoints / "checkpoint-9").mkdir()
+    assert train(dataclasses.replace(config, max_steps=12))["steps"] == 12
 
 
 def test_train_cli_sets_the_lora_rank(tiny_bpo_dir, tmp_path: Path):

@@ -144,10 +144,13 @@ def _model_and_tokenizer(config: TrainConfig, base_path: str) -> tuple[Any, Any]
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ))
+        from bpo_plugins.quiet import quiet_libraries
+
+        with quiet_libraries(("transformers",)):  # peft reads transformers 5's deprecated is_gradient_checkpointing
+            model = get_peft_model(model, LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ))
     return model, tokenizer
 
 
@@ -167,7 +170,7 @@ def _training_arguments(config: TrainConfig, out: Path, evaluate: bool) -> Any:
         logging_steps=5,
         eval_strategy="epoch" if evaluate else "no",
         save_strategy="steps" if config.save_steps else "epoch",
-        save_steps=config.save_steps or 500,
+        **({"save_steps": config.save_steps} if config.save_steps else {}),
         save_total_limit=1,
         bf16=config.bf16,
         seed=config.seed,
@@ -178,6 +181,12 @@ def _training_arguments(config: TrainConfig, out: Path, evaluate: bool) -> Any:
         use_cpu=not torch.cuda.is_available(),
         **_version_arguments(TrainingArguments),
     )
+
+
+def _checkpoint_step(folder: Path) -> int:
+    """The training step a Trainer checkpoint folder (``checkpoint-N``) was saved at; -1 for a stray name."""
+    step = folder.name.removeprefix("checkpoint-")
+    return int(step) if step.isdigit() else -1
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -205,8 +214,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data or None,
                       data_collator=_Collator(tokenizer.pad_token_id))
     start = time.time()
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
-    # Resume where an interrupted run stopped.
+    # Resume where an interrupted run stopped: the checkpoint of the latest step (by number: checkpoint-100 > -50).
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=_checkpoint_step)
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     figures: dict[str, Any] = {
         "train_loss": round(result.training_loss, 4),
