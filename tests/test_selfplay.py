@@ -18,6 +18,7 @@ from bpo_plugins.training.selfplay import (
     SelfplayConfig,
     heldout_split,
     load_round_optimizer,
+    preference_pairs,
     round_prompts,
     run,
     run_round_data,
@@ -163,7 +164,7 @@ def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
     held_prompts = {p.prompt for p in heldout_split(bpo)[1]}
     assert not held_prompts & {r["prompt"] for r in rows}
     round_one = report["rounds"][0]
-    assert round_one["sft"]["steps"] == 1 and (tmp_path / "run" / "round-1" / "adapter" / "adapter_config.json").is_file()
+    assert round_one["train"]["steps"] == 1 and (tmp_path / "run" / "round-1" / "adapter" / "adapter_config.json").is_file()
     trained = (tmp_path / "run" / "round-1" / "train.jsonl").read_text().splitlines()
     assert len(trained) == 16 + 3  # the BPO training pairs (20 less 4 held out) and the round's pairs
     held = round_one["heldout"]
@@ -185,7 +186,7 @@ def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
     moved = [{**rows[0], "selected": rows[0]["prompt"] + " Explain it step by step."}, *rows[1:]]
     with pytest.raises(UsageError, match="trained on another selection"):
         train_round(config, tmp_path / "run" / "round-1", moved, train_pairs)
-    assert train_round(config, tmp_path / "run" / "round-1", rows, train_pairs) == again["rounds"][0]["sft"]
+    assert train_round(config, tmp_path / "run" / "round-1", rows, train_pairs) == again["rounds"][0]["train"]
 
     # --rounds 0 scores an adapter trained elsewhere: the baselines only, its figures those of the round it came from.
     adapter = str(tmp_path / "run" / "round-1" / "adapter")
@@ -194,6 +195,54 @@ def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
     assert scored["baselines"]["raw"] == report["baselines"]["raw"]
     assert scored["baselines"]["start"]["likelihood"] == held["likelihood"]
     assert "| start (" in (tmp_path / "score" / "selfplay.md").read_text()
+
+    # DPO instead of SFT: from round 1's adapter (a frozen copy of it the reference), on its prompts' best/worst versions.
+    from safetensors.torch import load_file
+
+    dpo, scored_rows = _dpo_from_round_one(config, tmp_path / "run", tmp_path / "dpo")
+    trained = dpo["rounds"][0]
+    assert trained["method"] == "dpo" and trained["data"]["generated"] == 0  # the round's scored prompts, not drawn again
+    pairs = [json.loads(line) for line in (tmp_path / "dpo" / "round-1" / "preference.jsonl").read_text().splitlines()]
+    assert pairs == preference_pairs(scored_rows, 0.0) and len(pairs) == 3
+    assert all(p["chosen"].endswith("Explain each step.") and p["rejected"].endswith("Be brief.") for p in pairs)
+    assert trained["train"]["pairs"] == 3 and trained["train"]["steps"] == 2
+    assert trained["train"]["start"] == adapter
+    saved = tmp_path / "dpo" / "round-1" / "adapter"
+    assert not (saved / "ref").exists()  # only the trained adapter, not TRL's frozen reference copy
+    before, after = load_file(Path(adapter) / "adapter_model.safetensors"), load_file(saved / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+    assert {"likelihood", "answer_margin", "meaning_drift"} <= set(trained["heldout"])
+    assert "DPO on" in (tmp_path / "dpo" / "selfplay.md").read_text()
+    assert run(dataclasses.replace(config, out=str(tmp_path / "dpo"), method="dpo", pair_margin=0.0, start_adapter=adapter),
+               train_overrides={"max_steps": 2})["rounds"][0]["train"] == trained["train"]  # resumes: trained once
+
+
+def test_preference_pairs_take_the_best_and_worst_version_the_guards_passed():
+    rows = [
+        {"prompt": "p", "raw_score": 0.2, "candidates": [{"text": "a", "guard": None, "score": 0.5},
+                                                         {"text": "b", "guard": "answered", "score": 0.9},  # never either end
+                                                         {"text": "c", "guard": None, "score": 0.1}]},
+        {"prompt": "q", "raw_score": 0.3, "candidates": [{"text": "d", "guard": None, "score": 0.33}]},  # a gap under the margin
+        {"prompt": "r", "raw_score": 0.6, "candidates": [{"text": "e", "guard": None, "score": 0.2},
+                                                         {"text": "f", "guard": "meaning_drift", "score": 0.0}]},
+    ]
+    pairs = preference_pairs(rows, 0.05)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("p", "a", "c"), ("r", "r", "e")]  # the raw prompt can win
+    assert pairs[0]["gap"] == pytest.approx(0.4)
+
+
+def _dpo_from_round_one(config: SelfplayConfig, first_run: Path, out: Path) -> tuple[dict, list[dict]]:
+    """A DPO round from the SFT round's adapter, resuming from round 1's scored prompts. The tiny random model's
+    candidates all fail the guards, so each prompt gets two scored, guard-passing versions written in."""
+    (out / "round-1").mkdir(parents=True)
+    (out / "scores.jsonl").write_bytes((first_run / "scores.jsonl").read_bytes())
+    rows = [json.loads(line) for line in (first_run / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["candidates"] += [{"text": row["prompt"] + " Explain each step.", "guard": None, "score": row["raw_score"] + 0.2},
+                              {"text": row["prompt"] + " Be brief.", "guard": None, "score": row["raw_score"] - 0.2}]
+    (out / "round-1" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dpo = dataclasses.replace(config, out=str(out), method="dpo", pair_margin=0.0, start_adapter=str(first_run / "round-1" / "adapter"))
+    return run(dpo, train_overrides={"max_steps": 2}), rows  # step 1 is inside the warmup (learning rate 0)
 
 
 def test_round_data_resumes_per_prompt(tiny_bpo_dir, tiny_lm, tmp_path: Path):

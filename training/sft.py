@@ -17,7 +17,7 @@ from bpo_plugins.inputs import InputError, read_text
 from bpo_plugins.templates import BPO, BPO_CHAT, PromptTemplate
 from bpo_plugins.training.data import Pair, read_pairs
 
-__all__ = ["TrainConfig", "encode", "train"]
+__all__ = ["TrainConfig", "encode", "instruction_text", "lora_config", "rewrite_text", "train"]
 
 
 @dataclass
@@ -84,14 +84,25 @@ def _pick_template(name: str, tokenizer: Any) -> PromptTemplate:
     return BPO
 
 
+def instruction_text(prompt: str, tokenizer: Any, template: PromptTemplate) -> str:
+    """The optimizer's whole input for ``prompt`` as one text to tokenise without special tokens (TRL's
+    preference trainers do): a raw format gets, as text, what the tokenizer adds at inference (Llama's BOS)."""
+    if template.raw is not None:
+        added = tokenizer.decode(tokenizer("", add_special_tokens=True)["input_ids"])
+        return added + template.render_raw(prompt)
+    return template.render(prompt, tokenizer)
+
+
+def rewrite_text(optimized: str, template: PromptTemplate) -> str:
+    """The target text after :func:`instruction_text`: a raw ``[/INST]`` format is followed by a space."""
+    return " " + optimized if template.raw is not None else optimized
+
+
 def encode(pair: Pair, tokenizer: Any, template: PromptTemplate, max_length: int) -> dict[str, list[int]]:
     """Token ids with labels masked (-100) on the instruction, so only the rewrite is learned."""
-    if template.raw is not None:
-        prompt_ids = tokenizer(template.render_raw(pair.prompt), add_special_tokens=True)["input_ids"]
-    else:
-        text = tokenizer.apply_chat_template(template.messages(pair.prompt), add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(" " + pair.optimized if template.raw is not None else pair.optimized, add_special_tokens=False)["input_ids"]
+    # As the local backends tokenise it: a raw format with the tokenizer's special tokens, a chat render without.
+    prompt_ids = tokenizer(template.render(pair.prompt, tokenizer), add_special_tokens=template.raw is not None)["input_ids"]
+    target_ids = tokenizer(rewrite_text(pair.optimized, template), add_special_tokens=False)["input_ids"]
     target_ids = target_ids + [tokenizer.eos_token_id]
     # Keep the whole target when possible: cut the instruction's start rather than the rewrite's end.
     budget = max_length - len(target_ids)
@@ -130,8 +141,16 @@ def _version_arguments(arguments: Any) -> dict[str, Any]:
         {"group_by_length": True} if "group_by_length" in names else {"train_sampling_strategy": "group_by_length"})
 
 
-def _model_and_tokenizer(config: TrainConfig, base_path: str) -> tuple[Any, Any]:
-    """The base model (with LoRA when asked) and its tokenizer, with a pad token."""
+def lora_config(config: TrainConfig) -> Any:
+    """The LoRA every optimizer trains: every attention and MLP projection, at the config's rank."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def _model_and_tokenizer(config: TrainConfig, base_path: str, adapter: str | Path | None = None) -> tuple[Any, Any]:
+    """The base model (with a new LoRA when asked, or ``adapter`` loaded to train on) and its tokenizer, with a pad token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,16 +160,15 @@ def _model_and_tokenizer(config: TrainConfig, base_path: str) -> tuple[Any, Any]
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if config.lora:
-        from peft import LoraConfig, get_peft_model
+    if config.lora or adapter is not None:
+        from peft import PeftModel, get_peft_model
 
         from bpo_plugins.quiet import quiet_libraries
 
         with quiet_libraries(("transformers",)):  # peft reads transformers 5's deprecated is_gradient_checkpointing
-            model = get_peft_model(model, LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            ))
+            if adapter is not None:
+                return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), tokenizer
+            model = get_peft_model(model, lora_config(config))
     return model, tokenizer
 
 

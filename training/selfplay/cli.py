@@ -12,7 +12,7 @@ from bpo_plugins.inputs import UsageError
 from bpo_plugins.training.scores import (
     LIKELIHOOD_TIE_BAND,
 )
-from bpo_plugins.training.selfplay.config import SHIPPED, SelfplayConfig
+from bpo_plugins.training.selfplay.config import PAIR_MARGIN, SHIPPED, SelfplayConfig
 from bpo_plugins.training.selfplay.rounds import markdown, run
 
 # --- command line -----------------------------------------------------------------------------
@@ -33,7 +33,10 @@ def selfplay_command(
     start_adapter: Annotated[str | None, typer.Option("--start-adapter", help="First round's adapter: 'shipped' (bpo-small), a folder, or 'none'.")] = SHIPPED,
     runtime: Annotated[str, typer.Option("--runtime", help="auto (GenAI int8 for the bundled base) | transformers")] = "auto",
     heldout_limit: Annotated[int | None, typer.Option("--heldout-limit", min=1, help="Score only the first k held-out pairs.")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    method: Annotated[str, typer.Option("--method", help="Each round's training: sft (expert iteration from the base) or dpo (TRL's DPO on the adapter the round drew from, that adapter frozen as the reference).")] = "sft",
+    dpo_beta: Annotated[float, typer.Option("--dpo-beta", min=0.0, help="DPO's beta: how near the reference the adapter stays.")] = 0.1,
+    pair_margin: Annotated[float, typer.Option("--pair-margin", min=0.0, help="DPO: nats/token a prompt's best version must beat its worst by to give a pair.")] = PAIR_MARGIN,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="SFT epochs per round (DPO: train's dpo_epochs, 2).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
     answer_tokens: Annotated[int, typer.Option("--answer-tokens", min=1)] = 128,
     response_tokens: Annotated[int, typer.Option("--response-tokens", min=1, help="Tokens of each response the likelihood scores.")] = 128,
@@ -41,9 +44,11 @@ def selfplay_command(
     seed: Annotated[int, typer.Option("--seed")] = 42,
 ) -> None:
     """Optimized-prompt pairs without a teacher: best-of-N aggressive rewrites judged by the target's own
-    likelihood preference, guarded, then SFT, in rounds; figures on a fixed held-out BPO split."""
+    likelihood preference, guarded, then SFT or DPO, in rounds; figures on a fixed held-out BPO split."""
     if runtime not in ("auto", "transformers"):
         raise UsageError(f"--runtime {runtime!r}: use auto or transformers")
+    if method not in ("sft", "dpo"):
+        raise UsageError(f"--method {method!r}: use sft or dpo")
     for path in [bpo, *([] if hh is None else [hh]), *(reference or [])]:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
@@ -52,6 +57,7 @@ def selfplay_command(
         rounds=rounds, prompts=prompts, num_candidates=num_candidates, margin=margin, target=target, target_base_url=target_base_url,
         base_model=base_model, start_adapter=None if start_adapter in (None, "none") else start_adapter, runtime=runtime,
         heldout_limit=heldout_limit, answer_tokens=answer_tokens, response_tokens=response_tokens, seed=seed,
+        method=method, dpo_beta=dpo_beta, pair_margin=pair_margin,
     )
     overrides = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
     report = run(config, measure=measure, train_overrides=overrides)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bpo_plugins.guards import word_count
+from bpo_plugins.registry import BUNDLED_ADAPTER
 from bpo_plugins.inputs import UsageError
 from bpo_plugins.training.data import Pair
 from bpo_plugins.training.scores import (
@@ -23,43 +24,16 @@ from bpo_plugins.training.scores import (
     target_text,
     win_tie_loss,
 )
-from bpo_plugins.training.selfplay.config import Item, SelfplayConfig
+from bpo_plugins.training.selfplay.config import SHIPPED, Item, SelfplayConfig
 from bpo_plugins.training.selfplay.models import _load_target, load_round_optimizer
 from bpo_plugins.training.selfplay.pool import load_pool, round_prompts
+from bpo_plugins.training.selfplay.train import dpo_round, preference_pairs, train_round
 from bpo_plugins.training.selfplay.selection import (
     Score,
     _done_rows,
     answer_margin_score,
     run_round_data,
 )
-
-# --- SFT --------------------------------------------------------------------------------------
-
-
-def train_round(config: SelfplayConfig, round_dir: Path, rows: Sequence[dict[str, Any]], train_pairs: Sequence[Pair],
-                **overrides: Any) -> dict[str, Any]:
-    """LoRA SFT from the base model on the kept pairs of this round and the ones before plus BPO's training pairs
-    (resumes; skips when done)."""
-    from bpo_plugins.training.sft import TrainConfig, train
-
-    adapter = round_dir / "adapter"
-    figures_path = adapter / "train_figures.json"
-    data = round_dir / "train.jsonl"
-    kept = [Pair(r["prompt"], r["selected"], r["good_res"], r["bad_res"], r.get("context"), r["source"]) for r in rows]
-    text = "".join(json.dumps(p.to_bpo(), ensure_ascii=False) + "\n" for p in [*train_pairs, *kept])
-    if figures_path.is_file():
-        if data.is_file() and data.read_text(encoding="utf-8") != text:
-            raise UsageError(f"{adapter}: trained on another selection (a different --margin?); "
-                             f"copy the round's pairs.jsonl into a new --out to train on this one")
-        return {k: v for k, v in json.loads(figures_path.read_text()).items() if k != "log_history"}
-    data.write_text(text, encoding="utf-8")
-    settings = {**config.train, **overrides}
-    base_template = "bpo-chat" if config.base_model == "smollm2-135m-instruct" else "auto"
-    cfg = TrainConfig(data=[str(data)], base_model=config.base_model, out=str(adapter), template=settings.pop("template", base_template),
-                      val_fraction=0.0, seed=config.seed, **settings)
-    figures = train(cfg)
-    return {k: v for k, v in figures.items() if k != "log_history"}
-
 
 # --- held-out figures -------------------------------------------------------------------------
 
@@ -230,18 +204,22 @@ def _round(state: _Run, round_no: int, adapter: str | Path | None, raw: dict[str
     data = state.round_data(round_prompts(state.pools, round_no, config.prompts), rewriter, round_dir / "pairs.jsonl",
                             f"round {round_no}: candidates + scoring")
     data_s = time.perf_counter() - begun
-    # Expert iteration keeps what every round so far selected: round k trains on rounds 1..k.
-    rows = [row for k in range(1, round_no + 1) for row in _done_rows(out / f"round-{k}" / "pairs.jsonl", config.margin).values()]
     begun = time.perf_counter()
-    sft = train_round(config, round_dir, rows, state.train_pairs, **train_overrides)
-    sft_s = time.perf_counter() - begun
+    if config.method == "dpo":  # on-policy: this round's candidates, drawn from the adapter it starts from
+        pairs = preference_pairs(_done_rows(round_dir / "pairs.jsonl", config.margin).values(), config.pair_margin)
+        start = BUNDLED_ADAPTER if adapter == SHIPPED else adapter
+        trained = dpo_round(config, round_dir, pairs, start, **train_overrides)
+    else:  # expert iteration keeps what every round so far selected: round k trains on rounds 1..k
+        rows = [row for k in range(1, round_no + 1) for row in _done_rows(out / f"round-{k}" / "pairs.jsonl", config.margin).values()]
+        trained = train_round(config, round_dir, rows, state.train_pairs, **train_overrides)
+    train_s = time.perf_counter() - begun
     adapter = round_dir / "adapter"
     begun = time.perf_counter()
     optimizer = load_round_optimizer(config, adapter, round_dir / "export")
     with tqdm(total=len(state.heldout), desc=f"round {round_no}: held-out", unit="prompt") as bar:
         held = state.heldout_figures(f"round {round_no}", optimizer, raw, progress=bar.update)
-    figures = {"round": round_no, "data": data, "sft": sft, "heldout": held["summary"],
-               "wall_s": {"data": round(data_s, 1), "sft": round(sft_s, 1), "heldout": round(time.perf_counter() - begun, 1)}}
+    figures = {"round": round_no, "method": config.method, "data": data, "train": trained, "heldout": held["summary"],
+               "wall_s": {"data": round(data_s, 1), "train": round(train_s, 1), "heldout": round(time.perf_counter() - begun, 1)}}
     (round_dir / "figures.json").write_text(json.dumps({**figures, "rewrites": held.get("rewrites")}, indent=2))
     return figures, adapter
 
@@ -249,6 +227,13 @@ def _round(state: _Run, round_no: int, adapter: str | Path | None, raw: dict[str
 def _wtl(figures: dict[str, Any], proxy: str) -> str:
     f = figures.get(proxy) or {}
     return "–" if "win" not in f else f"{f['win']} / {f['tie']} / {f['loss']} (net {f['net']:+d})"
+
+
+def _training(round_figures: dict[str, Any]) -> str:
+    trained = round_figures["train"]
+    if round_figures.get("method") == "dpo":
+        return f"DPO on {trained.get('pairs')} pairs, reward accuracy {trained.get('last_reward_accuracy')}"
+    return "SFT"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -270,11 +255,12 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{(f.get('answer_margin') or {}).get('mean')} | {_wtl(f, 'answer_margin')} | {f.get('reference_cosine')} | "
                      f"{f['changed_share']:.1%} | {drift} | {answered} | {f['answer_words_mean']}{change} |")
     if report["rounds"]:
-        lines += ["", "| round | prompts | kept a candidate | candidates/prompt | guard verdicts | s/prompt: candidates, scoring | SFT s | train loss |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| round | prompts | kept a candidate | candidates/prompt | guard verdicts | s/prompt: candidates, scoring | training | s | train loss |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in report["rounds"]:
             d = r["data"]
             lines.append(f"| {r['round']} | {d['prompts']} | {d['changed_share']:.1%} | {d['candidates_per_prompt']} | "
                          f"{', '.join(f'{k} {v}' for k, v in sorted(d['guard_verdicts'].items()))} | "
-                         f"{d['candidates_s_per_prompt']}, {d['scoring_s_per_prompt']} | {r['wall_s']['sft']} | {r['sft'].get('train_loss')} |")
+                         f"{d['candidates_s_per_prompt']}, {d['scoring_s_per_prompt']} | {_training(r)} | {r['wall_s']['train']} | "
+                         f"{r['train'].get('train_loss')} |")
     return "\n".join(lines) + "\n"
