@@ -86,6 +86,8 @@ def evaluate_heldout(name: str, rewriter: Any, items: Sequence[Item], scorer: Li
         texts = [r["rewritten"] for r in rows]
         extra = {k: proxy.get(k) for k in ("fallback_rate", "answered_rate", "degenerate_rate", "meaning_drift", "applied_share",
                                              "expanded_applied_share", "intent_cosine")}
+        # Per guard reason (constraint_lost among them): what the guards caught before users could see it.
+        extra |= {k: v for k, v in proxy.items() if k.startswith("fallback:")}
         extra["rewrites"] = [{"prompt": i.prompt, "rewritten": t} for i, t in zip(items, texts)]
     result = _version_figures(items, texts, scorer, target, embedder, cache, answer_tokens, raw)
     result["summary"] = {"version": name, **result["summary"], **{k: v for k, v in extra.items() if k != "rewrites"}}
@@ -236,6 +238,24 @@ def _training(round_figures: dict[str, Any]) -> str:
     return "SFT"
 
 
+def heldout_table(versions: Sequence[dict[str, Any]]) -> list[str]:
+    """The held-out table's lines, one row per version's summary (several runs' versions side by side, too)."""
+    lines = [
+        "| version | likelihood pref. | w/t/l vs raw | answer margin | w/t/l vs raw | cos to BPO ref. | changed | drift | answered | "
+        "fallbacks (constraint lost) | answer words (change) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in versions:
+        drift = "–" if f.get("meaning_drift") is None else f"{f['meaning_drift']:.1%}"
+        answered = "–" if f.get("answered_rate") is None else f"{f['answered_rate']:.1%}"
+        change = "" if f.get("answer_words_change") is None else f" ({f['answer_words_change']:+.1f})"
+        fallbacks = "–" if f.get("fallback_rate") is None else f"{f['fallback_rate']:.1%} ({f.get('fallback:constraint_lost', 0):.1%})"
+        lines.append(f"| {f['version']} | {(f.get('likelihood') or {}).get('mean')} | {_wtl(f, 'likelihood')} | "
+                     f"{(f.get('answer_margin') or {}).get('mean')} | {_wtl(f, 'answer_margin')} | {f.get('reference_cosine')} | "
+                     f"{f['changed_share']:.1%} | {drift} | {answered} | {fallbacks} | {f['answer_words_mean']}{change} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The held-out table, one row per version, and the per-round data figures."""
     rows = [report["baselines"]["raw"], report["baselines"]["reference"], report["baselines"]["start"]]
@@ -244,16 +264,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# bpo data selfplay", "",
         f"Held-out: {report['heldout']} BPO pairs no round trains on. Likelihood preference in nats/token (tie band "
         f"{LIKELIHOOD_TIE_BAND}), answer margin in MiniLM cosine (tie band {ANSWER_TIE_BAND}); win/tie/loss against the raw prompt.", "",
-        "| version | likelihood pref. | w/t/l vs raw | answer margin | w/t/l vs raw | cos to BPO ref. | changed | drift | answered | answer words (change) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *heldout_table(rows),
     ]
-    for f in rows:
-        drift = "–" if f.get("meaning_drift") is None else f"{f['meaning_drift']:.1%}"
-        answered = "–" if f.get("answered_rate") is None else f"{f['answered_rate']:.1%}"
-        change = "" if f.get("answer_words_change") is None else f" ({f['answer_words_change']:+.1f})"
-        lines.append(f"| {f['version']} | {(f.get('likelihood') or {}).get('mean')} | {_wtl(f, 'likelihood')} | "
-                     f"{(f.get('answer_margin') or {}).get('mean')} | {_wtl(f, 'answer_margin')} | {f.get('reference_cosine')} | "
-                     f"{f['changed_share']:.1%} | {drift} | {answered} | {f['answer_words_mean']}{change} |")
     if report["rounds"]:
         lines += ["", "| round | prompts | kept a candidate | candidates/prompt | guard verdicts | s/prompt: candidates, scoring | training | s | train loss |",
                   "|---|---|---|---|---|---|---|---|---|"]
