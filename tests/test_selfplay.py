@@ -231,6 +231,77 @@ def test_preference_pairs_take_the_best_and_worst_version_the_guards_passed():
     assert pairs[0]["gap"] == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["raw-inst", "chat-template"])
+def test_dpo_sees_the_tokens_sft_and_inference_see(tiny_bpo_dir, bundled_folder, chat):
+    """TRL tokenises plain text with the tokenizer's special tokens; the rows must still give SFT's ids (inference's)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from bpo_plugins.training.data import Pair
+    from bpo_plugins.training.selfplay.train import preference_rows
+    from bpo_plugins.training.sft import _pick_template, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_folder if chat else tiny_bpo_dir)
+    template = _pick_template("auto", tokenizer)
+    assert (template.raw is None) == chat
+    pairs = [{"prompt": "Tell me about Harry Potter", "chosen": "Summarise the plot of Harry Potter and its main characters.",
+              "rejected": "Tell me about Harry Potter."}]
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_bpo_dir), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(preference_rows(pairs, tokenizer, template)),
+                         args=DPOConfig(output_dir="unused", report_to=[], use_cpu=True, max_length=None, activation_checkpointing=False))
+    row = trainer.train_dataset[0]
+    for version in ("chosen", "rejected"):
+        sft = encode(Pair(pairs[0]["prompt"], pairs[0][version]), tokenizer, template, max_length=512)
+        assert row["prompt_ids"] + row[f"{version}_ids"] == sft["input_ids"]
+        assert len(row["prompt_ids"]) == sft["labels"].count(-100)  # the same split between instruction and rewrite
+
+
+def test_dpo_reference_is_the_starting_adapter_and_training_resumes(tiny_bpo_dir, tmp_path: Path):
+    """At step 1 the policy is the start; DPO's loss is exactly ln 2 only when the reference is the start too (the
+    start's LoRA is non-zero, so the base model as reference would not give it). Then a cut run resumes."""
+    import math
+
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from bpo_plugins.training.selfplay import dpo_round
+    from bpo_plugins.training.sft import TrainConfig, lora_config
+
+    from bpo_plugins.quiet import quiet_libraries
+
+    torch.manual_seed(1)
+    with quiet_libraries(("transformers",)):  # peft reads transformers 5's deprecated is_gradient_checkpointing
+        start_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_bpo_dir), lora_config(TrainConfig(data=[], lora_r=4, lora_alpha=8)))
+    with torch.no_grad():
+        for name, param in start_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    start = tmp_path / "start"
+    start_model.save_pretrained(start)
+    config = _tiny_config(tiny_bpo_dir, tmp_path, shared_data("bpo", "bpo_val.json"))
+    pairs = [{"prompt": f"Give me {n} tips for sleeping well", "chosen": f"Give me {n} practical tips for sleeping well, each with a reason.",
+              "rejected": f"Give me {n} tips for sleeping well."} for n in ("two", "three", "four")]
+    first = dpo_round(config, tmp_path / "round", pairs, start, max_steps=1, batch_size=4)
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=2e-4) and first["trained_pairs"] == 3
+    fresh = dpo_round(config, tmp_path / "fresh", pairs, None, max_steps=1, batch_size=4)  # a new LoRA: the base is the start
+    assert fresh["train_loss"] == pytest.approx(math.log(2), abs=2e-4) and fresh["start"] is None
+
+    (tmp_path / "round" / "adapter" / "train_figures.json").unlink()  # as if cut after its first checkpoint
+    assert (tmp_path / "round" / "adapter" / "checkpoints" / "checkpoint-1" / "ref").is_dir()
+    resumed = dpo_round(config, tmp_path / "round", pairs, start, max_steps=2, batch_size=4)
+    assert resumed["steps"] == 2
+    assert any(entry.get("step") == 2 for entry in json.loads((tmp_path / "round" / "adapter" / "train_figures.json").read_text())["log_history"])
+    before, after = load_file(start / "adapter_model.safetensors"), load_file(tmp_path / "round" / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+    with pytest.raises(UsageError, match="trained by dpo, not sft"):  # another method's adapter never stands in
+        from bpo_plugins.training.selfplay import train_round
+
+        train_round(config, tmp_path / "round", [], [])
+
+
 def _dpo_from_round_one(config: SelfplayConfig, first_run: Path, out: Path) -> tuple[dict, list[dict]]:
     """A DPO round from the SFT round's adapter, resuming from round 1's scored prompts. The tiny random model's
     candidates all fail the guards, so each prompt gets two scored, guard-passing versions written in."""

@@ -85,12 +85,15 @@ def _pick_template(name: str, tokenizer: Any) -> PromptTemplate:
 
 
 def instruction_text(prompt: str, tokenizer: Any, template: PromptTemplate) -> str:
-    """The optimizer's whole input for ``prompt`` as one text to tokenise without special tokens (TRL's
-    preference trainers do): a raw format gets, as text, what the tokenizer adds at inference (Llama's BOS)."""
+    """The optimizer's whole input for ``prompt`` as text that, tokenised with the tokenizer's special tokens (as
+    TRL's preference trainers tokenise plain text), gives the ids the local backends feed it. A raw format is
+    tokenised that way at inference already; a chat render carries its own BOS, so the one the tokenizer would
+    add again is taken off its front."""
     if template.raw is not None:
-        added = tokenizer.decode(tokenizer("", add_special_tokens=True)["input_ids"])
-        return added + template.render_raw(prompt)
-    return template.render(prompt, tokenizer)
+        return template.render_raw(prompt)
+    text = template.render(prompt, tokenizer)
+    added = tokenizer.decode(tokenizer("", add_special_tokens=True)["input_ids"])
+    return text[len(added):] if added and text.startswith(added) else text
 
 
 def rewrite_text(optimized: str, template: PromptTemplate) -> str:

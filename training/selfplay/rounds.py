@@ -194,7 +194,7 @@ def _baselines(state: _Run, adapter: str | Path | None) -> tuple[dict[str, Any],
 
 def _round(state: _Run, round_no: int, adapter: str | Path | None, raw: dict[str, Any],
            train_overrides: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    """One round: candidates and scoring, SFT on every round's kept pairs so far, held-out figures; its figures and adapter."""
+    """One round: candidates and scoring, training (SFT on every round's kept pairs so far, or DPO on this round's best/worst pairs), held-out figures; its figures and adapter."""
     from tqdm import tqdm
 
     config, out = state.config, state.out
