@@ -267,10 +267,9 @@ def test_dpo_reference_is_the_starting_adapter_and_training_resumes(tiny_bpo_dir
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from bpo_plugins.quiet import quiet_libraries
     from bpo_plugins.training.selfplay import dpo_round
     from bpo_plugins.training.sft import TrainConfig, lora_config
-
-    from bpo_plugins.quiet import quiet_libraries
 
     torch.manual_seed(1)
     with quiet_libraries(("transformers",)):  # peft reads transformers 5's deprecated is_gradient_checkpointing
@@ -353,3 +352,44 @@ def test_selfplay_cli_measures_cost(tiny_bpo_dir, tmp_path: Path):
     bad = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay", "--bpo", str(tmp_path / "missing.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing.json" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_preference_files_join_the_rounds_without_held_out_or_eval_prompts(tmp_path: Path):
+    from bpo_plugins.training.selfplay import load_pool
+
+    bpo = shared_data("bpo", "bpo_val.json")
+    held_prompt = heldout_split(bpo)[1][0].prompt
+    evals = tmp_path / "eval.json"
+    evals.write_text(json.dumps([{"instruction": "Name three primary colours."}]))
+    triples = tmp_path / "coachlm.triples.jsonl"
+    rows = [{"prompt": "Write a haiku about rain.", "context": None, "chosen": "Soft rain on the roof...", "rejected": "Rain."},
+            {"prompt": held_prompt, "chosen": "a", "rejected": "b"},
+            {"prompt": "Name three primary colours.", "chosen": "Red, yellow, blue.", "rejected": "Green."}]
+    triples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = SelfplayConfig(bpo=str(bpo), exclude=[str(evals)], preferences=[str(triples)])
+    pools, heldout, _ = load_pool(config)
+    assert len(pools) == 2 and len(pools[0]) == 238 and len(heldout) == 60  # 2 training pairs lack a bad response
+    assert [(i.prompt, i.chosen, i.rejected, i.source) for i in pools[1]] == [
+        ("Write a haiku about rain.", "Soft rain on the roof...", "Rain.", "coachlm.triples.jsonl")]
+    assert round_prompts(pools, 1, 2) == [pools[0][0], pools[1][0]]  # the sources taken in turn
+
+
+def test_selfplay_table_sets_runs_side_by_side(tmp_path: Path):
+    results = Path("training/results/v2")
+    arm, dpo = json.loads((results / "arm-mix.json").read_text()), json.loads((results / "dpo-shipped-r1.json").read_text())
+    table = tmp_path / "table.md"
+    made = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay-table", f"arm-mix={results / 'arm-mix.json'}",
+                           f"dpo={results / 'dpo-shipped-r1.json'}", "--out", str(table)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.read_text().splitlines()[2:]}
+    assert list(rows) == ["raw", "reference", "arm-mix", "start (shipped)", "dpo, round 1"]
+    for name, figures in [("arm-mix", arm["baselines"]["start"]), ("start (shipped)", dpo["baselines"]["start"]),
+                          ("dpo, round 1", dpo["rounds"][0]["heldout"]), ("reference", dpo["baselines"]["reference"])]:
+        f = figures["likelihood"]
+        assert f"{f['win']} / {f['tie']} / {f['loss']} (net {f['net']:+d})" in rows[name]
+    assert made.stdout == table.read_text()
+    other = tmp_path / "split30.json"
+    other.write_text(json.dumps({**dpo, "heldout": 30}))
+    mixed = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay-table", str(results / "arm-mix.json"), str(other)],
+                           capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 2 and "split30.json" in mixed.stderr and mixed.stderr.count("\n") == 1

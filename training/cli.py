@@ -210,9 +210,10 @@ def _compare_arms(data: dict, alignment, arms: list[str], rewriter, target, judg
     session.close()
 
 
-from bpo_plugins.training.selfplay import selfplay_command  # noqa: E402  (models load lazily, in the command)
+from bpo_plugins.training.selfplay import selfplay_command, table_command  # noqa: E402  (models load lazily, in the command)
 
 data_app.command("selfplay")(selfplay_command)
+data_app.command("selfplay-table")(table_command)
 
 from bpo_plugins.training.sources import mix_command  # noqa: E402
 

@@ -13,7 +13,7 @@ from bpo_plugins.training.scores import (
     LIKELIHOOD_TIE_BAND,
 )
 from bpo_plugins.training.selfplay.config import PAIR_MARGIN, SHIPPED, SelfplayConfig
-from bpo_plugins.training.selfplay.rounds import markdown, run
+from bpo_plugins.training.selfplay.rounds import heldout_table, markdown, run
 
 # --- command line -----------------------------------------------------------------------------
 
@@ -23,6 +23,7 @@ def selfplay_command(
     bpo: Annotated[Path, typer.Option("--bpo", help="BPO pairs with good_res/bad_res (20% held out).")] = Path("tests/data/bpo/bpo_val.json"),
     hh: Annotated[Path | None, typer.Option("--hh", help="HH-RLHF transcripts, opt-in (single-turn ones are used; see the results README).")] = None,
     reference: Annotated[list[Path] | None, typer.Option("--reference", help="Dolly/Self-Instruct set: reference preferred, the target's answer rejected.")] = None,
+    preference: Annotated[list[Path] | None, typer.Option("--preference", help="Preference file ({prompt, context?, chosen, rejected} rows, e.g. bpo data mix's coachlm.triples.jsonl): its prompts join the rounds, judged by its chosen and rejected responses.")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=0, help="0: only the held-out figures of the raw prompt, BPO's reference and --start-adapter (scores an adapter trained elsewhere).")] = 2,
     prompts: Annotated[int, typer.Option("--prompts", min=1, help="New prompts per round.")] = 40,
     num_candidates: Annotated[int, typer.Option("--num-candidates", "-n", min=1, help="Aggressive-mode candidates per prompt.")] = 8,
@@ -49,11 +50,12 @@ def selfplay_command(
         raise UsageError(f"--runtime {runtime!r}: use auto or transformers")
     if method not in ("sft", "dpo"):
         raise UsageError(f"--method {method!r}: use sft or dpo")
-    for path in [bpo, *([] if hh is None else [hh]), *(reference or [])]:
+    for path in [bpo, *([] if hh is None else [hh]), *(reference or []), *(preference or [])]:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
     config = SelfplayConfig(
         out=str(out), bpo=str(bpo), hh=None if hh is None else str(hh), references=[str(r) for r in reference or []],
+        preferences=[str(p) for p in preference or []],
         rounds=rounds, prompts=prompts, num_candidates=num_candidates, margin=margin, target=target, target_base_url=target_base_url,
         base_model=base_model, start_adapter=None if start_adapter in (None, "none") else start_adapter, runtime=runtime,
         heldout_limit=heldout_limit, answer_tokens=answer_tokens, response_tokens=response_tokens, seed=seed,
@@ -66,3 +68,46 @@ def selfplay_command(
     else:
         typer.echo(markdown(report))
     typer.echo(f"figures in {out}/{'cost.json' if measure else 'selfplay.json, selfplay.md'}", err=True)
+
+
+def table_command(
+    reports: Annotated[list[str], typer.Argument(help="LABEL=selfplay.json (or a bare path), one per run: their arms side by side.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the table here too (Markdown).")] = None,
+) -> None:
+    """One held-out table for several ``bpo data selfplay`` runs: raw and BPO's reference once, then each run's
+    starting optimizer (each adapter once) and its rounds, named by the run's label."""
+    versions: dict[str, dict] = {}
+    heldout: int | None = None
+    for spec in reports:
+        label, _, path = spec.rpartition("=")
+        report = _read_report(Path(path))
+        if heldout is not None and report["heldout"] != heldout:
+            raise UsageError(f"{path}: {report['heldout']} held-out pairs, the first report has {heldout}: one table needs one split")
+        heldout = report["heldout"]
+        baselines = report["baselines"]
+        start = dict(baselines["start"])
+        if label and not report["rounds"]:
+            start["version"] = label
+        for row in (baselines["raw"], baselines["reference"], start):
+            versions.setdefault(row["version"], row)
+        for figures in report["rounds"]:
+            name = f"{label or report['config']['out']}, round {figures['round']}"
+            versions[name] = {**figures["heldout"], "version": name}
+    lines = "\n".join(heldout_table(list(versions.values()))) + "\n"
+    if out is not None:
+        out.write_text(lines)
+    typer.echo(lines, nl=False)
+
+
+def _read_report(path: Path) -> dict:
+    """A ``selfplay.json``, or a one-line usage error naming the file."""
+    try:
+        report = json.loads(path.read_text())
+        report["baselines"], report["rounds"], report["heldout"]
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
+    except (KeyError, TypeError):
+        raise UsageError(f"{path}: not a bpo data selfplay report (selfplay.json)") from None
+    return report

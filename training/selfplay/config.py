@@ -27,6 +27,9 @@ class SelfplayConfig:
     #: Dolly / Self-Instruct sets: reference response preferred, the target's raw answer rejected. They are
     #: eval sets elsewhere (bpo-small's figures); a set named here is no longer held out of training.
     references: list[str] = field(default_factory=list)
+    #: Preference files ({prompt, context?, chosen, rejected}, BPO rows or HH transcripts), one pool each: more
+    #: prompts with a good and a bad response to judge candidates by (CoachLM's triples from ``bpo data mix``).
+    preferences: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=lambda: ["tests/data/bpo/dolly_eval.json", "tests/data/bpo/self_instruct_eval.json",
                                                          "tests/data/bpo/vicuna_eval.jsonl"])
     rounds: int = 2

@@ -52,6 +52,8 @@ def load_pool(config: SelfplayConfig) -> tuple[list[list[Item]], list[Item], lis
         sources.append([Item(t.prompt, t.chosen, t.rejected, None, "hh-rlhf") for t in read_triplets(config.hh)])
     for path in config.references:
         sources.append(_reference_items(path))
+    for path in config.preferences:
+        sources.append([Item(t.prompt, t.chosen, t.rejected, t.context, t.source) for t in read_triplets(path)])
     pools = []
     for i, source in enumerate(sources):
         seen: set[str] = set()

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bpo_plugins.guards import word_count
-from bpo_plugins.registry import BUNDLED_ADAPTER
 from bpo_plugins.inputs import UsageError
+from bpo_plugins.registry import BUNDLED_ADAPTER
 from bpo_plugins.training.data import Pair
 from bpo_plugins.training.scores import (
     ANSWER_TIE_BAND,
@@ -27,13 +27,13 @@ from bpo_plugins.training.scores import (
 from bpo_plugins.training.selfplay.config import SHIPPED, Item, SelfplayConfig
 from bpo_plugins.training.selfplay.models import _load_target, load_round_optimizer
 from bpo_plugins.training.selfplay.pool import load_pool, round_prompts
-from bpo_plugins.training.selfplay.train import dpo_round, preference_pairs, train_round
 from bpo_plugins.training.selfplay.selection import (
     Score,
     _done_rows,
     answer_margin_score,
     run_round_data,
 )
+from bpo_plugins.training.selfplay.train import dpo_round, preference_pairs, train_round
 
 # --- held-out figures -------------------------------------------------------------------------
 

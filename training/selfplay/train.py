@@ -103,7 +103,13 @@ def _train_dpo(config: SelfplayConfig, adapter: Path, pairs: Sequence[dict[str, 
     from trl import DPOConfig, DPOTrainer
 
     from bpo_plugins.registry import checkpoint
-    from bpo_plugins.training.sft import TrainConfig, _checkpoint_step, _model_and_tokenizer, _pick_template, _version_arguments
+    from bpo_plugins.training.sft import (
+        TrainConfig,
+        _checkpoint_step,
+        _model_and_tokenizer,
+        _pick_template,
+        _version_arguments,
+    )
 
     set_seed(config.seed)
     sft = TrainConfig(data=[], base_model=config.base_model, template=settings.get("template", config.template),
