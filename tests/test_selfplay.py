@@ -372,6 +372,10 @@ def test_preference_files_join_the_rounds_without_held_out_or_eval_prompts(tmp_p
     assert [(i.prompt, i.chosen, i.rejected, i.source) for i in pools[1]] == [
         ("Write a haiku about rain.", "Soft rain on the roof...", "Rain.", "coachlm.triples.jsonl")]
     assert round_prompts(pools, 1, 2) == [pools[0][0], pools[1][0]]  # the sources taken in turn
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": "no responses"}) + "\n")
+    with pytest.raises(UsageError, match="empty.jsonl: no preference rows"):
+        load_pool(dataclasses.replace(config, preferences=[str(empty)]))
 
 
 def test_selfplay_table_sets_runs_side_by_side(tmp_path: Path):
@@ -379,12 +383,12 @@ def test_selfplay_table_sets_runs_side_by_side(tmp_path: Path):
     arm, dpo = json.loads((results / "arm-mix.json").read_text()), json.loads((results / "dpo-shipped-r1.json").read_text())
     table = tmp_path / "table.md"
     made = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay-table", f"arm-mix={results / 'arm-mix.json'}",
-                           f"dpo={results / 'dpo-shipped-r1.json'}", "--out", str(table)], capture_output=True, text=True, timeout=120)
+                           f"DPO round 1={results / 'dpo-shipped-r1.json'}", "--out", str(table)], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr[-2000:]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.read_text().splitlines()[2:]}
-    assert list(rows) == ["raw", "reference", "arm-mix", "start (shipped)", "dpo, round 1"]
+    assert list(rows) == ["raw", "reference", "arm-mix", "start (shipped)", "DPO round 1"]
     for name, figures in [("arm-mix", arm["baselines"]["start"]), ("start (shipped)", dpo["baselines"]["start"]),
-                          ("dpo, round 1", dpo["rounds"][0]["heldout"]), ("reference", dpo["baselines"]["reference"])]:
+                          ("DPO round 1", dpo["rounds"][0]["heldout"]), ("reference", dpo["baselines"]["reference"])]:
         f = figures["likelihood"]
         assert f"{f['win']} / {f['tie']} / {f['loss']} (net {f['net']:+d})" in rows[name]
     assert made.stdout == table.read_text()
@@ -392,4 +396,16 @@ def test_selfplay_table_sets_runs_side_by_side(tmp_path: Path):
     other.write_text(json.dumps({**dpo, "heldout": 30}))
     mixed = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay-table", str(results / "arm-mix.json"), str(other)],
                            capture_output=True, text=True, timeout=120)
-    assert mixed.returncode == 2 and "split30.json" in mixed.stderr and mixed.stderr.count("\n") == 1
+    assert mixed.returncode == 2 and "split30.json" in mixed.stderr and "(heldout)" in mixed.stderr and mixed.stderr.count("\n") == 1
+    # A run that starts from another run's round adds no second row for that adapter; two runs' rows may not share a name.
+    chained = tmp_path / "chained.json"
+    chained.write_text(json.dumps({**dpo, "config": {**dpo["config"], "out": "runs/next",
+                                                     "start_adapter": f"{dpo['config']['out']}/round-1/adapter"}}))
+    made = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay-table", f"DPO round 1={results / 'dpo-shipped-r1.json'}",
+                           f"DPO round 2={chained}"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert [line.split(" | ")[0].lstrip("| ") for line in made.stdout.splitlines()[2:]] == [
+        "raw", "reference", "start (shipped)", "DPO round 1", "DPO round 2"]
+    same = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "selfplay-table", f"x={results / 'dpo-shipped-r1.json'}",
+                           f"x={chained}"], capture_output=True, text=True, timeout=120)
+    assert same.returncode == 2 and "a second row named 'x'" in same.stderr

@@ -16,6 +16,7 @@ import pytest
 
 from bpo_plugins.inputs import UsageError
 from bpo_plugins.training.data import read_pairs
+from bpo_plugins.training.selfplay import heldout_split
 from bpo_plugins.training.sources import SOURCES, coachlm_triples, mix, style
 
 VICUNA_PROMPT = "How can I improve my time management skills?"  # tests/data/bpo/vicuna_eval.jsonl, question 1
@@ -126,9 +127,19 @@ def test_a_source_we_may_not_ship_is_refused_unless_asked_for(tmp_path: Path, em
     coach = _coachlm(tmp_path / "coach")
     with pytest.raises(UsageError, match="CC BY-NC"):
         mix({"coachlm": coach}, tmp_path / "mix")
-    report = mix({"coachlm": coach}, tmp_path / "mix", allow_noncommercial=True, heldout_from=None, embedder=embedder)
-    assert not report["shippable"] and report["sources"]["coachlm"]["preference_triples"] == 2
-    assert (tmp_path / "mix" / "coachlm.triples.jsonl").read_text().count("\n") == 2
+    rows = json.loads((coach / "Expert Revision Dataset.json").read_text())
+    # Near copies of a Vicuna eval prompt (one word changed, cosine >= 0.9) and of a BPO held-out prompt (exact): never
+    # a training prompt, as a rewrite pair or as a preference triple.
+    held_prompt = heldout_split("tests/data/bpo/bpo_val.json")[1][0].prompt
+    rows += [{**rows[1], "Raw Instruction": "How can I improve my time-management skills?", "Revised Instruction": "How can I improve my time-management skills?"},
+             {**rows[1], "Raw Instruction": held_prompt, "Revised Instruction": held_prompt}]
+    (coach / "Expert Revision Dataset.json").write_text(json.dumps(rows))
+    report = mix({"coachlm": coach}, tmp_path / "mix", allow_noncommercial=True, heldout_from="tests/data/bpo/bpo_val.json", embedder=embedder)
+    coachlm = report["sources"]["coachlm"]
+    assert not report["shippable"] and coachlm["preference_triples"] == 2
+    assert coachlm["preference_dropped"] == {"eval_near": 1, "heldout_exact": 1}
+    written = [json.loads(line) for line in (tmp_path / "mix" / "coachlm.triples.jsonl").read_text().splitlines()]
+    assert [t["prompt"] for t in written] == [r["Raw Instruction"] for r in rows[:2]]
 
 
 def test_style_figures():

@@ -295,10 +295,11 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
             "style_kept": style(mine), "by_part": dict(Counter(p.source for p in mine).most_common()),
         }
     if "coachlm" in sources:
-        triples = coachlm_triples(sources["coachlm"])
+        triples, triples_dropped = _clean_triples(coachlm_triples(sources["coachlm"]), banned, embedder, near_cosine)
         (out / "coachlm.triples.jsonl").write_text("".join(json.dumps(
             {"prompt": t.prompt, "context": t.context, "chosen": t.chosen, "rejected": t.rejected}, ensure_ascii=False) + "\n" for t in triples))
         report["sources"]["coachlm"]["preference_triples"] = len(triples)
+        report["sources"]["coachlm"]["preference_dropped"] = dict(triples_dropped.most_common())
     if heldout_from is not None:
         from bpo_plugins.training.selfplay import heldout_split
 
@@ -307,6 +308,26 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def _clean_triples(triples: Sequence[Triplet], banned: dict[str, set[str]], embedder: Any,
+                   near_cosine: float) -> tuple[list[Triplet], Counter[str]]:
+    """The triples whose prompt is no eval or held-out prompt, exactly or nearly (the pairs' rule), and why each other was dropped."""
+    dropped: Counter[str] = Counter()
+    exact_ok = []
+    for triple in triples:
+        reason = _exact_reason(triple.prompt, banned)
+        if reason:
+            dropped[reason] += 1
+        else:
+            exact_ok.append(triple)
+    kept = []
+    for triple, reason in zip(exact_ok, _near_reasons([t.prompt for t in exact_ok], banned, embedder, near_cosine)):
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append(triple)
+    return kept, dropped
 
 
 def _name(pair: Pair) -> str:

@@ -70,44 +70,77 @@ def selfplay_command(
     typer.echo(f"figures in {out}/{'cost.json' if measure else 'selfplay.json, selfplay.md'}", err=True)
 
 
+
 def table_command(
     reports: Annotated[list[str], typer.Argument(help="LABEL=selfplay.json (or a bare path), one per run: their arms side by side.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the table here too (Markdown).")] = None,
 ) -> None:
-    """One held-out table for several ``bpo data selfplay`` runs: raw and BPO's reference once, then each run's
-    starting optimizer (each adapter once) and its rounds, named by the run's label."""
+    """One held-out table for several ``bpo data selfplay`` runs on one split: raw and BPO's reference once, then
+    each run's starting optimizer (each adapter once) and its rounds. LABEL names a run's one new version (its
+    round, or its starting adapter for a ``--rounds 0`` run); a run of several rounds gives "LABEL, round K"."""
     versions: dict[str, dict] = {}
-    heldout: int | None = None
+    split: dict | None = None
+    round_adapters: set[str] = set()  # adapters an earlier run trained: a later run starting from one adds no row
     for spec in reports:
-        label, _, path = spec.rpartition("=")
-        report = _read_report(Path(path))
-        if heldout is not None and report["heldout"] != heldout:
-            raise UsageError(f"{path}: {report['heldout']} held-out pairs, the first report has {heldout}: one table needs one split")
-        heldout = report["heldout"]
-        baselines = report["baselines"]
-        start = dict(baselines["start"])
-        if label and not report["rounds"]:
-            start["version"] = label
-        for row in (baselines["raw"], baselines["reference"], start):
-            versions.setdefault(row["version"], row)
-        for figures in report["rounds"]:
-            name = f"{label or report['config']['out']}, round {figures['round']}"
-            versions[name] = {**figures["heldout"], "version": name}
+        label, path = _label_and_path(spec)
+        report = _read_report(path)
+        try:
+            config = report["config"]
+            this_split = {"heldout": report["heldout"], **{key: config.get(key) for key in _SPLIT_SETTINGS}}
+            if split is not None and this_split != split:
+                changed = ", ".join(k for k in this_split if this_split[k] != split[k])
+                raise UsageError(f"{path}: another held-out split or target than the first report's ({changed}): one table needs one split")
+            split = this_split
+            rows = _report_rows(report, label, round_adapters)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise UsageError(f"{path}: not a bpo data selfplay report (selfplay.json): {error!r} missing or malformed") from None
+        for name, row, shared in rows:
+            if name in versions and not shared:
+                raise UsageError(f"{path}: a second row named {name!r}: give each report its own LABEL=")
+            versions.setdefault(name, row)
     lines = "\n".join(heldout_table(list(versions.values()))) + "\n"
     if out is not None:
         out.write_text(lines)
     typer.echo(lines, nl=False)
 
 
+#: What makes two runs' figures comparable: the same held-out pairs, target and scoring lengths.
+_SPLIT_SETTINGS = ("bpo", "seed", "heldout_fraction", "heldout_limit", "target", "target_base_url", "response_tokens", "answer_tokens")
+
+
+def _label_and_path(spec: str) -> tuple[str, Path]:
+    if Path(spec).is_file():  # a bare path may hold "=" itself
+        return "", Path(spec)
+    label, _, path = spec.partition("=")
+    return label, Path(path)
+
+
+def _report_rows(report: dict, label: str, round_adapters: set[str]) -> list[tuple[str, dict, bool]]:
+    """(name, figures, shared by every run) per version of one report; records the adapters its rounds trained."""
+    import os
+
+    config, baselines, rounds = report["config"], report["baselines"], report["rounds"]
+    rows = [(baselines["raw"]["version"], baselines["raw"], True), (baselines["reference"]["version"], baselines["reference"], True)]
+    start = baselines["start"]
+    if os.path.normpath(str(config.get("start_adapter"))) not in round_adapters:
+        rows.append((label, {**start, "version": label}, False) if label and not rounds else (start["version"], start, True))
+    for figures in rounds:
+        name = label if label and len(rounds) == 1 else f"{label or config['out']}, round {figures['round']}"
+        rows.append((name, {**figures["heldout"], "version": name}, False))
+        round_adapters.add(os.path.normpath(os.path.join(config["out"], f"round-{figures['round']}", "adapter")))
+    return rows
+
+
 def _read_report(path: Path) -> dict:
     """A ``selfplay.json``, or a one-line usage error naming the file."""
     try:
-        report = json.loads(path.read_text())
-        report["baselines"], report["rounds"], report["heldout"]
+        report = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise UsageError(f"{path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file") from None
     except json.JSONDecodeError as error:
         raise UsageError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
-    except (KeyError, TypeError):
-        raise UsageError(f"{path}: not a bpo data selfplay report (selfplay.json)") from None
+    if not isinstance(report, dict) or not {"config", "baselines", "rounds", "heldout"} <= report.keys():
+        raise UsageError(f"{path}: not a bpo data selfplay report (selfplay.json)")
     return report

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from bpo_plugins.inputs import read_rows
+from bpo_plugins.inputs import UsageError, read_rows
 from bpo_plugins.training.data import Pair, normalise, read_pairs, read_triplets
 from bpo_plugins.training.selfplay.config import Item, SelfplayConfig
 
@@ -53,10 +53,13 @@ def load_pool(config: SelfplayConfig) -> tuple[list[list[Item]], list[Item], lis
     for path in config.references:
         sources.append(_reference_items(path))
     for path in config.preferences:
-        sources.append([Item(t.prompt, t.chosen, t.rejected, t.context, t.source) for t in read_triplets(path)])
+        triplets = read_triplets(path)
+        if not triplets:
+            raise UsageError(f"{path}: no preference rows ({{prompt, chosen, rejected}}, BPO's good_res/bad_res, or HH transcripts)")
+        sources.append([Item(t.prompt, t.chosen, t.rejected, t.context, t.source) for t in triplets])
     pools = []
+    seen: set[str] = set()  # across sources too: a prompt two sources share is drawn once
     for i, source in enumerate(sources):
-        seen: set[str] = set()
         kept = []
         for item in source:
             if normalise(item.prompt) not in banned and item.key not in seen:
