@@ -217,6 +217,22 @@ def test_selfplay_loop_end_to_end_then_resumes(tiny_bpo_dir, tmp_path: Path):
                train_overrides={"max_steps": 2})["rounds"][0]["train"] == trained["train"]  # resumes: trained once
 
 
+def test_fixed_versions_score_texts_on_the_held_out_split(tiny_bpo_dir, tmp_path: Path):
+    from bpo_plugins.training.selfplay import fixed_versions
+
+    bpo = tmp_path / "bpo.json"
+    bpo.write_text(json.dumps(json.loads(shared_data("bpo", "bpo_val.json").read_text())[:20]))
+    config = _tiny_config(tiny_bpo_dir, tmp_path / "bounds", bpo)
+    rows = fixed_versions(config, {"copy": lambda i: i.prompt, "reference": lambda i: i.reference or i.prompt,
+                                   "suffix": lambda i: i.prompt + " Give one example."})
+    assert [r["version"] for r in rows] == ["raw", "copy", "reference", "suffix"] and rows[0]["n"] == 2
+    copy, reference, suffix = rows[1:]
+    # The raw prompt again ties with itself on both proxies; the others are scored against it.
+    assert copy["likelihood"]["tie"] == copy["answer_margin"]["tie"] == 2 and copy["changed_share"] == 0.0
+    assert reference["reference_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert suffix["changed_share"] == 1.0 and suffix["likelihood"]["mean"] != rows[0]["likelihood"]["mean"]
+
+
 def test_preference_pairs_take_the_best_and_worst_version_the_guards_passed():
     rows = [
         {"prompt": "p", "raw_score": 0.2, "candidates": [{"text": "a", "guard": None, "score": 0.5},

@@ -155,3 +155,36 @@ def test_the_command_line_names_a_bad_source_in_one_line(tmp_path: Path):
     run = subprocess.run([sys.executable, "-m", "bpo_plugins", "data", "mix", "--source", "alpacaeval=x.json", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "unknown source alpacaeval" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_complement_keeps_the_prompt_and_appends_only_what_the_rewrite_adds():
+    from bpo_plugins.training.complement import additions, complement
+    from bpo_plugins.training.data import Pair
+
+    prompt = "Name one disadvantage of online shopping"
+    # The restating sentence shares most of its content words with the prompt; the two after it are new.
+    optimized = ("Name one disadvantage of online shopping in detail. Explain how fraud and scams affect buyers. "
+                 "Give a real example.")
+    assert additions(prompt, optimized) == "Explain how fraud and scams affect buyers. Give a real example."
+    pair = complement(Pair(prompt, optimized, "good", "bad", source="bpo"))
+    assert pair.optimized == prompt + " Explain how fraud and scams affect buyers. Give a real example."
+    assert (pair.prompt, pair.good_res, pair.bad_res, pair.source) == (prompt, "good", "bad", "bpo")
+    # A rewrite that only restates gives a keep-as-is row; the prompt's trailing space is not doubled.
+    assert complement(Pair("Draft a screenplay for a comedic short film.  ", "Draft a comedic short film screenplay.")).optimized \
+        == "Draft a screenplay for a comedic short film."
+
+
+def test_mix_with_complement_targets_keeps_the_prompts_verbatim_and_drops_rewrites_that_add_nothing(tmp_path: Path, embedder):
+    sources = {"bpo": Path("tests/data/bpo/bpo_val.json")}
+    plain = mix(sources, tmp_path / "plain", heldout_from="tests/data/bpo/bpo_val.json", embedder=embedder)
+    report = mix(sources, tmp_path / "complement", heldout_from="tests/data/bpo/bpo_val.json", embedder=embedder, as_complement=True)
+    dropped = report["sources"]["bpo"]["dropped"]
+    # The same filters on the source's own rewrites; then the 57% of BPO's training rewrites that only restate go.
+    assert {k: v for k, v in dropped.items() if k != "complement_adds_nothing"} == plain["sources"]["bpo"]["dropped"]
+    assert report["kept"] + dropped["complement_adds_nothing"] == plain["kept"] and 0.3 < report["kept"] / plain["kept"] < 0.6
+    pairs = read_pairs([tmp_path / "complement" / "pairs.jsonl"])
+    plain_prompts = [p.prompt for p in read_pairs([tmp_path / "plain" / "pairs.jsonl"])]
+    assert [p.prompt for p in pairs] == [p for p in plain_prompts if p in {q.prompt for q in pairs}]
+    assert all(p.optimized.startswith(p.prompt.rstrip() + " ") and len(p.optimized) > len(p.prompt.rstrip()) + 1 for p in pairs)
+    assert report["sources"]["bpo"]["style_kept"]["only_adds"] == 1.0
+    assert "targets: the untouched prompt plus what the rewrite adds" in (tmp_path / "complement" / "report.md").read_text()

@@ -225,8 +225,12 @@ def style(pairs: Sequence[Pair]) -> dict[str, Any]:
 
 def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] = EVAL_SETS, heldout_from: str | Path | None = None,
         allow_noncommercial: bool = False, embedder: Any = None, near_cosine: float = NEAR_DUPLICATE_COSINE,
-        check_constraints: bool = True, near_duplicate: float = 0.8, max_self_bleu: float = 0.6) -> dict[str, Any]:
-    """Convert, clean and write every source; returns the report (also ``out/report.json``)."""
+        check_constraints: bool = True, near_duplicate: float = 0.8, max_self_bleu: float = 0.6,
+        as_complement: bool = False) -> dict[str, Any]:
+    """Convert, clean and write every source; returns the report (also ``out/report.json``). With
+    ``as_complement`` every kept pair's target becomes its untouched prompt plus what the rewrite adds
+    (``training/complement.py``), and a pair whose rewrite adds nothing is dropped; the filters still judge the
+    source's own rewrite."""
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise UsageError(f"unknown source {', '.join(sorted(unknown))}: use {', '.join(SOURCES)}")
@@ -282,6 +286,21 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
         if id(pair) not in diverse_ids:
             dropped[_name(pair)]["self_bleu"] += 1
     report["duplicates"] = {"exact": n_exact, "near": n_near}
+    report["complement"] = as_complement
+    if as_complement:
+        # A rewrite that only restates its prompt adds nothing to learn: as a keep-as-is row it taught the
+        # optimizer to copy (3% of held-out prompts changed; training/results/v2/README.md). bpo train adds
+        # keep-as-is rows of its own (keep_as_is_fraction).
+        from bpo_plugins.training.complement import complement
+
+        targets = []
+        for pair in kept:
+            target = complement(pair)
+            if normalise(target.optimized) == normalise(pair.prompt):
+                dropped[_name(pair)]["complement_adds_nothing"] += 1
+            else:
+                targets.append(target)
+        kept = targets
     out.mkdir(parents=True, exist_ok=True)
     (out / "sources").mkdir(exist_ok=True)
     _write(out / "pairs.jsonl", kept)
@@ -347,7 +366,8 @@ def markdown(report: dict[str, Any]) -> str:
         why = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "-"
         lines.append(f"| {name} | {s['licence']} | {'yes' if s['shippable'] else 'no'} | {s['read']} | {s['kept']} | {why} | {ratio} | "
                      f"{st.get('unchanged', 0):.1%} | {st.get('only_adds', 0):.1%} |")
-    return "\n".join(lines) + f"\n\nMix: {report['kept']} pairs ({'shippable' if report['shippable'] else 'research only: a source is not shippable'}).\n"
+    targets = "; targets: the untouched prompt plus what the rewrite adds" if report.get("complement") else ""
+    return "\n".join(lines) + f"\n\nMix: {report['kept']} pairs ({'shippable' if report['shippable'] else 'research only: a source is not shippable'}{targets}).\n"
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -360,6 +380,7 @@ def mix_command(
     heldout_from: Annotated[Path | None, typer.Option("--heldout-from", help="BPO pairs whose fixed 60-pair held-out split is kept out.")] = Path("tests/data/bpo/bpo_val.json"),
     allow_noncommercial: Annotated[bool, typer.Option("--allow-noncommercial", help="Admit sources a shipped model may not be trained on (research runs).")] = False,
     near_cosine: Annotated[float, typer.Option("--near-cosine", min=0.0, max=1.0, help="MiniLM cosine to an eval prompt that drops a pair.")] = NEAR_DUPLICATE_COSINE,
+    as_complement: Annotated[bool, typer.Option("--complement", help="Targets become the untouched prompt plus the sentences the rewrite adds (the complement design); a rewrite that adds nothing is dropped.")] = False,
 ) -> None:
     """Public rewrite pairs from several sources, in bpo train's format: eval prompts out, BPO's filters applied."""
     parsed: dict[str, Path] = {}
@@ -375,6 +396,6 @@ def mix_command(
     from bpo_plugins.embeddings import Embedder
 
     report = mix(parsed, out, eval_sets=sets, heldout_from=heldout_from, allow_noncommercial=allow_noncommercial, embedder=Embedder(),
-                 near_cosine=near_cosine)
+                 near_cosine=near_cosine, as_complement=as_complement)
     typer.echo(markdown(report))
     typer.echo(f"pairs in {out}/pairs.jsonl, per source in {out}/sources/, figures in {out}/report.json", err=True)

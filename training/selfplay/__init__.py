@@ -28,7 +28,7 @@ from bpo_plugins.training.selfplay.cli import selfplay_command, table_command
 from bpo_plugins.training.selfplay.config import PAIR_MARGIN, SHIPPED, Item, Selection, SelfplayConfig
 from bpo_plugins.training.selfplay.models import load_round_optimizer
 from bpo_plugins.training.selfplay.pool import heldout_split, load_pool, round_prompts
-from bpo_plugins.training.selfplay.rounds import evaluate_heldout, heldout_table, markdown, run
+from bpo_plugins.training.selfplay.rounds import evaluate_heldout, fixed_versions, heldout_table, markdown, run
 from bpo_plugins.training.selfplay.selection import (
            _done_rows,
            answer_margin_score,
@@ -38,6 +38,6 @@ from bpo_plugins.training.selfplay.selection import (
 )
 from bpo_plugins.training.selfplay.train import dpo_round, preference_pairs, train_round
 
-__all__ = ["PAIR_MARGIN", "SHIPPED", "Item", "Selection", "SelfplayConfig", "_done_rows", "answer_margin_score", "evaluate_heldout",
+__all__ = ["PAIR_MARGIN", "SHIPPED", "Item", "Selection", "SelfplayConfig", "_done_rows", "answer_margin_score", "evaluate_heldout", "fixed_versions",
            "heldout_split", "heldout_table", "load_pool", "load_round_optimizer", "dpo_round", "markdown", "preference_pairs", "round_prompts", "run", "run_round_data",
            "select", "selection_fields", "selfplay_command", "table_command", "train_round"]

@@ -96,6 +96,19 @@ def evaluate_heldout(name: str, rewriter: Any, items: Sequence[Item], scorer: Li
     return result
 
 
+def fixed_versions(config: SelfplayConfig, versions: dict[str, Callable[[Item], str]]) -> list[dict[str, Any]]:
+    """Held-out summaries of fixed texts, the raw prompt's first: each of ``versions`` makes one text per held-out
+    item (the prompt with something appended, say). Bounds for what an optimizer could reach, on its table."""
+    state = _start(config)
+    raw = state.heldout_figures("raw", None, None)
+    rows = [raw["summary"]]
+    for name, make in versions.items():
+        figures = _version_figures(state.heldout, [make(i) for i in state.heldout], state.scorer, state.target, state.embedder,
+                                   state.cache, config.answer_tokens, raw["values"])
+        rows.append({"version": name, **figures["summary"]})
+    return rows
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 
