@@ -19,8 +19,8 @@ from bpo_plugins.result import FallbackReason, GuardPreset
 __all__ = [
     "BANNED_MARKERS", "CUT_MARKERS", "GENERIC_NAMES", "KEEP_TAG", "MAX_LENGTH_RATIO", "MIN_LENGTH_RATIO", "MIN_TERM_RECALL",
     "NON_ENGLISH_SHARE", "PAYLOAD_RECALL", "STRICT_INTENT_COSINE", "GuardConfig", "Masked", "answered_reason",
-    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason", "has_marker",
-    "length_ratio_reason", "placeholder_pattern",
+    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason", "has_marker", "has_unspaced_script",
+    "length_ratio_reason", "placeholder_pattern", "sentences",
     "lost_terms_reason", "mask_protected", "names", "non_english_reason", "numbers_lost_reason",
     "payload_lost_reason", "payload_segments", "repetition_score", "word_count",
 ]
@@ -98,6 +98,11 @@ _STOPWORDS = frozenset(
 _UNSPACED_SCRIPT = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
+def has_unspaced_script(text: str) -> bool:
+    """Chinese, Japanese or Korean text: no spaces between words, so no word sets to compare."""
+    return bool(_UNSPACED_SCRIPT.search(text))
+
+
 def _stem(word: str) -> str:
     for suffix in ("ing", "ed", "es", "s", "ly"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
@@ -116,8 +121,8 @@ def lost_terms_reason(original: str, output: str, min_recall: float = MIN_TERM_R
     Small optimizers sometimes swap the subject ("mumps code" becomes "Python code") or replace a
     passage with a generic request. Both show as content words of the prompt missing from the rewrite.
     """
-    if _UNSPACED_SCRIPT.search(original):
-        return None  # Chinese, Japanese, Korean: no spaces between words, so no word sets to compare
+    if has_unspaced_script(original):
+        return None
     terms = content_terms(original)
     if len(terms) < 3:
         return None  # too few words to judge by
@@ -240,6 +245,11 @@ _REQUEST_START = re.compile(
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
+def sentences(text: str) -> list[str]:
+    """The non-empty sentences and lines of ``text``, stripped: split after . ! ? before a space, and at line breaks."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
 def _is_request(sentence: str) -> bool:
     sentence = sentence.strip()
     if sentence.endswith("?") or _REQUEST_START.match(sentence):
@@ -262,9 +272,9 @@ def answered_reason(original: str, output: str) -> str | None:
     head_words = original.split()[:4]
     if head_words and output.split()[: len(head_words)] == head_words:
         return None  # keeps the user's opening: an edit of the prompt, not a reply to it
-    sentences = [s for s in _SENTENCE_END.split(output) if s.strip()]
+    parts = sentences(output)
     # Prompts put the request first or after the data it refers to, so read both ends.
-    if any(_is_request(s) for s in sentences[:3] + sentences[-2:]):
+    if any(_is_request(s) for s in parts[:3] + parts[-2:]):
         return None
     if not _is_request(original):
         # The user wrote a statement (a fragment, a passage to continue); statements are fair rewrites.

@@ -167,11 +167,30 @@ def test_complement_keeps_the_prompt_and_appends_only_what_the_rewrite_adds():
                  "Give a real example.")
     assert additions(prompt, optimized) == "Explain how fraud and scams affect buyers. Give a real example."
     pair = complement(Pair(prompt, optimized, "good", "bad", source="bpo"))
-    assert pair.optimized == prompt + " Explain how fraud and scams affect buyers. Give a real example."
+    # A period closes the user's sentence before the addition; everything else of the pair stays.
+    assert pair.optimized == prompt + ". Explain how fraud and scams affect buyers. Give a real example."
     assert (pair.prompt, pair.good_res, pair.bad_res, pair.source) == (prompt, "good", "bad", "bpo")
-    # A rewrite that only restates gives a keep-as-is row; the prompt's trailing space is not doubled.
+    assert complement(Pair("What is hard water?", "What is hard water? Explain its effect on kettles.")).optimized \
+        == "What is hard water? Explain its effect on kettles."
+    # A rewrite with no new sentence gives the prompt alone, without its trailing space.
     assert complement(Pair("Draft a screenplay for a comedic short film.  ", "Draft a comedic short film screenplay.")).optimized \
         == "Draft a screenplay for a comedic short film."
+    # Exactly half of a sentence's content words in the prompt is a restatement; less is new.
+    assert additions("Describe oceans", "Describe deserts.") == "" and additions("Describe oceans", "Compare deserts.") == "Compare deserts."
+
+
+def test_complement_keeps_lines_apart_and_leaves_unspaced_scripts_alone():
+    from bpo_plugins.training.complement import additions, complement
+    from bpo_plugins.training.data import Pair
+
+    # The prompt's data line stays on its own; the addition follows a blank line.
+    assert complement(Pair("Summarize this\nThe cat sat on the mat", "Summarize the sentence. Keep it under twenty words.")).optimized \
+        == "Summarize this\nThe cat sat on the mat\n\nKeep it under twenty words."
+    # A list's lines stay lines (their numbers, split off as sentences without content words, go).
+    assert additions("Write a poem about autumn.", "Write a poem about autumn.\nRequirements:\n1. Use vivid imagery.\n2. Include four stanzas.") \
+        == "Requirements:\nUse vivid imagery.\nInclude four stanzas."
+    # Chinese has no spaces between words: no word sets to compare, so nothing is added.
+    assert complement(Pair("写一首关于秋天的诗。", "写一首关于秋天的诗。要求押韵。")).optimized == "写一首关于秋天的诗。"
 
 
 def test_mix_with_complement_targets_keeps_the_prompts_verbatim_and_drops_rewrites_that_add_nothing(tmp_path: Path, embedder):
@@ -179,12 +198,12 @@ def test_mix_with_complement_targets_keeps_the_prompts_verbatim_and_drops_rewrit
     plain = mix(sources, tmp_path / "plain", heldout_from="tests/data/bpo/bpo_val.json", embedder=embedder)
     report = mix(sources, tmp_path / "complement", heldout_from="tests/data/bpo/bpo_val.json", embedder=embedder, as_complement=True)
     dropped = report["sources"]["bpo"]["dropped"]
-    # The same filters on the source's own rewrites; then the 57% of BPO's training rewrites that only restate go.
+    # The same filters on the source's own rewrites; then the rewrites that add no new sentence go.
     assert {k: v for k, v in dropped.items() if k != "complement_adds_nothing"} == plain["sources"]["bpo"]["dropped"]
-    assert report["kept"] + dropped["complement_adds_nothing"] == plain["kept"] and 0.3 < report["kept"] / plain["kept"] < 0.6
+    assert report["kept"] + dropped["complement_adds_nothing"] == plain["kept"] and report["kept"] > 0
     pairs = read_pairs([tmp_path / "complement" / "pairs.jsonl"])
     plain_prompts = [p.prompt for p in read_pairs([tmp_path / "plain" / "pairs.jsonl"])]
     assert [p.prompt for p in pairs] == [p for p in plain_prompts if p in {q.prompt for q in pairs}]
-    assert all(p.optimized.startswith(p.prompt.rstrip() + " ") and len(p.optimized) > len(p.prompt.rstrip()) + 1 for p in pairs)
+    assert all(p.optimized.startswith(p.prompt.rstrip()) and len(p.optimized) > len(p.prompt.rstrip()) + 2 for p in pairs)
     assert report["sources"]["bpo"]["style_kept"]["only_adds"] == 1.0
     assert "targets: the untouched prompt plus what the rewrite adds" in (tmp_path / "complement" / "report.md").read_text()

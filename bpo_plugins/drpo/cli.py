@@ -110,8 +110,8 @@ def search(
     refusal_correction: RefusalOption = _DEFAULTS.refusal_correction,
 ) -> None:
     """Search a system prompt for --base by DRPO's beam search; resumes from --out's checkpoint."""
-    from bpo_plugins.drpo.icl import read_examples
     from bpo_plugins.drpo.formats import FORMATS
+    from bpo_plugins.drpo.icl import read_examples
     from bpo_plugins.drpo.search import Search
     from bpo_plugins.drpo.session import default_roles
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 #: DRPO's 14 aspects, in our words: what each asks of an answer (the metrics LLM's list).
 ASPECTS: dict[str, str] = {
     "Helpfulness": "does the answer do what the user needs, fully and usefully",
