@@ -19,10 +19,10 @@ from bpo_plugins.result import FallbackReason, GuardPreset
 __all__ = [
     "BANNED_MARKERS", "CUT_MARKERS", "GENERIC_NAMES", "KEEP_TAG", "MAX_LENGTH_RATIO", "MIN_LENGTH_RATIO", "MIN_TERM_RECALL",
     "NON_ENGLISH_SHARE", "PAYLOAD_RECALL", "STRICT_INTENT_COSINE", "GuardConfig", "Masked", "answered_reason",
-    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason", "has_marker", "has_unspaced_script",
-    "length_ratio_reason", "placeholder_pattern", "sentences",
-    "lost_terms_reason", "mask_protected", "names", "non_english_reason", "numbers_lost_reason",
-    "payload_lost_reason", "payload_segments", "repetition_score", "word_count",
+    "check_rewrite", "check_text", "clean_output", "content_terms", "degenerate_reason", "entities_reason", "has_marker",
+    "has_unspaced_script", "length_ratio_reason", "lost_terms_reason", "mask_protected", "names", "non_english_reason",
+    "numbers_lost_reason", "payload_lost_reason", "payload_segments", "placeholder_pattern", "repetition_score", "sentences",
+    "word_count",
 ]
 
 # BPO's data filter: a pair is dropped when orig/opt > 2 or opt/orig > 6 (in words).

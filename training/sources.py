@@ -36,6 +36,7 @@ from bpo_plugins.constraints import violations
 from bpo_plugins.guards import word_count
 from bpo_plugins.inputs import InputError, UsageError, read_rows
 from bpo_plugins.training.build import dedupe, diversity_filter, filter_reason
+from bpo_plugins.training.complement import complement
 from bpo_plugins.training.data import Pair, Triplet, eval_prompts, normalise, read_pairs
 
 __all__ = ["EVAL_SETS", "SOURCES", "NEAR_DUPLICATE_COSINE", "Source", "banned_prompts", "coachlm_triples", "mix", "mix_command",
@@ -291,8 +292,6 @@ def mix(sources: dict[str, Path], out: Path, *, eval_sets: Sequence[str | Path] 
         # A rewrite that adds no new sentence leaves nothing to learn: as keep-as-is rows (57% of BPO's) they
         # taught the optimizer to copy (3% of held-out prompts changed; training/results/v2/README.md). bpo train
         # adds keep-as-is rows of its own (keep_as_is_fraction).
-        from bpo_plugins.training.complement import complement
-
         targets = []
         for pair in kept:
             target = complement(pair)
